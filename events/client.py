@@ -1,0 +1,132 @@
+"""A small typed client for the contract: publish, request, wait for.
+
+Used by the CLI, the webhook bridge, the handlers and the tests. It speaks plain nats-py and imports
+no broker framework, so any Python program can drive CodeTune with it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from collections.abc import AsyncIterator, Callable, Iterable
+from typing import Any, TypeVar
+
+import nats
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+from nats.js.api import PubAck
+from pydantic import BaseModel
+
+from events import subjects as s
+from events.envelope import ce_headers, new_event_id, unwrap
+from events.errors import CodeTuneError
+
+T = TypeVar("T", bound=BaseModel)
+
+
+def connect_options(settings: Any) -> dict[str, Any]:
+    opts: dict[str, Any] = {"servers": [settings.nats_url], "name": "codetune"}
+    if settings.nats_user:
+        opts["user"] = settings.nats_user
+        if settings.nats_password:
+            opts["password"] = settings.nats_password.get_secret_value()
+    if settings.nats_token:
+        opts["token"] = settings.nats_token.get_secret_value()
+    return opts
+
+
+class Published(BaseModel):
+    id: str
+    subject: str
+    stream: str | None = None
+    seq: int | None = None
+    duplicate: bool = False
+
+
+class CodeTuneClient:
+    def __init__(self, nc: NATS, *, source: str = "codetune/client") -> None:
+        self.nc = nc
+        self.js = nc.jetstream()
+        self.source = source
+
+    @classmethod
+    async def connect(cls, settings: Any, *, source: str = "codetune/client", **kw: Any) -> CodeTuneClient:
+        opts = connect_options(settings) | {"connect_timeout": 3, "max_reconnect_attempts": 3} | kw
+        return cls(await nats.connect(**opts), source=source)
+
+    async def close(self) -> None:
+        with contextlib.suppress(Exception):
+            await self.nc.drain()
+
+    async def __aenter__(self) -> CodeTuneClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    # ------------------------------------------------------------------ publish
+
+    async def publish(
+        self, payload: BaseModel, *, subject: str | None = None, event_id: str | None = None
+    ) -> Published:
+        """Publish a payload to JetStream as a binary-mode CloudEvent; the id doubles as Nats-Msg-Id."""
+        subject = subject or s.subject_of(payload)
+        event_id = event_id or new_event_id()
+        headers = ce_headers(subject, event_id, self.source, version=getattr(payload, "v", 1))
+        body = payload.model_dump_json(exclude_none=False).encode()
+        ack: PubAck = await self.js.publish(subject, body, headers=headers)
+        return Published(id=event_id, subject=subject, stream=ack.stream, seq=ack.seq,
+                         duplicate=bool(ack.duplicate))
+
+    async def publish_raw(self, subject: str, body: bytes, headers: dict[str, str] | None = None) -> PubAck:
+        """Publish exactly these bytes (what `nats pub` does: no headers unless given)."""
+        return await self.js.publish(subject, body, headers=headers)
+
+    # ------------------------------------------------------------------ request-reply
+
+    async def request(self, subject: str, payload: BaseModel | dict[str, Any], timeout: float = 30.0) -> Any:
+        """Core-NATS request-reply (ollama.*). Returns `result`; raises CodeTuneError on an error reply."""
+        body = payload.model_dump_json() if isinstance(payload, BaseModel) else json.dumps(payload)
+        msg = await self.nc.request(subject, body.encode(), timeout=timeout)
+        reply = json.loads(msg.data)
+        if not reply.get("ok", True):
+            err = reply.get("error") or {}
+            raise CodeTuneError(err.get("message", "request failed"), code=err.get("code", "error"))
+        return reply.get("result")
+
+    # ------------------------------------------------------------------ wait for
+
+    @contextlib.asynccontextmanager
+    async def subscribe(self, subjects: Iterable[str]) -> AsyncIterator[asyncio.Queue[tuple[str, Any]]]:
+        """Core-NATS subscription to live events (subscribe BEFORE publishing what you wait for)."""
+        queue: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
+
+        async def cb(msg: Msg) -> None:
+            try:
+                data, _ = unwrap(msg.data, dict(msg.headers or {}))
+            except CodeTuneError:
+                return
+            await queue.put((msg.subject, data))
+
+        subs = [await self.nc.subscribe(subj, cb=cb) for subj in subjects]
+        await self.nc.flush()
+        try:
+            yield queue
+        finally:
+            for sub in subs:
+                with contextlib.suppress(Exception):
+                    await sub.unsubscribe()
+
+    async def wait_for(
+        self,
+        queue: asyncio.Queue[tuple[str, Any]],
+        match: Callable[[str, Any], bool],
+        timeout: float = 60.0,
+    ) -> tuple[str, BaseModel]:
+        """Wait for the first event on `queue` that `match(subject, data)` accepts; returns it typed."""
+        async with asyncio.timeout(timeout):
+            while True:
+                subject, data = await queue.get()
+                if match(subject, data):
+                    return subject, s.payload_for(subject).model_validate(data)

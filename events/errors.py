@@ -1,0 +1,83 @@
+"""One error hierarchy for CodeTune; every failure event carries `{code, message}` from these.
+
+- `CodeTuneError`: base; `code` is a stable machine-readable string.
+- `InvalidInputError`: the request itself is wrong; retrying cannot help (dead-letter / `*.failed`).
+- `NotFoundError`: something named by the request does not exist (dataset id, hub repo, job).
+- `TransientError`: a dependency is down or an object is not there yet; the message is retried with
+  backoff, a bounded number of times, then dead-lettered.
+"""
+
+from __future__ import annotations
+
+
+class CodeTuneError(Exception):
+    code = "error"
+    retryable = False
+
+    def __init__(self, message: str, *, code: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        if code:
+            self.code = code
+
+    def as_dict(self) -> dict[str, str]:
+        return {"code": self.code, "message": self.message}
+
+
+class InvalidInputError(CodeTuneError):
+    code = "invalid_input"
+
+
+class InvalidPayloadError(InvalidInputError):
+    """A message body that is not JSON or fails its schema."""
+
+    code = "invalid_payload"
+
+
+class DatasetFormatError(InvalidInputError):
+    code = "invalid_dataset"
+
+
+class HyperparameterError(InvalidInputError):
+    code = "invalid_hyperparameters"
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+
+
+class UnsafeKeyError(InvalidInputError):
+    code = "unsafe_key"
+
+
+class NotFoundError(CodeTuneError):
+    code = "not_found"
+
+
+class DatasetNotFoundError(NotFoundError):
+    code = "dataset_not_found"
+
+
+class RepoNotFoundError(NotFoundError):
+    code = "model_not_found"
+
+
+class JobNotFoundError(NotFoundError):
+    code = "job_not_found"
+
+
+class GatedRepoError(CodeTuneError):
+    code = "model_gated"
+
+
+class ExportError(CodeTuneError):
+    code = "export_failed"
+
+
+class TransientError(CodeTuneError):
+    code = "transient"
+    retryable = True
+
+
+class StorageUnavailableError(TransientError):
+    code = "storage_unavailable"

@@ -1,0 +1,129 @@
+"""Streams and durable consumers: defined once here, provisioned by `provision()`.
+
+FastStream subscribers reference these with `declare=False`, so a worker never overwrites a stream's
+configuration; `provision()` (run by `codetune stack start`, `codetune worker` and the tests) creates or
+updates streams and consumers explicitly, because FastStream silently ignores a changed ConsumerConfig
+of an existing durable.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from faststream.nats import JStream
+from nats.js import JetStreamContext
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, RetentionPolicy, StorageType, StreamConfig
+from nats.js.errors import NotFoundError
+
+from events import subjects as s
+
+DUPLICATE_WINDOW_S = 120.0
+
+EVENTS = StreamConfig(
+    name="CODETUNE",
+    subjects=[
+        "dataset.>",
+        "model.>",
+        s.TUNING_REQUESTED,
+        s.TUNING_CANCEL_REQUESTED,
+        s.TUNING_COMPLETED,
+        s.TUNING_FAILED,
+        s.TUNING_CANCELLED,
+    ],
+    retention=RetentionPolicy.LIMITS,
+    storage=StorageType.FILE,
+    max_age=30 * 24 * 3600,
+    duplicate_window=DUPLICATE_WINDOW_S,
+)
+PROGRESS = StreamConfig(
+    name="CODETUNE_PROGRESS",
+    subjects=[s.TUNING_PROGRESS + ".>"],
+    storage=StorageType.FILE,
+    max_age=7 * 24 * 3600,
+    max_msgs_per_subject=10_000,
+    duplicate_window=DUPLICATE_WINDOW_S,
+)
+DEAD_LETTERS = StreamConfig(
+    name="CODETUNE_DLQ",
+    subjects=[s.DEAD_LETTER + ".>"],
+    storage=StorageType.FILE,
+    max_age=90 * 24 * 3600,
+    duplicate_window=DUPLICATE_WINDOW_S,
+)
+STREAMS = (EVENTS, PROGRESS, DEAD_LETTERS)
+
+# FastStream views of the streams (never declared by a worker).
+EVENTS_STREAM = JStream(EVENTS.name, subjects=list(EVENTS.subjects or []), declare=False)
+PROGRESS_STREAM = JStream(PROGRESS.name, subjects=list(PROGRESS.subjects or []), declare=False)
+
+
+@dataclass(frozen=True)
+class Consumer:
+    """One stage's durable pull consumer on one subject, shared by all of that stage's workers."""
+
+    durable: str
+    subject: str
+    ack_wait_s: float = 30.0
+    max_deliver: int = 5
+    backoff_s: tuple[float, ...] = field(default=())
+    max_ack_pending: int = 1000
+    stream: str = EVENTS.name
+
+    def config(self) -> ConsumerConfig:
+        return ConsumerConfig(
+            durable_name=self.durable,
+            filter_subject=self.subject,
+            ack_policy=AckPolicy.EXPLICIT,
+            deliver_policy=DeliverPolicy.ALL,
+            ack_wait=self.ack_wait_s,
+            max_deliver=self.max_deliver,
+            backoff=list(self.backoff_s) or None,
+            max_ack_pending=self.max_ack_pending,
+        )
+
+
+DATASETS_UPLOADED = Consumer("datasets-uploaded", s.DATASET_UPLOADED)
+MODELS_PULL = Consumer("models-pull", s.MODEL_PULL_REQUESTED, ack_wait_s=60.0)
+# Training is long: the handler heartbeats (in_progress) well inside ack_wait while it runs.
+TUNING_REQUESTED = Consumer("tuning-requested", s.TUNING_REQUESTED, ack_wait_s=30.0, max_deliver=4,
+                            max_ack_pending=1)
+TUNING_ON_MODEL = Consumer("tuning-on-model-pulled", s.MODEL_PULLED)
+TUNING_ON_MODEL_FAILED = Consumer("tuning-on-model-failed", s.MODEL_PULL_FAILED)
+TUNING_ON_DATASET = Consumer("tuning-on-dataset-validated", s.DATASET_VALIDATED)
+TUNING_ON_DATASET_FAILED = Consumer("tuning-on-dataset-failed", s.DATASET_FAILED)
+EXPORT_ON_COMPLETED = Consumer("export-on-completed", s.TUNING_COMPLETED, ack_wait_s=60.0, max_deliver=4)
+SERVING_ON_EXPORTED = Consumer("serving-on-exported", s.MODEL_EXPORTED, ack_wait_s=60.0, max_deliver=4)
+
+CONSUMERS: tuple[Consumer, ...] = (
+    DATASETS_UPLOADED,
+    MODELS_PULL,
+    TUNING_REQUESTED,
+    TUNING_ON_MODEL,
+    TUNING_ON_MODEL_FAILED,
+    TUNING_ON_DATASET,
+    TUNING_ON_DATASET_FAILED,
+    EXPORT_ON_COMPLETED,
+    SERVING_ON_EXPORTED,
+)
+
+
+async def provision(js: JetStreamContext) -> None:
+    """Create or update every stream and durable consumer (idempotent)."""
+    for cfg in STREAMS:
+        try:
+            await js.stream_info(cfg.name)
+            await js.update_stream(cfg)
+        except NotFoundError:
+            await js.add_stream(cfg)
+    for c in CONSUMERS:
+        cfg = c.config()
+        try:
+            info = await js.consumer_info(c.stream, c.durable)
+        except NotFoundError:
+            await js.add_consumer(c.stream, cfg)
+            continue
+        cur = info.config
+        if (cur.ack_wait, cur.max_deliver, cur.filter_subject, cur.max_ack_pending) != (
+            cfg.ack_wait, cfg.max_deliver, cfg.filter_subject, cfg.max_ack_pending
+        ):
+            await js.add_consumer(c.stream, cfg)  # add with an existing durable name updates it

@@ -1,0 +1,134 @@
+"""Subject names and the contract table: the single place the event contract lives.
+
+The README's contract table is generated from `CONTRACT` and checked by `tests/test_contract.py`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from pydantic import BaseModel
+
+from events import payloads as p
+
+DATASET_UPLOADED = "dataset.uploaded"
+DATASET_VALIDATED = "dataset.validated"
+DATASET_FAILED = "dataset.failed"
+MODEL_PULL_REQUESTED = "model.pull.requested"
+MODEL_PULLED = "model.pulled"
+MODEL_PULL_FAILED = "model.pull.failed"
+TUNING_REQUESTED = "tuning.requested"
+TUNING_PROGRESS = "tuning.progress"  # + ".<job_id>"
+TUNING_CANCEL_REQUESTED = "tuning.cancel.requested"
+TUNING_COMPLETED = "tuning.completed"
+TUNING_FAILED = "tuning.failed"
+TUNING_CANCELLED = "tuning.cancelled"
+MODEL_EXPORTED = "model.exported"
+MODEL_EXPORT_FAILED = "model.export.failed"
+MODEL_PUBLISHED = "model.published"
+MODEL_PUBLISH_FAILED = "model.publish.failed"
+OLLAMA_MODELS = "ollama.models"
+OLLAMA_PULL = "ollama.pull"
+OLLAMA_SHOW = "ollama.show"
+OLLAMA_DELETE = "ollama.delete"
+OLLAMA_CHAT = "ollama.chat"
+DEAD_LETTER = "dlq"  # + ".<original subject>"
+
+
+def progress_subject(job_id: str) -> str:
+    return f"{TUNING_PROGRESS}.{job_id}"
+
+
+def dead_letter_subject(subject: str) -> str:
+    return f"{DEAD_LETTER}.{subject}"
+
+
+Kind = Literal["command", "fact", "request-reply"]
+
+
+@dataclass(frozen=True)
+class SubjectSpec:
+    subject: str
+    payload: type[BaseModel]
+    kind: Kind
+    emitted_by: str
+    consumed_by: str
+    meaning: str
+
+
+CONTRACT: tuple[SubjectSpec, ...] = (
+    SubjectSpec(DATASET_UPLOADED, p.DatasetUploaded, "fact", "CLI, bridge, any client", "datasets",
+                "a file is in the bucket; validate and profile it"),
+    SubjectSpec(DATASET_VALIDATED, p.DatasetValidated, "fact", "datasets", "tuning (waiting jobs)",
+                "format, rows, token estimate"),
+    SubjectSpec(DATASET_FAILED, p.DatasetFailed, "fact", "datasets", "tuning (waiting jobs)",
+                "reason and line errors (line number + message)"),
+    SubjectSpec(MODEL_PULL_REQUESTED, p.ModelPullRequested, "command", "CLI, bridge, tuning", "models",
+                "snapshot a hub repo (revision pinned) into the bucket"),
+    SubjectSpec(MODEL_PULLED, p.ModelPulled, "fact", "models", "tuning (waiting jobs)",
+                "base model is in the bucket under its commit sha"),
+    SubjectSpec(MODEL_PULL_FAILED, p.ModelPullFailed, "fact", "models", "tuning (waiting jobs)",
+                "the hub's reason (missing, gated, ...)"),
+    SubjectSpec(TUNING_REQUESTED, p.TuningRequested, "command", "CLI, bridge, user-model import", "tuning",
+                "a job spec: base model, dataset, typed hyperparameters"),
+    SubjectSpec(TUNING_PROGRESS + ".<job_id>", p.TuningProgress, "fact", "tuning", "CLI, bridge (SSE), anyone",
+                "step, loss, eval loss, tokens/s, ETA"),
+    SubjectSpec(TUNING_CANCEL_REQUESTED, p.TuningCancelRequested, "command", "CLI, bridge", "tuning",
+                "stop a job at the next step"),
+    SubjectSpec(TUNING_COMPLETED, p.TuningCompleted, "fact", "tuning", "export",
+                "adapter + metrics + loss history"),
+    SubjectSpec(TUNING_FAILED, p.TuningFailed, "fact", "tuning", "anyone", "a reason {code, message}"),
+    SubjectSpec(TUNING_CANCELLED, p.TuningCancelled, "fact", "tuning", "anyone", "the job stopped on request"),
+    SubjectSpec(MODEL_EXPORTED, p.ModelExported, "fact", "export", "serving",
+                "GGUF (+ adapter GGUF) + Modelfile in the bucket"),
+    SubjectSpec(MODEL_EXPORT_FAILED, p.ModelExportFailed, "fact", "export", "anyone", "a reason"),
+    SubjectSpec(MODEL_PUBLISHED, p.ModelPublished, "fact", "serving", "anyone",
+                "the model exists in Ollama under its name"),
+    SubjectSpec(MODEL_PUBLISH_FAILED, p.ModelPublishFailed, "fact", "serving", "anyone", "a reason"),
+    SubjectSpec(OLLAMA_MODELS, p.OllamaListRequest, "request-reply", "CLI, bridge", "serving", "list models"),
+    SubjectSpec(OLLAMA_PULL, p.OllamaModelRef, "request-reply", "CLI, bridge", "serving", "pull a model"),
+    SubjectSpec(OLLAMA_SHOW, p.OllamaModelRef, "request-reply", "CLI, bridge", "serving", "show a model"),
+    SubjectSpec(OLLAMA_DELETE, p.OllamaModelRef, "request-reply", "CLI, bridge", "serving", "delete a model"),
+    SubjectSpec(OLLAMA_CHAT, p.OllamaChatRequest, "request-reply", "CLI, bridge", "serving", "chat once"),
+    SubjectSpec(DEAD_LETTER + ".<subject>", p.DeadLetter, "fact", "every stage", "operators",
+                "a message that could not be handled, with the reason"),
+)
+
+
+def spec_for(subject: str) -> SubjectSpec:
+    for spec in CONTRACT:
+        if spec.subject == subject:
+            return spec
+    for spec in CONTRACT:
+        head, sep, _ = spec.subject.partition(".<")
+        if sep and subject.startswith(head + "."):
+            return spec
+    raise KeyError(subject)
+
+
+def payload_for(subject: str) -> type[BaseModel]:
+    return spec_for(subject).payload
+
+
+def subject_of(payload: BaseModel) -> str:
+    """The subject a payload instance is emitted on (progress needs its job id)."""
+    if isinstance(payload, p.TuningProgress):
+        return progress_subject(payload.job_id)
+    for spec in CONTRACT:
+        if type(payload) is spec.payload and spec.kind == "fact" and "<" not in spec.subject:
+            return spec.subject
+    for spec in CONTRACT:
+        if type(payload) is spec.payload and "<" not in spec.subject:
+            return spec.subject
+    raise KeyError(type(payload).__name__)
+
+
+def contract_markdown() -> str:
+    """The README's contract table."""
+    rows = ["| subject | kind | payload | emitted by | consumed by | meaning |", "|---|---|---|---|---|---|"]
+    for s in CONTRACT:
+        rows.append(
+            f"| `{s.subject}` | {s.kind} | `{s.payload.__name__}` | {s.emitted_by} | {s.consumed_by} | {s.meaning} |"
+        )
+    return "\n".join(rows)

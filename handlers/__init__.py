@@ -1,0 +1,1 @@
+"""CodeTune's stages: one package per stage, each exposing a FastStream router."""

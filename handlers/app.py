@@ -1,0 +1,95 @@
+"""Compose stage routers into one FastStream app; any subset of stages can run alone.
+
+    faststream run handlers.app:app                     # every stage in one process
+    CODETUNE_STAGES=tuning faststream run handlers.app:app   # a GPU host runs tuning only
+    codetune worker datasets tuning                     # the same, via the CLI
+
+Workers of one stage share its durable pull consumer, so N processes on any hosts split the work and
+each message is handled once.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+from collections.abc import Iterable
+
+from faststream import FastStream
+from faststream.nats import NatsBroker
+from faststream.specification import AsyncAPI
+
+from events.client import CodeTuneClient, connect_options
+from events.streams import provision
+from handlers.common import Emitter
+from infra.settings import Settings, get_settings
+from storage.objects import ObjectStore
+
+# Stage name → module exposing `router`. Imported lazily: a datasets worker never imports torch.
+STAGES: dict[str, str] = {
+    "datasets": "handlers.datasets",
+    "models": "handlers.models",
+    "tuning": "handlers.tuning",
+    "export": "handlers.export",
+    "serving": "handlers.serving",
+}
+
+
+def available_stages() -> list[str]:
+    out = []
+    for name, mod in STAGES.items():
+        try:
+            if hasattr(importlib.import_module(mod), "router"):
+                out.append(name)
+        except ImportError:
+            continue
+    return out
+
+
+def build_app(stages: Iterable[str] | None = None, settings: Settings | None = None) -> FastStream:
+    settings = settings or get_settings()
+    names = list(stages or available_stages())
+    unknown = [n for n in names if n not in STAGES]
+    if unknown:
+        raise ValueError(f"unknown stage(s) {unknown}; choose from {sorted(STAGES)}")
+    opts = connect_options(settings)
+    broker = NatsBroker(
+        opts.pop("servers"), graceful_timeout=30.0, **{k: v for k, v in opts.items() if k != "name"}
+    )
+    for name in names:
+        broker.include_router(importlib.import_module(STAGES[name]).router)
+    app = FastStream(broker, specification=AsyncAPI(
+        broker, title="CodeTune", version="0.1.0",
+        description="Fine-tune open LLMs on your data and serve them with Ollama."))
+
+    @app.on_startup
+    async def _startup() -> None:
+        from storage.db import init_db
+
+        await broker.connect()
+        await provision(broker.connection.jetstream())
+        store = ObjectStore(settings)
+        await store.ensure_bucket()
+        client = await init_db(settings)
+        ctx = app.context
+        ctx.set_global("settings", settings)
+        ctx.set_global("store", store)
+        ctx.set_global("mongo", client)
+        ctx.set_global("emitter", Emitter(CodeTuneClient(broker.connection, source=f"codetune/{'+'.join(names)}")))
+        logging.getLogger("codetune").info("stages %s ready", ", ".join(names))
+
+    @app.on_shutdown
+    async def _shutdown() -> None:
+        client = app.context.get("mongo")
+        if client is not None:
+            await client.close()
+
+    return app
+
+
+def _env_stages() -> list[str] | None:
+    raw = os.environ.get("CODETUNE_STAGES", "").replace(",", " ").split()
+    return raw or None
+
+
+app = build_app(_env_stages()) if os.environ.get("CODETUNE_BUILD_APP", "1") == "1" else None

@@ -1,0 +1,185 @@
+"""What every pipeline stage shares: the failure policy, the envelope decoder and injected services.
+
+Ack policy (the same for every JetStream subscriber; each declares `ack_policy=AckPolicy.MANUAL`
+and lets `FailurePolicy` decide):
+
+- success                    → ack, after the handler has stored its effect and published its event;
+- not JSON / schema-invalid  → dead-letter (`dlq.<subject>`, body + headers + reason) and the stage's
+                               `*.failed` event when the body names its id; then `term` (never redelivered);
+- permanent `CodeTuneError`  → dead-letter with its code and message, then `term`;
+- anything else (S3 or Mongo down, a bug) → `nak` with backoff; on the consumer's last delivery
+                               (`max_deliver`) it is dead-lettered and terminated instead of dropped.
+
+Handlers that report domain failures themselves (e.g. `dataset.failed` with line errors) simply return.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Annotated, Any
+
+from faststream import BaseMiddleware, Context
+from faststream.nats import NatsMessage, NatsRouter
+from pydantic import BaseModel, ValidationError
+
+from events import subjects as s
+from events.client import CodeTuneClient
+from events.envelope import EventMeta, body_text, derived_id, unwrap
+from events.errors import CodeTuneError, InvalidPayloadError
+from events.payloads import DeadLetter, ErrorInfo, Payload
+from events.streams import CONSUMERS
+from infra.settings import Settings
+from storage.objects import ObjectStore
+
+log = logging.getLogger("codetune")
+
+RETRY_DELAYS_S = (1.0, 5.0, 15.0, 30.0, 60.0)
+_MAX_DELIVER = {c.durable: c.max_deliver for c in CONSUMERS}
+
+
+@dataclass(frozen=True)
+class Incoming:
+    """Identity of the message being handled; answers derive their ids from it (idempotent emits)."""
+
+    id: str
+    subject: str
+    num_delivered: int
+    meta: EventMeta
+
+
+def incoming(msg: NatsMessage) -> Incoming:
+    raw = msg.raw_message
+    _, meta = unwrap(msg.body, dict(msg.headers or {}))
+    md = raw.metadata
+    # A bare `nats pub` has no id: the stream sequence is stable across redeliveries.
+    event_id = meta.id or f"{md.stream}-{md.sequence.stream}"
+    return Incoming(id=event_id, subject=raw.subject, num_delivered=md.num_delivered, meta=meta)
+
+
+class Emitter:
+    """Publishes a stage's events; ids derive from the incoming event so a replay is deduplicated."""
+
+    def __init__(self, client: CodeTuneClient) -> None:
+        self.client = client
+
+    async def emit(self, payload: BaseModel, parent: Incoming | None = None, *, key: str = "") -> str:
+        subject = s.subject_of(payload)
+        event_id = derived_id(parent.id + key, subject) if parent else None
+        return (await self.client.publish(payload, subject=subject, event_id=event_id)).id
+
+
+async def cloudevents_decoder(msg: NatsMessage, original: Any) -> Any:
+    """Accept bare JSON, binary CloudEvents and structured CloudEvents alike; return the data."""
+    data, _ = unwrap(msg.body, dict(msg.headers or {}))
+    return data
+
+
+def _failure_payload(subject: str, body: bytes, error: ErrorInfo) -> Payload | None:
+    """The `*.failed` event for an unusable message, when its body still names the id it concerns."""
+    try:
+        spec = s.spec_for(subject)
+        fail_subject = getattr(spec.payload, "failure_subject", None)
+        if not fail_subject:
+            return None
+        data, _ = unwrap(body)
+        if not isinstance(data, dict):
+            return None
+        model = s.payload_for(fail_subject)
+        ids = {k: data[k] for k in ("job_id", "dataset_id", "repo_id", "revision", "name") if k in data}
+        return model.model_validate({**ids, "error": error.model_dump()})  # type: ignore[return-value]
+    except (KeyError, CodeTuneError, ValidationError):
+        return None
+
+
+def _reason(exc: BaseException) -> ErrorInfo:
+    if isinstance(exc, ValidationError):
+        parts = []
+        for err in exc.errors()[:10]:
+            loc = ".".join(str(x) for x in err["loc"] if x not in ("body",)) or "payload"
+            parts.append(f"{loc}: {err['msg']}")
+        return ErrorInfo(code="invalid_payload", message="; ".join(parts))
+    if isinstance(exc, CodeTuneError):
+        return ErrorInfo(code=exc.code, message=exc.message)
+    return ErrorInfo(code="internal", message=f"{type(exc).__name__}: {exc}"[:2000])
+
+
+class FailurePolicy(BaseMiddleware):
+    async def consume_scope(self, call_next: Any, msg: NatsMessage) -> Any:  # type: ignore[override]
+        try:
+            result = await call_next(msg)
+        except BaseException as exc:
+            if isinstance(exc, (KeyboardInterrupt, SystemExit)):
+                raise
+            await self._on_error(msg, exc)
+            return None
+        if not msg.committed:
+            await msg.ack()
+        return result
+
+    async def _on_error(self, msg: NatsMessage, exc: BaseException) -> None:
+        md = msg.raw_message.metadata
+        permanent = isinstance(exc, (ValidationError, InvalidPayloadError)) or (
+            isinstance(exc, CodeTuneError) and not exc.retryable
+        )
+        last = md.num_delivered >= _MAX_DELIVER.get(md.consumer or "", 5)
+        reason = _reason(exc)
+        if permanent or last:
+            if not permanent:
+                reason = ErrorInfo(code=reason.code,
+                                   message=f"gave up after {md.num_delivered} deliveries: {reason.message}")
+                log.exception("giving up on %s", msg.raw_message.subject, exc_info=exc)
+            await dead_letter(self.context.get("emitter"), msg, reason)
+            await msg.reject()  # JetStream TERM: never redelivered
+            return
+        delay = RETRY_DELAYS_S[min(md.num_delivered - 1, len(RETRY_DELAYS_S) - 1)]
+        log.warning("%s failed (delivery %d), retrying in %.0fs: %s", msg.raw_message.subject,
+                    md.num_delivered, delay, reason.message)
+        await msg.nack(delay=delay)
+
+
+async def dead_letter(emitter: Emitter, msg: NatsMessage, reason: ErrorInfo) -> None:
+    raw = msg.raw_message
+    md = raw.metadata
+    headers = {k: v for k, v in (msg.headers or {}).items() if k.lower() not in {"authorization"}}
+    letter = DeadLetter(
+        subject=raw.subject, reason=reason, body=body_text(msg.body), headers=headers,
+        num_delivered=md.num_delivered, stream_seq=md.sequence.stream, at=datetime.now(UTC),
+    )
+    dlq_id = derived_id(f"{md.stream}-{md.sequence.stream}", "dlq")
+    await emitter.client.publish(letter, subject=s.dead_letter_subject(raw.subject), event_id=dlq_id)
+    failure = _failure_payload(raw.subject, msg.body, reason)
+    if failure is not None:
+        with contextlib.suppress(Exception):
+            await emitter.client.publish(failure, event_id=derived_id(dlq_id, "failure"))
+    log.error("dead-lettered %s seq=%s: %s", raw.subject, md.sequence.stream, reason.message)
+
+
+def pipeline_router(prefix: str = "") -> NatsRouter:
+    """A router for JetStream stage subscribers: the failure policy and the envelope decoder applied."""
+    return NatsRouter(prefix=prefix, middlewares=[FailurePolicy], decoder=cloudevents_decoder)
+
+
+# Injected services (set into the app context at startup by handlers.app).
+SettingsDep = Annotated[Settings, Context("settings")]
+StoreDep = Annotated[ObjectStore, Context("store")]
+EmitterDep = Annotated[Emitter, Context("emitter")]
+
+
+def jetstream_subscriber(consumer: Any, *, batch_size: int = 1) -> dict[str, Any]:
+    """Subscriber arguments for a stage's durable pull consumer (defined in events.streams)."""
+    from faststream import AckPolicy
+    from faststream.nats import PullSub
+
+    from events.streams import EVENTS_STREAM
+
+    return {
+        "subject": consumer.subject,
+        "stream": EVENTS_STREAM,
+        "durable": consumer.durable,
+        "config": consumer.config(),
+        "pull_sub": PullSub(batch_size=batch_size, timeout=1.0),
+        "ack_policy": AckPolicy.MANUAL,  # decided by FailurePolicy: ack after effect, DLQ or bounded nak
+    }

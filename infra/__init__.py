@@ -1,0 +1,1 @@
+"""Settings, the local stack, provisioning, deploy manifests and the `codetune` CLI."""

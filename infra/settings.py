@@ -1,0 +1,86 @@
+"""All configuration, from the environment and `.env` (see `.env.example`).
+
+Secrets (HF token, S3 keys, NATS password/token, webhook secret, bridge token) are `SecretStr`:
+they never appear in a repr, a log line, a document or an object.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import AliasChoices, Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="CODETUNE_", env_file=".env", env_file_encoding="utf-8", extra="ignore"
+    )
+
+    # --- NATS JetStream
+    nats_url: str = Field("nats://127.0.0.1:4222", validation_alias=AliasChoices("CODETUNE_NATS_URL", "NATS_URL"))
+    nats_user: str | None = None
+    nats_password: SecretStr | None = None
+    nats_token: SecretStr | None = None
+
+    # --- MongoDB (the seed's MONGODB_URI / MONGODB_DB keep working)
+    mongodb_uri: str = Field(
+        "mongodb://127.0.0.1:27017/?directConnection=true",
+        validation_alias=AliasChoices("CODETUNE_MONGODB_URI", "MONGODB_URI"),
+    )
+    mongodb_db: str = Field("codetune", validation_alias=AliasChoices("CODETUNE_MONGODB_DB", "MONGODB_DB"))
+
+    # --- S3 (MinIO in production; SeaweedFS in the local stack)
+    s3_endpoint: str = "127.0.0.1:9000"
+    s3_access_key: SecretStr = SecretStr("codetune")
+    s3_secret_key: SecretStr = SecretStr("codetune-local-secret")
+    s3_bucket: str = "codetune"
+    s3_secure: bool = False
+    s3_region: str = "us-east-1"
+
+    # --- Hugging Face (the seed's HUGGINGFACE_TOKEN keeps working)
+    hf_token: SecretStr | None = Field(
+        None, validation_alias=AliasChoices("CODETUNE_HF_TOKEN", "HF_TOKEN", "HUGGINGFACE_TOKEN")
+    )
+    hf_endpoint: str | None = Field(None, validation_alias=AliasChoices("CODETUNE_HF_ENDPOINT", "HF_ENDPOINT"))
+
+    # --- Ollama
+    ollama_host: str = Field("http://127.0.0.1:11434", validation_alias=AliasChoices("CODETUNE_OLLAMA_HOST", "OLLAMA_HOST"))
+
+    # --- llama.cpp converters (installed by `codetune setup-llamacpp`; override with a checkout)
+    llamacpp_dir: Path | None = None
+
+    # --- Webhook bridge
+    bridge_host: str = "127.0.0.1"
+    bridge_port: int = 8080
+    bridge_token: SecretStr | None = None
+    webhook_secret: SecretStr | None = None
+    webhook_max_bytes: int = 1_048_576
+    webhook_tolerance_s: int = 300
+
+    # --- Local stack (loopback only)
+    home: Path = Path(".codetune")
+    stack_nats_port: int = 4222
+    stack_nats_monitor_port: int = 8222
+    stack_mongo_port: int = 27017
+    stack_s3_port: int = 9000
+    stack_weed_base_port: int = 19330
+    stack_secantus_python: Path | None = None
+
+    # --- Pipeline behaviour
+    dataset_max_line_errors: int = 20
+    work_dir: Path | None = None
+
+    @property
+    def data_dir(self) -> Path:
+        return self.home.resolve()
+
+    @property
+    def scratch_dir(self) -> Path:
+        return (self.work_dir or self.home / "work").resolve()
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    return Settings()

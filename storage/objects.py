@@ -1,0 +1,200 @@
+"""The object store: the synchronous `minio` client, driven off the event loop.
+
+Uploads of unknown length stream in constant memory (multipart, `part_size`); downloads stream in
+chunks. Works against MinIO (production) and any S3 server (SeaweedFS in the local stack).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import io
+import os
+from collections.abc import AsyncIterator, Iterator
+from datetime import timedelta
+from pathlib import Path
+from typing import IO, Any
+
+import urllib3
+from minio import Minio
+from minio.error import S3Error
+
+from events.errors import NotFoundError, StorageUnavailableError
+from storage.keys import check_key
+
+PART_SIZE = 16 * 1024 * 1024
+CHUNK = 1024 * 1024
+
+
+class ObjectNotFoundError(NotFoundError):
+    code = "object_not_found"
+
+
+def _client(settings: Any) -> Minio:
+    http = urllib3.PoolManager(
+        timeout=urllib3.Timeout(connect=5, read=300), retries=urllib3.Retry(total=3, backoff_factor=0.2,
+                                                                            status_forcelist=[500, 502, 503, 504]),
+        maxsize=8,
+    )
+    return Minio(
+        settings.s3_endpoint,
+        access_key=settings.s3_access_key.get_secret_value(),
+        secret_key=settings.s3_secret_key.get_secret_value(),
+        secure=settings.s3_secure,
+        region=settings.s3_region,
+        http_client=http,
+    )
+
+
+class _HashingReader(io.RawIOBase):
+    """Wraps a readable stream; counts bytes and computes sha256 while minio reads it."""
+
+    def __init__(self, raw: IO[bytes]) -> None:
+        self.raw = raw
+        self.size = 0
+        self.sha = hashlib.sha256()
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, n: int = -1) -> bytes:
+        data = self.raw.read(n)
+        self.size += len(data)
+        self.sha.update(data)
+        return data
+
+
+class ObjectStore:
+    def __init__(self, settings: Any) -> None:
+        self.bucket = settings.s3_bucket
+        self.client = _client(settings)
+
+    # -------------------------------------------------------------- sync core (runs in threads)
+
+    def _call(self, fn: Any, *args: Any, **kw: Any) -> Any:
+        try:
+            return fn(*args, **kw)
+        except S3Error as e:
+            if e.code in {"NoSuchKey", "NoSuchObject", "NoSuchBucket"}:
+                raise ObjectNotFoundError(f"s3://{self.bucket}/{e.object_name or ''}: {e.code}") from e
+            raise
+        except (urllib3.exceptions.HTTPError, OSError) as e:
+            raise StorageUnavailableError(f"S3 unreachable: {type(e).__name__}") from e
+
+    def ensure_bucket_sync(self) -> None:
+        if not self._call(self.client.bucket_exists, self.bucket):
+            try:
+                self._call(self.client.make_bucket, self.bucket)
+            except S3Error as e:
+                if e.code not in {"BucketAlreadyOwnedByYou", "BucketAlreadyExists"}:
+                    raise
+
+    def put_stream_sync(self, key: str, stream: IO[bytes], content_type: str = "application/octet-stream"
+                        ) -> tuple[int, str]:
+        """Upload a stream of unknown length in constant memory. Returns (size, sha256)."""
+        reader = _HashingReader(stream)
+        self._call(self.client.put_object, self.bucket, check_key(key), reader, length=-1,
+                   part_size=PART_SIZE, content_type=content_type)
+        return reader.size, reader.sha.hexdigest()
+
+    def put_file_sync(self, key: str, path: Path) -> tuple[int, str]:
+        with open(path, "rb") as f:
+            return self.put_stream_sync(key, f)
+
+    def iter_sync(self, key: str, chunk: int = CHUNK) -> Iterator[bytes]:
+        resp = self._call(self.client.get_object, self.bucket, check_key(key))
+        try:
+            yield from resp.stream(chunk)
+        finally:
+            resp.close()
+            resp.release_conn()
+
+    def download_sync(self, key: str, path: Path) -> int:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".part")
+        size = 0
+        with open(tmp, "wb") as f:
+            for data in self.iter_sync(key):
+                f.write(data)
+                size += len(data)
+        os.replace(tmp, path)
+        return size
+
+    def list_sync(self, prefix: str) -> list[tuple[str, int]]:
+        objs = self._call(lambda: list(self.client.list_objects(self.bucket, prefix=prefix, recursive=True)))
+        return [(o.object_name, o.size or 0) for o in objs]
+
+    # -------------------------------------------------------------- async API
+
+    async def ensure_bucket(self) -> None:
+        await asyncio.to_thread(self.ensure_bucket_sync)
+
+    async def put_stream(self, key: str, stream: IO[bytes], content_type: str = "application/octet-stream"
+                         ) -> tuple[int, str]:
+        return await asyncio.to_thread(self.put_stream_sync, key, stream, content_type)
+
+    async def put_file(self, key: str, path: Path) -> tuple[int, str]:
+        return await asyncio.to_thread(self.put_file_sync, key, path)
+
+    async def put_bytes(self, key: str, data: bytes, content_type: str = "application/octet-stream") -> None:
+        await asyncio.to_thread(self.put_stream_sync, key, io.BytesIO(data), content_type)
+
+    async def get_bytes(self, key: str) -> bytes:
+        return await asyncio.to_thread(lambda: b"".join(self.iter_sync(key)))
+
+    async def iter_chunks(self, key: str, chunk: int = CHUNK) -> AsyncIterator[bytes]:
+        it = await asyncio.to_thread(self.iter_sync, key, chunk)
+        sentinel = object()
+        while True:
+            data = await asyncio.to_thread(next, it, sentinel)
+            if data is sentinel:
+                return
+            yield data  # type: ignore[misc]
+
+    async def download(self, key: str, path: Path) -> int:
+        return await asyncio.to_thread(self.download_sync, key, path)
+
+    async def stat(self, key: str) -> Any:
+        return await asyncio.to_thread(self._call, self.client.stat_object, self.bucket, check_key(key))
+
+    async def exists(self, key: str) -> bool:
+        try:
+            await self.stat(key)
+            return True
+        except ObjectNotFoundError:
+            return False
+
+    async def list(self, prefix: str) -> list[tuple[str, int]]:
+        return await asyncio.to_thread(self.list_sync, prefix)
+
+    async def upload_dir(self, prefix: str, root: Path) -> tuple[int, int]:
+        """Upload every file under `root` to `prefix/<relative path>`. Returns (files, bytes)."""
+        files = total = 0
+        for path in sorted(p for p in root.rglob("*") if p.is_file()):
+            rel = path.relative_to(root).as_posix()
+            size, _ = await self.put_file(f"{prefix}/{rel}", path)
+            files += 1
+            total += size
+        return files, total
+
+    async def download_prefix(self, prefix: str, root: Path) -> int:
+        """Download every object under `prefix/` into `root`, keeping relative paths."""
+        objs = await self.list(prefix.rstrip("/") + "/")
+        for name, _ in objs:
+            rel = name[len(prefix.rstrip("/")) + 1:]
+            await self.download(name, root / rel)
+        return len(objs)
+
+    async def remove_prefix(self, prefix: str) -> int:
+        objs = await self.list(prefix)
+        for name, _ in objs:
+            await asyncio.to_thread(self._call, self.client.remove_object, self.bucket, name)
+        return len(objs)
+
+    async def presigned_get(self, key: str, expires_s: int = 3600) -> str:
+        return await asyncio.to_thread(
+            self.client.presigned_get_object, self.bucket, check_key(key), expires=timedelta(seconds=expires_s)
+        )
+
+    async def ping(self) -> None:
+        await asyncio.to_thread(self._call, self.client.bucket_exists, self.bucket)
