@@ -46,16 +46,18 @@ def available_stages() -> list[str]:
     return out
 
 
-def build_app(stages: Iterable[str] | None = None, settings: Settings | None = None) -> FastStream:
+def build_app(
+    stages: Iterable[str] | None = None, settings: Settings | None = None, *, access_log_level: int = logging.INFO
+) -> FastStream:
     settings = settings or get_settings()
     names = list(stages or available_stages())
     unknown = [n for n in names if n not in STAGES]
     if unknown:
         raise ValueError(f"unknown stage(s) {unknown}; choose from {sorted(STAGES)}")
     opts = connect_options(settings)
-    broker = NatsBroker(
-        opts.pop("servers"), graceful_timeout=30.0, **{k: v for k, v in opts.items() if k != "name"}
-    )
+    servers = opts.pop("servers")
+    opts.pop("name")
+    broker = NatsBroker(servers, graceful_timeout=30.0, log_level=access_log_level, **opts)
     for name in names:
         broker.include_router(importlib.import_module(STAGES[name]).router)
     app = FastStream(broker, specification=AsyncAPI(

@@ -98,7 +98,10 @@ def _reason(exc: BaseException) -> ErrorInfo:
     if isinstance(exc, ValidationError):
         parts = []
         for err in exc.errors()[:10]:
-            loc = ".".join(str(x) for x in err["loc"] if x not in ("body",)) or "payload"
+            loc_parts = list(err["loc"])
+            if loc_parts and loc_parts[0] in ("event", "body"):  # the handler's argument name
+                loc_parts = loc_parts[1:]
+            loc = ".".join(str(x) for x in loc_parts) or "payload"
             parts.append(f"{loc}: {err['msg']}")
         return ErrorInfo(code="invalid_payload", message="; ".join(parts))
     if isinstance(exc, CodeTuneError):

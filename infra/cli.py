@@ -86,6 +86,16 @@ async def _provision(s: Settings) -> None:
         await provision(c.js)
 
 
+@stack_app.command("install")
+def stack_install() -> None:
+    """Prepare the stack without starting it (creates SecantusDB's own virtualenv)."""
+    from infra.stack import LocalStack
+
+    st = LocalStack(get_settings())
+    st.install()
+    console.print(f"SecantusDB: {st.secantus_python()}")
+
+
 @stack_app.command("stop")
 def stack_stop() -> None:
     """Stop the local stack; data stays in the stack folder."""
@@ -114,9 +124,12 @@ def stack_status() -> None:
 @app.command()
 def worker(stages: list[str] = typer.Argument(None, help="stages to run (default: all)")) -> None:
     """Run stage handlers in this process. Start several to scale out: they share durable consumers."""
+    import logging
+
     os.environ["CODETUNE_BUILD_APP"] = "0"
     from handlers.app import build_app
 
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     application = build_app(stages or None)
     asyncio.run(application.run())
 
@@ -218,6 +231,30 @@ async def _dlq(s: Settings, limit: int) -> None:
                 table.add_row(str(seq), d.get("subject", ""), d["reason"]["code"], d["reason"]["message"][:80],
                               d.get("body", "")[:40])
         console.print(table)
+
+
+# ------------------------------------------------------------------ demo
+
+
+@app.command()
+def demo(stop_stack: bool = typer.Option(False, help="stop the local stack afterwards")) -> None:
+    """Run the main job end to end on the embedded local stack (started if needed)."""
+    from infra.demo import run_demo
+    from infra.stack import LocalStack, StackError
+
+    s = get_settings()
+    stack = LocalStack(s)
+    try:
+        stack.start()
+    except StackError as e:
+        fail(str(e))
+    try:
+        run(run_demo(s))
+    finally:
+        if stop_stack:
+            stack.stop()
+        else:
+            console.print("the stack keeps running: `codetune stack stop` stops it")
 
 
 # ------------------------------------------------------------------ contract

@@ -46,7 +46,9 @@ class Settings(BaseSettings):
     hf_endpoint: str | None = Field(None, validation_alias=AliasChoices("CODETUNE_HF_ENDPOINT", "HF_ENDPOINT"))
 
     # --- Ollama
-    ollama_host: str = Field("http://127.0.0.1:11434", validation_alias=AliasChoices("CODETUNE_OLLAMA_HOST", "OLLAMA_HOST"))
+    ollama_host: str = Field(
+        "http://127.0.0.1:11434", validation_alias=AliasChoices("CODETUNE_OLLAMA_HOST", "OLLAMA_HOST")
+    )
 
     # --- llama.cpp converters (installed by `codetune setup-llamacpp`; override with a checkout)
     llamacpp_dir: Path | None = None

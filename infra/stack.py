@@ -184,6 +184,13 @@ class LocalStack:
         except (OSError, ValueError):
             return None
 
+    def install(self) -> None:
+        """Prepare everything a first start needs (SecantusDB's own virtualenv, configs)."""
+        for d in (self.run_dir, self.log_dir, self.data):
+            d.mkdir(parents=True, exist_ok=True)
+        for svc in self.services:
+            svc.prepare()
+
     def start(self, timeout: float = 120.0, log: Callable[[str], None] = print) -> None:
         for d in (self.run_dir, self.log_dir, self.data):
             d.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,68 @@
+"""Small pure pieces: keys cannot escape, the envelope, settings compatibility and secrecy."""
+
+import json
+
+import pytest
+
+from events.envelope import ce_headers, derived_id, unwrap
+from events.errors import InvalidPayloadError, UnsafeKeyError
+from infra.settings import Settings
+from storage import keys
+
+
+@pytest.mark.parametrize("name", ["../../etc/passwd", "/abs/path.txt", "..", "a\\..\\b.txt", "\x00evil", ""])
+def test_dataset_keys_never_escape(name: str) -> None:
+    key = keys.dataset_key("ds-abc", name)
+    parts = key.split("/")
+    assert parts[:2] == ["datasets", "ds-abc"] and len(parts) == 3
+    assert ".." not in parts and not key.startswith("/")
+
+
+@pytest.mark.parametrize("key", ["/etc/passwd", "datasets/../x", "datasets//x", "a/b c", "a/./b"])
+def test_keys_from_events_are_checked(key: str) -> None:
+    with pytest.raises(UnsafeKeyError):
+        keys.check_key(key)
+
+
+def test_unwrap_accepts_bare_binary_and_structured_cloudevents() -> None:
+    data, meta = unwrap(b'{"a": 1}')
+    assert data == {"a": 1} and meta.id is None
+    h = ce_headers("dataset.uploaded", "id-1", "test")
+    data, meta = unwrap(b'{"a": 2}', h)
+    assert data == {"a": 2} and meta.id == "id-1" and meta.type == "io.codetune.dataset.uploaded.v1"
+    assert h["Nats-Msg-Id"] == "id-1"
+    structured = {"specversion": "1.0", "id": "x9", "source": "gh", "type": "t", "data": {"a": 3}}
+    data, meta = unwrap(json.dumps(structured).encode())
+    assert data == {"a": 3} and meta.id == "x9" and meta.structured
+
+
+@pytest.mark.parametrize("body", [b"", b"{nope", b"\xff\xfe"])
+def test_unwrap_rejects_non_json_with_a_reason(body: bytes) -> None:
+    with pytest.raises(InvalidPayloadError, match="invalid JSON"):
+        unwrap(body)
+
+
+def test_derived_ids_are_stable_per_parent_and_subject() -> None:
+    assert derived_id("p", "dataset.validated") == derived_id("p", "dataset.validated")
+    assert derived_id("p", "dataset.validated") != derived_id("p", "dataset.failed")
+
+
+def test_seed_setting_names_keep_working_and_secrets_stay_secret(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MONGODB_URI", "mongodb://db.example:27017")
+    monkeypatch.setenv("MONGODB_DB", "seeddb")
+    monkeypatch.setenv("HUGGINGFACE_TOKEN", "hf_" + "x" * 34)
+    s = Settings(_env_file=None)
+    assert s.mongodb_uri == "mongodb://db.example:27017" and s.mongodb_db == "seeddb"
+    assert s.hf_token is not None and s.hf_token.get_secret_value().startswith("hf_")
+    assert "hf_x" not in repr(s) and "hf_x" not in str(s.model_dump())
+
+
+def test_a_datasets_worker_never_imports_torch() -> None:
+    import subprocess
+    import sys
+
+    code = ("import os, sys; os.environ['CODETUNE_BUILD_APP']='0'; from handlers.app import build_app; "
+            "build_app(['datasets']); import infra.cli; "
+            "bad = [m for m in ('torch', 'transformers', 'peft') if m in sys.modules]; "
+            "assert not bad, bad")
+    subprocess.run([sys.executable, "-c", code], check=True)
