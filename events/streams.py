@@ -84,9 +84,10 @@ class Consumer:
 
 DATASETS_UPLOADED = Consumer("datasets-uploaded", s.DATASET_UPLOADED)
 MODELS_PULL = Consumer("models-pull", s.MODEL_PULL_REQUESTED, ack_wait_s=60.0)
-# Training is long: the handler heartbeats (in_progress) well inside ack_wait while it runs.
-TUNING_REQUESTED = Consumer("tuning-requested", s.TUNING_REQUESTED, ack_wait_s=30.0, max_deliver=4,
-                            max_ack_pending=1)
+# Training is long: the handler heartbeats (in_progress) every ack_wait/4 while it runs. A worker that
+# dies stops heartbeating; after ack_wait the job is redelivered and resumes from its last checkpoint.
+TUNING_REQUESTED = Consumer("tuning-requested", s.TUNING_REQUESTED, ack_wait_s=20.0, max_deliver=6)
+TUNING_CANCEL = Consumer("tuning-cancel", s.TUNING_CANCEL_REQUESTED)
 TUNING_ON_MODEL = Consumer("tuning-on-model-pulled", s.MODEL_PULLED)
 TUNING_ON_MODEL_FAILED = Consumer("tuning-on-model-failed", s.MODEL_PULL_FAILED)
 TUNING_ON_DATASET = Consumer("tuning-on-dataset-validated", s.DATASET_VALIDATED)
@@ -98,6 +99,7 @@ CONSUMERS: tuple[Consumer, ...] = (
     DATASETS_UPLOADED,
     MODELS_PULL,
     TUNING_REQUESTED,
+    TUNING_CANCEL,
     TUNING_ON_MODEL,
     TUNING_ON_MODEL_FAILED,
     TUNING_ON_DATASET,

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Annotated, Any
@@ -69,6 +70,14 @@ class Emitter:
         subject = s.subject_of(payload)
         event_id = derived_id(parent.id + key, subject) if parent else None
         return (await self.client.publish(payload, subject=subject, event_id=event_id)).id
+
+    def answering(self, parent: Incoming) -> Callable[..., Awaitable[str]]:
+        """`emit` bound to the event being handled: `await emit(payload, key="...")`."""
+
+        async def emit(payload: BaseModel, key: str = "") -> str:
+            return await self.emit(payload, parent, key=key)
+
+        return emit
 
 
 async def cloudevents_decoder(msg: NatsMessage, original: Any) -> Any:

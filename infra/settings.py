@@ -44,6 +44,8 @@ class Settings(BaseSettings):
         None, validation_alias=AliasChoices("CODETUNE_HF_TOKEN", "HF_TOKEN", "HUGGINGFACE_TOKEN")
     )
     hf_endpoint: str | None = Field(None, validation_alias=AliasChoices("CODETUNE_HF_ENDPOINT", "HF_ENDPOINT"))
+    hf_cache_dir: Path | None = Field(None, validation_alias=AliasChoices("CODETUNE_HF_CACHE_DIR", "HF_HUB_CACHE"))
+    hf_offline: bool = Field(False, validation_alias=AliasChoices("CODETUNE_HF_OFFLINE", "HF_HUB_OFFLINE"))
 
     # --- Ollama
     ollama_host: str = Field(

@@ -111,6 +111,8 @@ class TuningJob(Timestamped):
     artifacts: dict[str, Any] = Field(default_factory=dict)
     attempts: int = 0
     cancel_requested: bool = False
+    lease_owner: str | None = Field(None, description="worker running the job; renewed by its heartbeat")
+    lease_until: datetime | None = None
     started_at: datetime | None = None
     finished_at: datetime | None = None
 

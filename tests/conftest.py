@@ -7,11 +7,13 @@ and MongoDB.
 
 from __future__ import annotations
 
-import asyncio
 import os
 import random
+import signal
 import socket
+import subprocess
 import sys
+import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -86,12 +88,29 @@ def stack_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("stack")
 
 
+TINY_REPO = "codetune-test/tiny-llama"
+
+
 @pytest.fixture(scope="session")
-def env(stack_home: Path) -> Iterator[dict[str, str]]:
+def hub_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny real Llama (random weights, SentencePiece tokenizer) laid out as a hub-cache snapshot,
+    so the real `snapshot_download` resolves it offline."""
+    from infra.tinymodel import build_tiny_llama, install_in_hub_cache
+
+    root = tmp_path_factory.mktemp("hub")
+    model_dir = build_tiny_llama(root / "build")
+    install_in_hub_cache(model_dir, root / "cache", TINY_REPO)
+    return root / "cache"
+
+
+@pytest.fixture(scope="session")
+def env(stack_home: Path, hub_cache: Path) -> Iterator[dict[str, str]]:
     """Start the real stack once; yields the environment that points at it."""
     from infra.stack import LocalStack
 
     e = stack_env(stack_home)
+    e |= {"CODETUNE_HF_CACHE_DIR": str(hub_cache), "CODETUNE_HF_OFFLINE": "true",
+          "CODETUNE_WORK_DIR": str(stack_home / "work")}
     st = LocalStack(settings_from(e))
     st.start(log=lambda m: print(m, file=sys.stderr))
     try:
@@ -136,10 +155,10 @@ async def client(settings) -> AsyncIterator:
 
 @pytest.fixture(scope="session")
 async def workers(settings, db, client) -> AsyncIterator[object]:
-    """Every light stage (datasets, models, export, serving) running in-process on the real stack."""
+    """The light stages running in-process on the real stack (tuning runs in worker processes)."""
     from handlers.app import build_app
 
-    app = build_app(["datasets"], settings)
+    app = build_app(["datasets", "models"], settings)
     await app.start()
     yield app
     await app.stop()
@@ -150,5 +169,42 @@ def uid() -> str:
     return uuid.uuid4().hex[:12]
 
 
-def run_async(coro):
-    return asyncio.get_event_loop().run_until_complete(coro)
+class WorkerProcess:
+    """`codetune worker STAGES...` as a real process (kill -9 it to simulate a crash)."""
+
+    def __init__(self, env: dict[str, str], stages: list[str], log: Path) -> None:
+        self.env, self.stages, self.log = env, stages, log
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, timeout: float = 60) -> WorkerProcess:
+        offset = self.log.stat().st_size if self.log.exists() else 0
+        out = open(self.log, "ab")
+        self.proc = subprocess.Popen([sys.executable, "-m", "infra.cli", "worker", *self.stages],
+                                     env={**os.environ, **self.env}, stdout=out, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + timeout
+        while "started successfully" not in self.log.read_bytes()[offset:].decode(errors="replace"):
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"worker did not start:\n{self.log.read_text()[-3000:]}")
+            time.sleep(0.1)
+        return self
+
+    def kill9(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(timeout=10)
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=40)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+@pytest.fixture(scope="session")
+def tuning_worker(env: dict[str, str], stack_home: Path, workers: object) -> Iterator[WorkerProcess]:
+    w = WorkerProcess(env, ["tuning"], stack_home / "tuning-worker.log").start()
+    yield w
+    w.stop()

@@ -1,0 +1,145 @@
+"""Tuning jobs as documents: recording, readiness of inputs, waiting, leases, terminal states.
+
+Statuses follow OpenAI's fine-tuning jobs: validating → waiting | queued → running →
+succeeded | failed | cancelled. Only Mongo and the bucket are touched here; no broker, no torch.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import uuid
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Any
+
+from pymongo import ReturnDocument
+
+from events.payloads import ErrorInfo, TuningRequested
+from storage.documents import BaseModel, Dataset, TuningJob, now
+from storage.objects import ObjectStore
+
+TERMINAL = frozenset({"succeeded", "failed", "cancelled"})
+WORKER_ID = f"{socket.gethostname()}:{os.getpid()}"
+
+
+def job_id_for(event_id: str) -> str:
+    """A job id for a request that named none: stable across redeliveries of that request."""
+    return "ftjob-" + uuid.uuid5(uuid.NAMESPACE_URL, f"codetune:job:{event_id}").hex[:20]
+
+
+def model_key(repo_id: str, revision: str) -> str:
+    return f"model:{repo_id}@{revision}"
+
+
+def dataset_key(dataset_id: str) -> str:
+    return f"dataset:{dataset_id}"
+
+
+async def record(job_id: str, event: TuningRequested) -> TuningJob:
+    """Create the job on first sight; later deliveries of the same job leave its state alone."""
+    return await TuningJob.upsert_by(
+        {"job_id": job_id}, {},
+        on_insert={
+            "base_model": event.base_model, "revision": event.revision, "dataset_id": event.dataset_id,
+            "hyperparameters": event.hyperparameters.model_dump(), "name": event.name,
+            "export": event.export.model_dump() if event.export else None, "status": "validating",
+        },
+    )
+
+
+def request_of(job: TuningJob) -> TuningRequested:
+    """The job's spec as a `tuning.requested` payload (used to resume a waiting job)."""
+    return TuningRequested.model_validate({
+        "job_id": job.job_id, "base_model": job.base_model, "revision": job.revision,
+        "dataset_id": job.dataset_id, "hyperparameters": job.hyperparameters, "name": job.name,
+        "export": job.export,
+    })
+
+
+@dataclass
+class Inputs:
+    dataset: Dataset | None = None
+    model: BaseModel | None = None
+    missing: list[str] = field(default_factory=list)
+    failure: ErrorInfo | None = None
+    pull_needed: bool = False
+
+
+async def check_inputs(job: TuningJob, store: ObjectStore) -> Inputs:
+    out = Inputs()
+    ds = await Dataset.find_one(Dataset.dataset_id == job.dataset_id)
+    if ds is None:
+        if await store.list(f"datasets/{job.dataset_id}/"):
+            out.missing.append(dataset_key(job.dataset_id))  # uploaded, not validated yet
+        else:
+            out.failure = ErrorInfo(code="dataset_not_found", message=f"unknown dataset id {job.dataset_id!r}")
+            return out
+    elif ds.status == "failed":
+        reason = ds.error.message if ds.error else "validation failed"
+        out.failure = ErrorInfo(code="invalid_dataset", message=f"dataset {job.dataset_id}: {reason}")
+        return out
+    elif ds.status != "validated":
+        out.missing.append(dataset_key(job.dataset_id))
+    out.dataset = ds
+    bm = await BaseModel.find_one(BaseModel.repo_id == job.base_model, BaseModel.revision == job.revision)
+    if bm is None or bm.status == "pulling":
+        out.missing.append(model_key(job.base_model, job.revision))
+        out.pull_needed = bm is None
+    elif bm.status == "failed":
+        out.failure = ErrorInfo(code=bm.error.code if bm.error else "model_not_found",
+                                message=bm.error.message if bm.error else f"{job.base_model}: pull failed")
+    out.model = bm
+    return out
+
+
+async def update(job_id: str, **fields: Any) -> TuningJob:
+    return await TuningJob.upsert_by({"job_id": job_id}, fields)
+
+
+async def finish(job_id: str, status: str, **fields: Any) -> TuningJob:
+    return await update(job_id, status=status, finished_at=now(), lease_owner=None, lease_until=None, **fields)
+
+
+async def claim(job_id: str, lease_s: float) -> TuningJob | None:
+    """Atomically take the job for this worker unless another live worker holds it."""
+    t = now()
+    raw = await TuningJob.get_pymongo_collection().find_one_and_update(
+        {"job_id": job_id, "status": {"$nin": list(TERMINAL)},
+         "$or": [{"lease_owner": None}, {"lease_owner": WORKER_ID}, {"lease_until": {"$lt": t}}]},
+        {"$set": {"lease_owner": WORKER_ID, "lease_until": t + timedelta(seconds=lease_s), "status": "running",
+                  "waiting_for": [], "updated_at": t},
+         "$inc": {"attempts": 1}},
+        return_document=ReturnDocument.AFTER,
+    )
+    return TuningJob.model_validate(raw) if raw else None
+
+
+async def renew(job_id: str, lease_s: float) -> bool:
+    """Heartbeat: extend the lease; returns whether a cancel was requested."""
+    raw = await TuningJob.get_pymongo_collection().find_one_and_update(
+        {"job_id": job_id, "lease_owner": WORKER_ID},
+        {"$set": {"lease_until": now() + timedelta(seconds=lease_s)}},
+        projection={"cancel_requested": 1}, return_document=ReturnDocument.AFTER,
+    )
+    return bool(raw and raw.get("cancel_requested"))
+
+
+async def waiting_on(key: str) -> list[TuningJob]:
+    return await TuningJob.find(TuningJob.waiting_for == key, TuningJob.status == "waiting").to_list()
+
+
+async def resolve(job_id: str, key: str) -> TuningJob | None:
+    """Remove `key` from a waiting job; returns the job if nothing else is missing (ready to queue)."""
+    raw = await TuningJob.get_pymongo_collection().find_one_and_update(
+        {"job_id": job_id, "status": "waiting", "waiting_for": key},
+        {"$pull": {"waiting_for": key}, "$set": {"updated_at": now()}},
+        return_document=ReturnDocument.AFTER,
+    )
+    if raw and not raw.get("waiting_for"):
+        raw = await TuningJob.get_pymongo_collection().find_one_and_update(
+            {"job_id": job_id, "status": "waiting", "waiting_for": []},
+            {"$set": {"status": "queued", "updated_at": now()}}, return_document=ReturnDocument.AFTER,
+        )
+        return TuningJob.model_validate(raw) if raw else None
+    return None

@@ -1,0 +1,204 @@
+"""Run one claimed tuning job: inputs from the bucket, the recipe off the event loop, artifacts back.
+
+While the recipe trains in a worker thread, the event loop heartbeats the JetStream message
+(`in_progress`), renews the job's lease, notices cancel requests, publishes progress and uploads each
+checkpoint (the training thread waits until its checkpoint is durable in the bucket). A redelivered job
+downloads its last checkpoint and resumes at that step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import shutil
+import threading
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from events.errors import CodeTuneError, TransientError
+from events.payloads import (
+    ErrorInfo,
+    Hyperparameters,
+    LossPoint,
+    TrainMetrics,
+    TuningCancelled,
+    TuningCompleted,
+    TuningFailed,
+    TuningProgress,
+)
+from handlers.tuning import jobs
+from storage import keys
+from storage.documents import BaseModel, Dataset, TuningJob
+from storage.objects import ObjectStore
+
+log = logging.getLogger("codetune.tuning")
+PROGRESS_EVERY_S = 0.5
+KEEP_CHECKPOINTS = 2
+
+Publish = Callable[[Any], Awaitable[Any]]
+
+
+@dataclass
+class RunContext:
+    store: ObjectStore
+    settings: Any
+    publish: Publish  # emits an event (progress or terminal)
+    heartbeat: Callable[[], Awaitable[None]]  # keeps the JetStream message alive
+    lease_s: float
+
+
+class _Hooks:
+    """TrainHooks bridging the training thread to the event loop."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, job: TuningJob, ctx: RunContext) -> None:
+        self.loop, self.job, self.ctx = loop, job, ctx
+        self.cancel = threading.Event()
+        self.infra_error: BaseException | None = None
+        self._last = 0.0
+        self.history: list[LossPoint] = list(LossPoint.model_validate(p) for p in job.loss_history)
+
+    def _submit(self, coro: Awaitable[Any]) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop)  # type: ignore[arg-type]
+
+    def on_step(self, info: Any) -> None:
+        now = time.monotonic()
+        final = info.step >= info.max_steps
+        if info.eval_loss is None and not final and now - self._last < PROGRESS_EVERY_S:
+            return
+        self._last = now
+        self._submit(self._progress(info))
+
+    async def _progress(self, info: Any) -> None:
+        event = TuningProgress(job_id=self.job.job_id, status="running", step=info.step, max_steps=info.max_steps,
+                               epoch=info.epoch, loss=info.loss, eval_loss=info.eval_loss,
+                               learning_rate=info.learning_rate, tokens_per_s=info.tokens_per_s, eta_s=info.eta_s)
+        try:
+            await jobs.update(self.job.job_id, step=info.step, max_steps=info.max_steps, epoch=info.epoch,
+                              loss=info.loss, eval_loss=info.eval_loss, tokens_per_s=info.tokens_per_s,
+                              eta_s=info.eta_s)
+            await self.ctx.publish(event)
+        except Exception as e:
+            log.warning("progress of %s not published: %s", self.job.job_id, e)
+
+    def on_checkpoint(self, ckpt_dir: Path, step: int) -> None:
+        try:
+            self._submit(self._upload_checkpoint(ckpt_dir, step)).result(timeout=600)
+        except BaseException as e:
+            self.infra_error = e
+            self.cancel.set()  # stop training: the job is redelivered and resumes from the last good checkpoint
+
+    async def _upload_checkpoint(self, ckpt_dir: Path, step: int) -> None:
+        prefix = keys.checkpoint_prefix(self.job.job_id, step)
+        await self.ctx.store.upload_dir(prefix, ckpt_dir)
+        await jobs.update(self.job.job_id, checkpoint_key=prefix, checkpoint_step=step)
+        old = sorted({"/".join(k.split("/")[:4]) for k, _ in await self.ctx.store.list(
+            keys.join("jobs", self.job.job_id, "checkpoints") + "/")})
+        for stale in old[:-KEEP_CHECKPOINTS]:
+            await self.ctx.store.remove_prefix(stale + "/")
+
+    def should_stop(self) -> bool:
+        return self.cancel.is_set()
+
+
+async def _fetch_base(store: ObjectStore, model: BaseModel, cache: Path) -> Path:
+    """The base model snapshot on local disk (cached per commit sha)."""
+    target = cache / "models" / (model.prefix or "").replace("/", "__")
+    if (target / ".complete").exists():
+        return target
+    tmp = target.with_name(target.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    await store.download_prefix(model.prefix or "", tmp)
+    (tmp / ".complete").write_text(model.sha or "")
+    shutil.rmtree(target, ignore_errors=True)
+    tmp.rename(target)
+    return target
+
+
+async def _heartbeat(job: TuningJob, hooks: _Hooks, ctx: RunContext) -> None:
+    while True:
+        await asyncio.sleep(ctx.lease_s / 4)
+        with contextlib.suppress(Exception):
+            await ctx.heartbeat()
+            if await jobs.renew(job.job_id, ctx.lease_s):
+                hooks.cancel.set()
+
+
+async def run(job: TuningJob, model: BaseModel, dataset: Dataset, ctx: RunContext
+              ) -> TuningCompleted | TuningFailed | TuningCancelled:
+    from handlers.tuning import recipe  # torch is imported only by processes that train
+
+    hp = Hyperparameters.model_validate(job.hyperparameters)
+    work = ctx.settings.scratch_dir / "jobs" / job.job_id
+    base_dir = await _fetch_base(ctx.store, model, ctx.settings.scratch_dir)
+    data_path = work / "data" / keys.safe_name(dataset.name)
+    await ctx.store.download(dataset.key, data_path)
+    resume_dir = None
+    if job.checkpoint_key:
+        resume_dir = work / "resume" / job.checkpoint_key.rsplit("/", 1)[-1]
+        shutil.rmtree(resume_dir, ignore_errors=True)
+        await ctx.store.download_prefix(job.checkpoint_key, resume_dir)
+        log.info("job %s resumes from %s", job.job_id, job.checkpoint_key)
+    await jobs.update(job.job_id, started_at=job.started_at or jobs.now(), sha=model.sha)
+    await ctx.publish(TuningProgress(job_id=job.job_id, status="running", step=job.checkpoint_step or 0,
+                                     max_steps=job.max_steps, message="resumed" if resume_dir else "started"))
+
+    loop = asyncio.get_running_loop()
+    hooks = _Hooks(loop, job, ctx)
+    beat = asyncio.create_task(_heartbeat(job, hooks, ctx))
+    try:
+        result = await asyncio.to_thread(recipe.train, base_dir, data_path, dataset.format or "text", hp,
+                                         work / "out", hooks, resume_dir)
+    except CodeTuneError as e:
+        return await _failed(job, ErrorInfo(code=e.code, message=e.message))
+    except Exception as e:
+        if hooks.infra_error is None:
+            log.exception("job %s failed in training", job.job_id)
+            return await _failed(job, ErrorInfo(code="training_error", message=f"{type(e).__name__}: {e}"[:2000]))
+        result = None
+    finally:
+        beat.cancel()
+    if hooks.infra_error is not None:
+        raise TransientError(f"checkpoint upload failed: {hooks.infra_error}") from hooks.infra_error
+    assert result is not None
+    history = [p.model_dump() for p in result.loss_history]
+    if result.cancelled:
+        await jobs.finish(job.job_id, "cancelled", step=result.metrics.steps, loss_history=history)
+        return TuningCancelled(job_id=job.job_id, step=result.metrics.steps)
+    return await _succeeded(job, model, result, work, ctx)
+
+
+async def _succeeded(job: TuningJob, model: BaseModel, result: Any, work: Path, ctx: RunContext
+                     ) -> TuningCompleted:
+    from handlers.tuning.recipe import plot_loss
+
+    adapter_key = keys.adapter_prefix(job.job_id)
+    await ctx.store.upload_dir(adapter_key, result.adapter_dir)
+    plot_key = keys.plot_key(job.job_id)
+    png = plot_loss(result.loss_history, work / "loss.png")
+    await ctx.store.put_file(plot_key, png)
+    doc = await jobs.finish(
+        job.job_id, "succeeded", step=result.metrics.steps, max_steps=result.metrics.steps,
+        adapter_key=adapter_key, plot_key=plot_key, metrics=result.metrics.model_dump(),
+        loss_history=[p.model_dump() for p in result.loss_history], loss=result.metrics.train_loss,
+        eval_loss=result.metrics.eval_loss,
+    )
+    return completed_event(doc)
+
+
+def completed_event(doc: TuningJob) -> TuningCompleted:
+    """`tuning.completed` rebuilt from the job document (also used to re-emit after a crash)."""
+    return TuningCompleted(
+        job_id=doc.job_id, base_model=doc.base_model, sha=doc.sha or "", dataset_id=doc.dataset_id,
+        adapter_key=doc.adapter_key or "", plot_key=doc.plot_key, metrics=TrainMetrics.model_validate(doc.metrics),
+        loss_history=[LossPoint.model_validate(p) for p in doc.loss_history], name=doc.name,
+        export=doc.export,  # type: ignore[arg-type]
+    )
+
+
+async def _failed(job: TuningJob, error: ErrorInfo) -> TuningFailed:
+    await jobs.finish(job.job_id, "failed", error=error.model_dump())
+    return TuningFailed(job_id=job.job_id, error=error)
