@@ -21,9 +21,13 @@ app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__)
 stack_app = typer.Typer(no_args_is_help=True, help="The embedded local stack (NATS, MongoDB-wire, S3).")
 dataset_app = typer.Typer(no_args_is_help=True, help="Upload and list training datasets.")
 dlq_app = typer.Typer(no_args_is_help=True, help="Inspect dead-lettered messages.")
+model_app = typer.Typer(no_args_is_help=True, help="Pull base models from the Hugging Face hub.")
+job_app = typer.Typer(no_args_is_help=True, help="Inspect and cancel tuning jobs.")
 app.add_typer(stack_app, name="stack")
 app.add_typer(dataset_app, name="dataset")
 app.add_typer(dlq_app, name="dlq")
+app.add_typer(model_app, name="model")
+app.add_typer(job_app, name="job")
 console = Console()
 T = TypeVar("T")
 
@@ -204,6 +208,216 @@ async def _datasets(s: Settings) -> list[dict[str, Any]]:
     async with database(s):
         docs = await Dataset.find_all().sort("-created_at").to_list()
     return [d.model_dump(exclude={"id"}) for d in docs]
+
+
+# ------------------------------------------------------------------ models
+
+
+@model_app.command("pull")
+def model_pull(
+    repo_id: str,
+    revision: str = typer.Option("main", help="branch, tag or commit sha"),
+    wait: bool = typer.Option(True),
+    timeout: float = typer.Option(1800.0),
+) -> None:
+    """Publish `model.pull.requested` (token from HUGGINGFACE_TOKEN only) and wait for the answer."""
+    from events import subjects as sj
+    from events.payloads import ModelPullRequested
+
+    try:
+        event = ModelPullRequested(repo_id=repo_id, revision=revision)
+    except ValueError as e:
+        fail(str(e))
+
+    async def go() -> None:
+        async with client(get_settings()) as c, c.subscribe([sj.MODEL_PULLED, sj.MODEL_PULL_FAILED]) as q:
+            await c.publish(event)
+            console.print(f"requested {repo_id}@{revision}")
+            if not wait:
+                return
+            subject, answer = await c.wait_for(
+                q, lambda _, d: d["repo_id"] == repo_id and d.get("revision") == revision, timeout)
+        if subject == sj.MODEL_PULLED:
+            console.print(f"[green]pulled[/green] {repo_id}@{answer.sha[:12]}: {answer.files} files, "
+                          f"{answer.bytes / 1e6:.1f} MB → {answer.prefix}")
+        else:
+            fail(f"{answer.error.code}: {answer.error.message}")
+
+    run(go())
+
+
+@model_app.command("list")
+def model_list() -> None:
+    """List pulled base models."""
+
+    async def go() -> list[Any]:
+        from storage.documents import BaseModel
+
+        async with database(get_settings()):
+            return await BaseModel.find_all().sort("-created_at").to_list()
+
+    table = Table("repo_id", "revision", "sha", "status", "files", "MB")
+    for d in run(go()):
+        table.add_row(d.repo_id, d.revision, (d.sha or "-")[:12], d.status, str(d.files), f"{d.bytes / 1e6:.1f}")
+    console.print(table)
+
+
+# ------------------------------------------------------------------ tuning
+
+
+@app.command()
+def tune(
+    model: str = typer.Option(..., "--model", help="base model repo id"),
+    dataset: str = typer.Option(..., "--dataset", help="dataset id (see `codetune dataset list`)"),
+    name: str | None = typer.Option(None, help="Ollama model name to publish as"),
+    revision: str = typer.Option("main"),
+    epochs: float | None = typer.Option(None),
+    max_steps: int | None = typer.Option(None),
+    learning_rate: float = typer.Option(2e-4),
+    batch_size: int = typer.Option(4),
+    grad_accum: int = typer.Option(1, "--gradient-accumulation-steps"),
+    max_seq_len: int = typer.Option(512),
+    lora_r: int = typer.Option(8),
+    lora_alpha: float = typer.Option(16),
+    lora_dropout: float = typer.Option(0.05),
+    target_modules: str | None = typer.Option(None, help="comma-separated, or 'all-linear'"),
+    validation_split: float = typer.Option(0.1),
+    eval_steps: int = typer.Option(50),
+    save_steps: int = typer.Option(50),
+    early_stopping_patience: int | None = typer.Option(None),
+    seed: int = typer.Option(42),
+    packing: bool = typer.Option(True),
+    no_export: bool = typer.Option(False, help="do not export/serve after training"),
+    wait: bool = typer.Option(False, help="follow progress until the job ends"),
+) -> None:
+    """Request a LoRA fine-tuning job (`tuning.requested`)."""
+    from events.payloads import Hyperparameters, TuningRequested
+
+    hp: dict[str, Any] = {
+        "epochs": epochs, "max_steps": max_steps, "learning_rate": learning_rate, "batch_size": batch_size,
+        "gradient_accumulation_steps": grad_accum, "max_seq_len": max_seq_len, "lora_r": lora_r,
+        "lora_alpha": lora_alpha, "lora_dropout": lora_dropout, "validation_split": validation_split,
+        "eval_steps": eval_steps, "save_steps": save_steps, "early_stopping_patience": early_stopping_patience,
+        "seed": seed, "packing": packing,
+    }
+    if target_modules:
+        hp["target_modules"] = target_modules if target_modules == "all-linear" else target_modules.split(",")
+    try:
+        event = TuningRequested(job_id=new_job_id(), base_model=model, revision=revision, dataset_id=dataset,
+                                name=name, hyperparameters=Hyperparameters.model_validate(
+                                    {k: v for k, v in hp.items() if v is not None}),
+                                export=None if no_export else {})  # type: ignore[arg-type]
+    except ValueError as e:
+        fail(str(e))
+    outcome = run(submit_job(get_settings(), event, wait))
+    if outcome and outcome[0] != "tuning.completed":
+        raise typer.Exit(2)
+
+
+def new_job_id() -> str:
+    import uuid
+
+    return f"ftjob-{uuid.uuid4().hex[:20]}"
+
+
+async def submit_job(s: Settings, event: Any, wait: bool, timeout: float = 24 * 3600) -> tuple[str, Any] | None:
+    from events import subjects as sj
+
+    async with client(s) as c, c.subscribe(
+        [sj.progress_subject(event.job_id), sj.TUNING_COMPLETED, sj.TUNING_FAILED, sj.TUNING_CANCELLED]
+    ) as q:
+        await c.publish(event)
+        console.print(f"job [bold]{event.job_id}[/bold] requested")
+        if not wait:
+            return None
+        return await follow_job(c, q, event.job_id, timeout)
+
+
+async def follow_job(c: Any, q: Any, job_id: str, timeout: float) -> tuple[str, Any]:
+    """Render progress events as a live bar until the job's terminal event."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from events import subjects as sj
+
+    terminal = {sj.TUNING_COMPLETED, sj.TUNING_FAILED, sj.TUNING_CANCELLED}
+    with Progress(TextColumn("[bold]{task.fields[status]}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                  TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[tps]} tok/s"),
+                  TimeRemainingColumn(), console=console, transient=False) as bar:
+        task = bar.add_task("train", total=None, status="queued", loss="-", tps="-")
+        while True:
+            subject, ev = await c.wait_for(q, lambda s, d: d.get("job_id") == job_id, timeout)
+            if subject in terminal:
+                break
+            bar.update(task, total=ev.max_steps or None, completed=ev.step, status=ev.status,
+                       loss=f"{ev.loss:.3f}" if ev.loss is not None else "-",
+                       tps=f"{ev.tokens_per_s:.0f}" if ev.tokens_per_s else "-")
+            if ev.message and ev.status == "waiting":
+                bar.console.print(f"[yellow]{ev.message}[/yellow]")
+    if subject == sj.TUNING_COMPLETED:
+        m = ev.metrics
+        console.print(f"[green]succeeded[/green] {job_id}: {m.steps} steps, loss {m.first_loss:.3f} → "
+                      f"{m.train_loss:.3f}" + (f", eval {m.eval_loss:.3f}" if m.eval_loss is not None else "")
+                      + f", {m.tokens_per_s:.0f} tok/s; adapter {ev.adapter_key}")
+    elif subject == sj.TUNING_FAILED:
+        console.print(f"[red]failed[/red] {job_id}: {ev.error.code}: {ev.error.message}")
+    else:
+        console.print(f"[yellow]cancelled[/yellow] {job_id} at step {ev.step}")
+    return subject, ev
+
+
+@job_app.command("show")
+def job_show(job_id: str, as_json: bool = typer.Option(False, "--json")) -> None:
+    """Show a job's status, progress, metrics and artifacts."""
+
+    async def go() -> Any:
+        from storage.documents import TuningJob
+
+        async with database(get_settings()):
+            return await TuningJob.find_one(TuningJob.job_id == job_id)
+
+    doc = run(go())
+    if doc is None:
+        fail(f"no job {job_id!r}")
+    data = doc.model_dump(exclude={"id", "loss_history", "lease_owner", "lease_until"})
+    data["progress"] = round(doc.progress, 4)
+    if as_json:
+        print(json.dumps(data, default=str, indent=2))
+        return
+    table = Table("field", "value", show_header=False)
+    for k, v in data.items():
+        if v not in (None, [], {}):
+            table.add_row(k, json.dumps(v, default=str) if isinstance(v, dict | list) else str(v))
+    console.print(table)
+
+
+@job_app.command("list")
+def job_list(limit: int = 20) -> None:
+    """List recent jobs."""
+
+    async def go() -> list[Any]:
+        from storage.documents import TuningJob
+
+        async with database(get_settings()):
+            return await TuningJob.find_all().sort("-created_at").limit(limit).to_list()
+
+    table = Table("job_id", "status", "base model", "dataset", "step", "loss", "created")
+    for j in run(go()):
+        table.add_row(j.job_id, j.status, j.base_model, j.dataset_id, f"{j.step}/{j.max_steps}",
+                      f"{j.loss:.3f}" if j.loss is not None else "-", str(j.created_at)[:19])
+    console.print(table)
+
+
+@job_app.command("cancel")
+def job_cancel(job_id: str) -> None:
+    """Publish `tuning.cancel.requested`: the job stops at its next step."""
+    from events.payloads import TuningCancelRequested
+
+    async def go() -> None:
+        async with client(get_settings()) as c:
+            await c.publish(TuningCancelRequested(job_id=job_id))
+
+    run(go())
+    console.print(f"cancel requested for {job_id}")
 
 
 # ------------------------------------------------------------------ dead letters

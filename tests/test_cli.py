@@ -1,0 +1,59 @@
+"""The `codetune` command line against the real stack, run as a user runs it (a subprocess)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import TINY_REPO
+
+pytestmark = [pytest.mark.usefixtures("workers", "tuning_worker"), pytest.mark.slow]
+
+
+async def codetune(env: dict[str, str], *args: str, timeout: float = 240) -> subprocess.CompletedProcess[str]:
+    # in a thread: the in-process stages of the `workers` fixture share this test's event loop
+    return await asyncio.to_thread(
+        subprocess.run,[sys.executable, "-m", "infra.cli", *args], env={**os.environ, **env, "COLUMNS": "200"},
+                          capture_output=True, text=True, timeout=timeout,
+    )
+
+
+async def test_upload_pull_tune_show_and_list(env, tmp_path) -> None:
+    from infra.tinymodel import toy_dataset
+
+    data = toy_dataset(tmp_path / "alpaca.jsonl", "alpaca", rows=32)
+    up = await codetune(env, "dataset", "upload", str(data))
+    assert up.returncode == 0, up.stdout + up.stderr
+    assert "validated" in up.stdout and "format=alpaca rows=32" in up.stdout
+    dataset_id = up.stdout.split("dataset_id=")[1].split()[0]
+
+    pull = await codetune(env, "model", "pull", TINY_REPO)
+    assert pull.returncode == 0 and "pulled" in pull.stdout, pull.stdout + pull.stderr
+    assert TINY_REPO in (await codetune(env, "model", "list")).stdout
+
+    tune = await codetune(env, "tune", "--model", TINY_REPO, "--dataset", dataset_id, "--max-steps", "12",
+                    "--learning-rate", "0.01", "--eval-steps", "6", "--save-steps", "6", "--max-seq-len", "128",
+                    "--no-export", "--wait")
+    assert tune.returncode == 0, tune.stdout + tune.stderr
+    assert "succeeded" in tune.stdout and "12/12" in tune.stdout
+    job_id = tune.stdout.split("job ")[1].split()[0]
+    show = await codetune(env, "job", "show", job_id, "--json")
+    doc = json.loads(show.stdout)
+    assert doc["status"] == "succeeded" and doc["progress"] == 1.0 and doc["metrics"]["steps"] == 12
+    assert job_id in (await codetune(env, "job", "list")).stdout
+
+
+async def test_bad_hyperparameter_is_refused_before_anything_is_published(env) -> None:
+    r = await codetune(env, "tune", "--model", TINY_REPO, "--dataset", "ds-x", "--learning-rate", "-1")
+    assert r.returncode == 1 and "learning_rate" in r.stdout and "greater than 0" in r.stdout
+
+
+async def test_cancel_of_unknown_job_is_harmless_and_bad_repo_is_refused(env) -> None:
+    assert (await codetune(env, "job", "cancel", "ftjob-unknown1")).returncode == 0
+    r = await codetune(env, "model", "pull", "../etc/passwd")
+    assert r.returncode == 1 and "org/name" in r.stdout
