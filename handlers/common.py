@@ -103,7 +103,7 @@ def _failure_payload(subject: str, body: bytes, error: ErrorInfo) -> Payload | N
         return None
 
 
-def _reason(exc: BaseException) -> ErrorInfo:
+def reason(exc: BaseException) -> ErrorInfo:
     if isinstance(exc, ValidationError):
         parts = []
         for err in exc.errors()[:10]:
@@ -137,18 +137,17 @@ class FailurePolicy(BaseMiddleware):
             isinstance(exc, CodeTuneError) and not exc.retryable
         )
         last = md.num_delivered >= _MAX_DELIVER.get(md.consumer or "", 5)
-        reason = _reason(exc)
+        why = reason(exc)
         if permanent or last:
             if not permanent:
-                reason = ErrorInfo(code=reason.code,
-                                   message=f"gave up after {md.num_delivered} deliveries: {reason.message}")
+                why = ErrorInfo(code=why.code, message=f"gave up after {md.num_delivered} deliveries: {why.message}")
                 log.exception("giving up on %s", msg.raw_message.subject, exc_info=exc)
-            await dead_letter(self.context.get("emitter"), msg, reason)
+            await dead_letter(self.context.get("emitter"), msg, why)
             await msg.reject()  # JetStream TERM: never redelivered
             return
         delay = RETRY_DELAYS_S[min(md.num_delivered - 1, len(RETRY_DELAYS_S) - 1)]
         log.warning("%s failed (delivery %d), retrying in %.0fs: %s", msg.raw_message.subject,
-                    md.num_delivered, delay, reason.message)
+                    md.num_delivered, delay, why.message)
         await msg.nack(delay=delay)
 
 
@@ -167,6 +166,23 @@ async def dead_letter(emitter: Emitter, msg: NatsMessage, reason: ErrorInfo) -> 
         with contextlib.suppress(Exception):
             await emitter.client.publish(failure, event_id=derived_id(dlq_id, "failure"))
     log.error("dead-lettered %s seq=%s: %s", raw.subject, md.sequence.stream, reason.message)
+
+
+class ErrorReplies(BaseMiddleware):
+    """Request-reply policy: every request gets an answer; a failure is `{ok: false, error: {code, message}}`."""
+
+    async def consume_scope(self, call_next: Any, msg: NatsMessage) -> Any:  # type: ignore[override]
+        try:
+            return await call_next(msg)
+        except Exception as exc:
+            if not isinstance(exc, (CodeTuneError, ValidationError)):
+                log.exception("request on %s failed", msg.raw_message.subject)
+            return {"ok": False, "error": reason(exc).model_dump()}
+
+
+def request_router(prefix: str = "") -> NatsRouter:
+    """A router for core-NATS request-reply subscribers (no stream, no acks)."""
+    return NatsRouter(prefix=prefix, middlewares=[ErrorReplies], decoder=cloudevents_decoder)
 
 
 def pipeline_router(prefix: str = "") -> NatsRouter:

@@ -122,6 +122,14 @@ def stack_status() -> None:
     console.print(f"data and logs: {st.root}")
 
 
+@app.command("setup-llamacpp")
+def setup_llamacpp() -> None:
+    """Install llama.cpp's GGUF converters (from the llama-cpp-python sdist) under the stack folder."""
+    from infra.llamacpp import ensure_converters
+
+    console.print(f"llama.cpp converters: {ensure_converters(get_settings())}")
+
+
 # ------------------------------------------------------------------ workers
 
 

@@ -10,6 +10,7 @@ import asyncio
 import hashlib
 import io
 import os
+import shutil
 from collections.abc import AsyncIterator, Iterator
 from datetime import timedelta
 from pathlib import Path
@@ -184,6 +185,26 @@ class ObjectStore:
             rel = name[len(prefix.rstrip("/")) + 1:]
             await self.download(name, root / rel)
         return len(objs)
+
+    async def mirror(self, prefix: str, target: Path, marker: str = "") -> Path:
+        """A local copy of everything under `prefix/`, downloaded once (atomically) and then reused."""
+        done = target / ".complete"
+        if done.exists():
+            return target
+        tmp = target.with_name(target.name + ".partial")
+        await asyncio.to_thread(shutil.rmtree, tmp, True)
+        if not await self.download_prefix(prefix, tmp):
+            raise ObjectNotFoundError(f"s3://{self.bucket}/{prefix}/: no objects")
+        (tmp / ".complete").write_text(marker or prefix)
+        await asyncio.to_thread(shutil.rmtree, target, True)
+        tmp.rename(target)
+        return target
+
+    async def fetch(self, key: str, target: Path) -> Path:
+        """A local copy of one object, downloaded once and then reused (keys are immutable)."""
+        if not target.exists():
+            await self.download(key, target)
+        return target
 
     async def remove_prefix(self, prefix: str) -> int:
         objs = await self.list(prefix)

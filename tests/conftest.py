@@ -104,13 +104,33 @@ def hub_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def env(stack_home: Path, hub_cache: Path) -> Iterator[dict[str, str]]:
+def ollama_host(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A real Ollama when OLLAMA_HOST names one; otherwise the Ollama STAND-IN (infra/ollama_standin.py),
+    which implements Ollama's documented API and answers chats with real llama.cpp inference."""
+    real = os.environ.get("OLLAMA_HOST")
+    if real:
+        yield real if real.startswith("http") else f"http://{real}"
+        return
+    from infra.ollama_standin import serve_in_thread
+
+    with serve_in_thread(tmp_path_factory.mktemp("ollama-standin")) as url:
+        yield url
+
+
+@pytest.fixture(scope="session")
+def env(stack_home: Path, hub_cache: Path, ollama_host: str) -> Iterator[dict[str, str]]:
     """Start the real stack once; yields the environment that points at it."""
     from infra.stack import LocalStack
 
     e = stack_env(stack_home)
     e |= {"CODETUNE_HF_CACHE_DIR": str(hub_cache), "CODETUNE_HF_OFFLINE": "true",
-          "CODETUNE_WORK_DIR": str(stack_home / "work")}
+          "CODETUNE_WORK_DIR": str(stack_home / "work"), "CODETUNE_OLLAMA_HOST": ollama_host}
+    llamacpp = ROOT / ".codetune" / "llama.cpp"
+    if not os.environ.get("CODETUNE_LLAMACPP_DIR") and llamacpp.is_dir():
+        from infra.llamacpp import LLAMA_CPP_PYTHON_VERSION
+
+        if (llamacpp / LLAMA_CPP_PYTHON_VERSION).is_dir():  # installed by `infra/dev.sh setup`
+            e["CODETUNE_LLAMACPP_DIR"] = str(llamacpp / LLAMA_CPP_PYTHON_VERSION)
     st = LocalStack(settings_from(e))
     st.start(log=lambda m: print(m, file=sys.stderr))
     try:
@@ -158,7 +178,7 @@ async def workers(settings, db, client) -> AsyncIterator[object]:
     """The light stages running in-process on the real stack (tuning runs in worker processes)."""
     from handlers.app import build_app
 
-    app = build_app(["datasets", "models"], settings)
+    app = build_app(["datasets", "models", "export", "serving"], settings)
     await app.start()
     yield app
     await app.stop()

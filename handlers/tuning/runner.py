@@ -104,18 +104,9 @@ class _Hooks:
         return self.cancel.is_set()
 
 
-async def _fetch_base(store: ObjectStore, model: BaseModel, cache: Path) -> Path:
-    """The base model snapshot on local disk (cached per commit sha)."""
-    target = cache / "models" / (model.prefix or "").replace("/", "__")
-    if (target / ".complete").exists():
-        return target
-    tmp = target.with_name(target.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    await store.download_prefix(model.prefix or "", tmp)
-    (tmp / ".complete").write_text(model.sha or "")
-    shutil.rmtree(target, ignore_errors=True)
-    tmp.rename(target)
-    return target
+def local_model_dir(settings: Any, model: BaseModel) -> Path:
+    """Where a base model snapshot is mirrored on this host (one copy per commit sha)."""
+    return settings.scratch_dir / "models" / (model.prefix or "").replace("/", "__")
 
 
 async def _heartbeat(job: TuningJob, hooks: _Hooks, ctx: RunContext) -> None:
@@ -133,7 +124,7 @@ async def run(job: TuningJob, model: BaseModel, dataset: Dataset, ctx: RunContex
 
     hp = Hyperparameters.model_validate(job.hyperparameters)
     work = ctx.settings.scratch_dir / "jobs" / job.job_id
-    base_dir = await _fetch_base(ctx.store, model, ctx.settings.scratch_dir)
+    base_dir = await ctx.store.mirror(model.prefix or "", local_model_dir(ctx.settings, model), model.sha or "")
     data_path = work / "data" / keys.safe_name(dataset.name)
     await ctx.store.download(dataset.key, data_path)
     resume_dir = None

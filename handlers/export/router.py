@@ -1,0 +1,24 @@
+"""export stage: `tuning.completed` → GGUF (adapter + cached base, or merged) + Modelfile → `model.exported`.
+
+Ack policy: MANUAL via FailurePolicy — acked after the files are in the bucket and the answer is
+published; a converter failure is answered with `model.export.failed` (the converter's own error lines);
+S3 outages are retried with backoff, then dead-lettered. A job that asked for no export is acked as is.
+"""
+
+from faststream.nats import NatsMessage
+
+from events.payloads import TuningCompleted
+from events.streams import EXPORT_ON_COMPLETED
+from handlers.common import EmitterDep, SettingsDep, StoreDep, incoming, jetstream_subscriber, pipeline_router
+from handlers.export.service import export
+
+router = pipeline_router()
+
+
+@router.subscriber(**jetstream_subscriber(EXPORT_ON_COMPLETED), title="export:tuning.completed")
+async def on_tuning_completed(
+    event: TuningCompleted, msg: NatsMessage, store: StoreDep, settings: SettingsDep, emitter: EmitterDep
+) -> None:
+    if event.export is None:
+        return
+    await emitter.emit(await export(event, store, settings), incoming(msg))

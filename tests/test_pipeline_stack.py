@@ -1,0 +1,91 @@
+"""Export and serving on the real stack: tuning.completed → GGUF + Modelfile → Ollama → chat.
+
+Ollama is the stand-in (infra/ollama_standin.py) unless OLLAMA_HOST names a real one.
+"""
+
+from __future__ import annotations
+
+import uuid
+
+import pytest
+
+from events import subjects as sj
+from events.payloads import OllamaChatRequest, OllamaModelRef, TuningRequested
+from infra.cli import upload_dataset
+from storage.documents import ServedModel, TuningJob
+from tests.conftest import TINY_REPO
+
+pytestmark = [pytest.mark.usefixtures("workers", "tuning_worker"), pytest.mark.slow]
+END = [sj.MODEL_PUBLISHED, sj.MODEL_PUBLISH_FAILED, sj.MODEL_EXPORT_FAILED, sj.TUNING_FAILED]
+
+
+@pytest.fixture(scope="module")
+async def dataset_id(settings, tmp_path_factory) -> str:
+    from infra.tinymodel import toy_dataset
+
+    path = toy_dataset(tmp_path_factory.mktemp("data") / "facts.jsonl", "chat", rows=32)
+    _, answer = await upload_dataset(settings, path, "facts.jsonl", "auto", True, 30)
+    return answer.dataset_id
+
+
+def request(dataset_id: str, **export) -> TuningRequested:
+    job_id = f"ftjob-{uuid.uuid4().hex[:12]}"
+    return TuningRequested(job_id=job_id, base_model=TINY_REPO, dataset_id=dataset_id, name=f"tiny-{job_id[6:]}",
+                           hyperparameters={"max_steps": 8, "learning_rate": 1e-2, "eval_steps": 4,
+                                            "save_steps": 4, "max_seq_len": 128},
+                           export={"system": "You are terse."} | export)
+
+
+async def run_to_published(client, req: TuningRequested) -> tuple[str, object, object]:
+    async with client.subscribe([*END, sj.MODEL_EXPORTED]) as q:
+        await client.publish(req)
+        _, exported = await client.wait_for(q, lambda s, d: (s == sj.MODEL_EXPORTED and d["job_id"] == req.job_id)
+                                            or (s in END and d.get("job_id") == req.job_id), 300)
+        subject, end = await client.wait_for(q, lambda s, d: s in END and d.get("job_id") == req.job_id, 300)
+    return subject, exported, end
+
+
+async def test_adapter_export_is_published_to_ollama_and_answers_a_chat(client, store, dataset_id) -> None:
+    req = request(dataset_id)
+    subject, exported, published = await run_to_published(client, req)
+    assert subject == sj.MODEL_PUBLISHED, published
+    assert exported.mode == "adapter" and exported.adapter_key.endswith(".gguf")
+    assert exported.model_key.startswith("gguf/codetune-test/tiny-llama/")  # cached per base model sha
+    assert "<|im_end|>" in exported.stop
+    modelfile = (await store.get_bytes(exported.modelfile_key)).decode()
+    assert modelfile.startswith("FROM ") and "ADAPTER " in modelfile and 'PARAMETER stop "<|im_end|>"' in modelfile
+    assert "TEMPLATE" in modelfile and 'SYSTEM """You are terse."""' in modelfile
+    for key in (exported.model_key, exported.adapter_key):
+        assert (await store.get_bytes(key))[:4] == b"GGUF"
+
+    names = [m["model"] if "model" in m else m["name"] for m in await client.request(sj.OLLAMA_MODELS, {})]
+    assert any(n.startswith(req.name) for n in names)
+    shown = await client.request(sj.OLLAMA_SHOW, OllamaModelRef(model=req.name))
+    assert "<|im_end|>" in str(shown.get("parameters", ""))
+    reply = await client.request(sj.OLLAMA_CHAT, OllamaChatRequest(
+        model=req.name, messages=[{"role": "user", "content": "What is the capital of France?"}],
+        options={"num_predict": 16}), timeout=120)
+    assert isinstance(reply["message"]["content"], str) and reply["message"]["content"].strip()
+    doc = await TuningJob.find_one(TuningJob.job_id == req.job_id)
+    assert doc.stage == "published" and doc.artifacts["adapter_gguf"] == exported.adapter_key
+    assert (await ServedModel.find_one(ServedModel.name == req.name)).job_id == req.job_id
+
+
+async def test_merged_export_and_the_base_gguf_is_reused(client, store, dataset_id) -> None:
+    req = request(dataset_id, mode="merged", outtype="q8_0")
+    subject, exported, _ = await run_to_published(client, req)
+    assert subject == sj.MODEL_PUBLISHED
+    assert exported.mode == "merged" and exported.adapter_key is None
+    assert exported.model_key == f"jobs/{req.job_id}/export/model-q8_0.gguf"
+    modelfile = (await store.get_bytes(exported.modelfile_key)).decode()
+    assert "ADAPTER" not in modelfile
+
+
+async def test_request_reply_errors_are_answered_not_dropped(client) -> None:
+    from events.errors import CodeTuneError
+
+    with pytest.raises(CodeTuneError) as err:
+        await client.request(sj.OLLAMA_SHOW, OllamaModelRef(model="no-such-model"))
+    assert err.value.code != "internal" and "no-such-model" in err.value.message
+    with pytest.raises(CodeTuneError, match="model"):
+        await client.request(sj.OLLAMA_CHAT, {"messages": []})
