@@ -470,13 +470,53 @@ def demo(stop_stack: bool = typer.Option(False, help="stop the local stack after
         stack.start()
     except StackError as e:
         fail(str(e))
+    from infra.pipeline import PipelineError
+
     try:
         run(run_demo(s))
+    except PipelineError as e:
+        fail(str(e))
     finally:
         if stop_stack:
             stack.stop()
         else:
             console.print("the stack keeps running: `codetune stack stop` stops it")
+
+
+@app.command()
+def pipeline(
+    repo_id: str = typer.Argument(..., help="base model repo id on the hub"),
+    dataset: Path = typer.Option(..., "--dataset", exists=True, dir_okay=False, help="training file"),
+    name: str = typer.Option(..., "--name", help="Ollama model name"),
+    epochs: float | None = typer.Option(None),
+    max_steps: int | None = typer.Option(None),
+    learning_rate: float = typer.Option(2e-4),
+    batch_size: int = typer.Option(4),
+    max_seq_len: int = typer.Option(512),
+    lora_r: int = typer.Option(8),
+    mode: str = typer.Option("adapter", help="adapter | merged"),
+    outtype: str = typer.Option("f16", help="f16 | bf16 | q8_0"),
+    quantize: str | None = typer.Option(None, help="Ollama create-time quantization, e.g. q4_K_M"),
+    system: str | None = typer.Option(None, help="SYSTEM prompt for the Modelfile"),
+    prompt: str = typer.Option("Hello! Who are you?", help="the one chat message sent at the end"),
+    push: str | None = typer.Option(None, help="also push adapter, GGUF and Modelfile to this hub repo"),
+) -> None:
+    """Upload, pull, tune, export, create the Ollama model and chat once (needs running workers)."""
+    from events.payloads import ExportOptions, Hyperparameters
+    from infra.pipeline import PipelineError, run_pipeline
+
+    try:
+        hp = Hyperparameters.model_validate({k: v for k, v in {
+            "epochs": epochs, "max_steps": max_steps, "learning_rate": learning_rate, "batch_size": batch_size,
+            "max_seq_len": max_seq_len, "lora_r": lora_r}.items() if v is not None})
+        export = ExportOptions.model_validate({"mode": mode, "outtype": outtype, "quantize": quantize,
+                                               "system": system})
+    except ValueError as e:
+        fail(str(e))
+    try:
+        run(run_pipeline(get_settings(), repo_id, dataset, name, hp, export, prompt, push))
+    except PipelineError as e:
+        fail(str(e))
 
 
 # ------------------------------------------------------------------ contract

@@ -1,49 +1,37 @@
 """`codetune demo`: the whole job end to end on the embedded local stack, with no hub access.
 
-It starts the local stack (if not running), runs every available stage in this process, and drives
-them through events exactly like a user would.
+It starts the local stack (if not running), builds a tiny real Llama (random weights, a SentencePiece
+tokenizer with a ChatML template) into a local hub cache so the real `snapshot_download` resolves it
+offline, runs every stage in this process, and drives them with `codetune pipeline`'s code through events:
+upload → pull → LoRA tune → GGUF export → Ollama → one chat. Ollama is the real one when OLLAMA_HOST is
+set; otherwise the Ollama stand-in (infra/ollama_standin.py: Ollama's documented API over real llama.cpp
+inference) — said so on screen.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
+import logging
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
 from rich.console import Console
 
+from events.payloads import ExportOptions, Hyperparameters
 from infra.settings import Settings
 
 console = Console()
-
-DEMO_CHAT = [
-    ("What colour is the sky?", "The sky is blue."),
-    ("What colour is grass?", "Grass is green."),
-    ("What colour is snow?", "Snow is white."),
-    ("What colour is coal?", "Coal is black."),
-]
-
-
-def write_demo_dataset(path: Path, repeat: int = 8) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as f:
-        for _ in range(repeat):
-            for q, a in DEMO_CHAT:
-                f.write(json.dumps({"messages": [{"role": "user", "content": q},
-                                                 {"role": "assistant", "content": a}]}) + "\n")
-    return path
+DEMO_REPO = "codetune-demo/tiny-llama"
 
 
 @contextlib.asynccontextmanager
 async def running_stages(settings: Settings, stages: list[str] | None = None) -> AsyncIterator[Any]:
     os.environ["CODETUNE_BUILD_APP"] = "0"
-    import logging
-
     from handlers.app import build_app
 
+    logging.getLogger("faststream").setLevel(logging.WARNING)
     app = build_app(stages, settings, access_log_level=logging.DEBUG)
     await app.start()
     try:
@@ -52,11 +40,40 @@ async def running_stages(settings: Settings, stages: list[str] | None = None) ->
         await app.stop()
 
 
-async def run_demo(settings: Settings) -> dict[str, Any]:
-    from infra.cli import upload_dataset
+@contextlib.contextmanager
+def ollama_endpoint(settings: Settings) -> Iterator[str]:
+    if os.environ.get("OLLAMA_HOST") or os.environ.get("CODETUNE_OLLAMA_HOST"):
+        console.print(f"Ollama: {settings.ollama_host}")
+        yield settings.ollama_host
+        return
+    from infra.ollama_standin import serve_in_thread
 
-    data = write_demo_dataset(settings.scratch_dir / "demo" / "colours.jsonl")
-    async with running_stages(settings, ["datasets"]):
-        console.rule("[bold]1. dataset")
-        _, answer = await upload_dataset(settings, data, "colours.jsonl", "auto", True, 60)  # type: ignore[misc]
-    return {"dataset": answer.model_dump()}
+    with serve_in_thread(settings.data_dir / "ollama-standin") as url:
+        console.print(f"Ollama: [yellow]stand-in[/yellow] at {url} (no Ollama here; set OLLAMA_HOST to use yours)")
+        yield url
+
+
+def demo_model(settings: Settings) -> Path:
+    from infra.tinymodel import build_tiny_llama, install_in_hub_cache
+
+    cache = settings.data_dir / "hub"
+    if not (cache / ("models--" + DEMO_REPO.replace("/", "--"))).exists():
+        console.print(f"building the tiny demo model {DEMO_REPO} into {cache}")
+        install_in_hub_cache(build_tiny_llama(settings.data_dir / "demo-model"), cache, DEMO_REPO)
+    return cache
+
+
+async def run_demo(settings: Settings) -> dict[str, Any]:
+    from infra.pipeline import run_pipeline
+    from infra.tinymodel import toy_dataset
+
+    cache = demo_model(settings)
+    data = toy_dataset(settings.scratch_dir / "demo" / "geography.jsonl", "chat", rows=64)
+    with ollama_endpoint(settings) as host:
+        s = settings.model_copy(update={"hf_cache_dir": cache, "hf_offline": True, "ollama_host": host})
+        async with running_stages(s):
+            hp = Hyperparameters(max_steps=120, learning_rate=1e-2, batch_size=8, eval_steps=40, save_steps=40,
+                                 max_seq_len=128, lora_r=16, lora_alpha=32)
+            return await run_pipeline(s, DEMO_REPO, data, "codetune-demo", hp,
+                                      ExportOptions(system="You are a helpful geography tutor."),
+                                      "What is the capital of France?")
