@@ -81,3 +81,32 @@ class TransientError(CodeTuneError):
 
 class StorageUnavailableError(TransientError):
     code = "storage_unavailable"
+
+
+class ConvertersUnavailableError(TransientError):
+    """llama.cpp's converters could not be downloaded (registry unreachable): retried, not a job failure."""
+
+    code = "converters_unavailable"
+
+
+class OllamaError(CodeTuneError):
+    """Ollama answered with an error (its message is kept verbatim)."""
+
+    code = "ollama_error"
+
+    def __init__(self, message: str, *, status: int | None = None, retryable: bool = False) -> None:
+        super().__init__(message)
+        self.status = status
+        self.retryable = retryable
+
+
+class OllamaRequestError(InvalidInputError):
+    code = "ollama_bad_request"
+
+
+class OllamaModelNotFoundError(NotFoundError):
+    code = "ollama_model_not_found"
+
+
+class OllamaUnavailableError(TransientError):
+    code = "ollama_unavailable"

@@ -27,11 +27,11 @@ from storage.objects import ObjectStore
 
 # Stage name → module exposing `router`. Imported lazily: a datasets worker never imports torch.
 STAGES: dict[str, str] = {
-    "datasets": "handlers.datasets",
-    "models": "handlers.models",
-    "tuning": "handlers.tuning",
-    "export": "handlers.export",
-    "serving": "handlers.serving",
+    "datasets": "handlers.datasets.router",
+    "models": "handlers.models.router",
+    "tuning": "handlers.tuning.router",
+    "export": "handlers.export.router",
+    "serving": "handlers.serving.router",
 }
 
 

@@ -1,5 +1,1 @@
 """datasets stage: validate and profile uploaded training files."""
-
-from handlers.datasets.router import router
-
-__all__ = ["router"]

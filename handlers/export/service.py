@@ -40,7 +40,8 @@ async def export(event: TuningCompleted, store: ObjectStore, settings: Any) -> M
         conv = await asyncio.to_thread(ensure_converters, settings)
         base_dir = await store.mirror(model.prefix, local_model_dir(settings, model), model.sha or "")
         adapter_dir = await store.mirror(event.adapter_key, work / "adapter")
-        template, stop = await asyncio.to_thread(ollama_template, base_dir)
+        # the adapter folder carries the tokenizer (and chat template) the job actually trained with
+        template, stop = await asyncio.to_thread(ollama_template, adapter_dir)
         out = keys.export_prefix(event.job_id)
         adapter_key = None
         if opts.mode == "merged":

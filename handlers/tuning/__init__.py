@@ -1,0 +1,11 @@
+"""Tuning stage: LoRA fine-tuning of a pulled base model on a validated dataset.
+
+- `data.py`: loads and checks a dataset file (text / alpaca / chat), tokenizes it with assistant-only
+  labels, splits off validation, packs or pads batches. No broker imports.
+- `recipe.py`: one readable training loop (peft LoRA, AdamW, warmup + schedule, grad accumulation,
+  eval, early stopping, resumable checkpoints). No broker imports: the stage handler calls `train()` from
+  a worker thread and gets progress, checkpoints and cancellation through `TrainHooks`.
+
+Both import torch/transformers only inside functions or their own module, so importing this package is
+light; router wiring lives with the handler.
+"""

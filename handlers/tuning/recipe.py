@@ -1,0 +1,591 @@
+"""The LoRA fine-tuning recipe: one readable, resumable training loop (torchtune style).
+
+Why a plain loop instead of HF `Trainer`: every piece the pipeline depends on is visible here — exact
+resume (optimizer, scheduler, RNG and data position), cancellation at the next step, progress and
+checkpoint callbacks for the stage handler, and packed batches without padding. No broker, database or
+object-store import: the handler runs `train()` in a worker thread and talks to it through `TrainHooks`.
+
+Flow of `train()`:
+1. threads/device/seed → tokenizer → data (`data.prepare`: checked, masked, split, packed or padded)
+2. base model (bf16 + sdpa on CUDA, fp32 on CPU) wrapped by peft LoRA; AdamW; warmup + schedule
+3. loop: each optimizer step consumes `gradient_accumulation_steps` micro-batches from an endless stream
+   whose order per epoch comes from `order_seed(seed, epoch)`; loss is summed over tokens and divided
+   by the window's label count (exact token-mean under accumulation); grads clipped at 1.0
+4. eval every `eval_steps` (+ once at the end), early stopping on eval loss, checkpoint every
+   `save_steps` into `out_dir/checkpoints/step-N/`, final adapter + tokenizer into `out_dir/adapter/`.
+
+A checkpoint holds the adapter (`save_pretrained`), `optimizer.pt`, `scheduler.pt`, `rng.pt` +
+`trainer_state.json` (step, micro-batch position, epoch, batch index, order seed, tokens, loss history,
+early-stopping state). Resuming from it replays the same data order and RNG streams, so a resumed run ends
+at the same step with the same losses (bit-identical on CPU) as one that never stopped.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import random
+import shutil
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from events.errors import HyperparameterError, InvalidInputError
+from events.payloads import Hyperparameters, LossPoint, TrainMetrics
+from handlers.tuning import data as D
+
+log = logging.getLogger("codetune.tuning.recipe")
+
+MAX_GRAD_NORM = 1.0
+STATE_FILE = "trainer_state.json"
+TOKENIZER_FILES = (
+    "tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+    "added_tokens.json", "chat_template.jinja", "vocab.json", "merges.txt",
+)
+_SCHEDULERS = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}
+
+
+# --------------------------------------------------------------------------- public types
+
+
+@dataclass
+class StepInfo:
+    """Progress after an optimizer step. `eval_loss` is set only on the extra call made after an eval."""
+
+    step: int
+    max_steps: int
+    epoch: float
+    loss: float | None
+    eval_loss: float | None
+    learning_rate: float
+    tokens: int
+    tokens_per_s: float
+    eta_s: float | None
+
+
+class TrainHooks(Protocol):
+    def on_step(self, info: StepInfo) -> None: ...  # every optimizer step (and after each eval)
+
+    def on_checkpoint(self, ckpt_dir: Path, step: int) -> None: ...  # a full checkpoint is on local disk
+
+    def should_stop(self) -> bool: ...  # cancellation, checked before every step
+
+
+class NullHooks:
+    """Hooks that do nothing (CLI runs, benches)."""
+
+    def on_step(self, info: StepInfo) -> None:
+        pass
+
+    def on_checkpoint(self, ckpt_dir: Path, step: int) -> None:
+        pass
+
+    def should_stop(self) -> bool:
+        return False
+
+
+@dataclass
+class TrainResult:
+    adapter_dir: Path
+    metrics: TrainMetrics
+    loss_history: list[LossPoint]
+    cancelled: bool
+    stopped_early: bool
+
+
+# --------------------------------------------------------------------------- run state
+
+
+@dataclass
+class _Plan:
+    """Everything that fixes the data order; a checkpoint is only valid for the same plan."""
+
+    seed: int
+    n_train: int
+    n_batches: int
+    batch_size: int
+    accum: int
+    max_steps: int
+    warmup_steps: int
+    packing: bool
+    max_seq_len: int
+
+
+@dataclass
+class _State:
+    step: int = 0
+    micro: int = 0  # micro-batches consumed since the start of training (all epochs)
+    tokens: int = 0
+    best_eval: float | None = None
+    bad_evals: int = 0
+    history: list[LossPoint] = field(default_factory=list)
+
+
+def order_seed(seed: int, epoch: int) -> int:
+    """Seed of one epoch's shuffle: stable across processes (unlike `hash`)."""
+    return seed * 1_000_003 + epoch
+
+
+# --------------------------------------------------------------------------- environment
+
+
+def cpu_budget() -> int:
+    """CPUs this process may really use: affinity mask, capped by a cgroup v2 quota if any."""
+    n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    with contextlib.suppress(OSError, ValueError):
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
+        if quota != "max":
+            n = min(n, max(1, math.ceil(int(quota) / int(period))))
+    return max(1, n)
+
+
+def _setup_threads() -> None:
+    """Never oversubscribe: torch may default to the host's core count inside a 2-CPU container.
+
+    Called in the training thread itself, as OpenMP thread counts are per calling thread.
+    """
+    torch.set_num_threads(min(torch.get_num_threads(), cpu_budget()))
+
+
+def _device() -> tuple[torch.device, torch.dtype]:
+    if torch.cuda.is_available():
+        dev = torch.device("cuda")
+        return dev, torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.device("cpu"), torch.float32
+
+
+def _seed_all(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _rng_state() -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    py = random.getstate()
+    npy = np.random.get_state()
+    plain = {"python": [py[0], list(py[1]), py[2]],
+             "numpy": [npy[0], npy[1].tolist(), int(npy[2]), int(npy[3]), float(npy[4])]}
+    tensors = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        tensors |= {f"cuda{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())}
+    return plain, tensors
+
+
+def _set_rng_state(plain: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
+    py = plain["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    n = plain["numpy"]
+    np.random.set_state((n[0], np.array(n[1], dtype=np.uint32), n[2], n[3], n[4]))
+    torch.set_rng_state(tensors["torch"])
+    cuda = [tensors[k] for k in sorted(tensors) if k.startswith("cuda")]
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda)
+
+
+# --------------------------------------------------------------------------- model and optimizer
+
+
+def _load_model(base_dir: Path, hp: Hyperparameters, device: torch.device, dtype: torch.dtype) -> Any:
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    cuda = device.type == "cuda"
+    model = AutoModelForCausalLM.from_pretrained(
+        base_dir,
+        dtype=dtype if cuda else torch.float32,
+        attn_implementation="sdpa",
+        device_map={"": device.index or 0} if cuda else None,  # load straight to the GPU, not via host RAM
+    )
+    model.config.use_cache = False
+    lora = LoraConfig(
+        r=hp.lora_r,
+        lora_alpha=hp.lora_alpha,
+        lora_dropout=hp.lora_dropout,
+        target_modules=hp.target_modules,
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, lora).to(device)  # peft keeps LoRA weights in fp32 (autocast handles bf16)
+
+
+def _optimizer(model: Any, hp: Hyperparameters, plan: _Plan) -> tuple[torch.optim.Optimizer, Any]:
+    from transformers import get_scheduler
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    # fused: one kernel for all LoRA tensors (CUDA and, since torch 2.4, CPU) instead of a loop over them
+    opt = torch.optim.AdamW(params, lr=hp.learning_rate, weight_decay=hp.weight_decay, fused=True)
+    sched = get_scheduler(_SCHEDULERS[hp.lr_scheduler], opt, num_warmup_steps=plan.warmup_steps,
+                          num_training_steps=plan.max_steps)
+    return opt, sched
+
+
+def _lora_state(model: Any) -> dict[str, torch.Tensor]:
+    from peft import get_peft_model_state_dict
+
+    return {k: v.detach().to("cpu", copy=True) for k, v in get_peft_model_state_dict(model).items()}
+
+
+def _load_lora_state(model: Any, state: dict[str, torch.Tensor]) -> None:
+    from peft import set_peft_model_state_dict
+
+    result = set_peft_model_state_dict(model, state)
+    bad = [k for k in (*result.unexpected_keys, *result.missing_keys) if "lora_" in k]
+    if bad:
+        raise InvalidInputError(f"checkpoint adapter does not match the model: {bad[:3]}")
+
+
+# --------------------------------------------------------------------------- data stream
+
+
+def _make_plan(hp: Hyperparameters, n_train: int) -> _Plan:
+    n_batches = D.num_batches(n_train, hp.batch_size)
+    if hp.max_steps is not None:
+        max_steps = hp.max_steps
+    else:
+        max_steps = max(1, math.ceil((hp.epochs or 1) * n_batches / hp.gradient_accumulation_steps))
+    return _Plan(seed=hp.seed, n_train=n_train, n_batches=n_batches, batch_size=hp.batch_size,
+                 accum=hp.gradient_accumulation_steps, max_steps=max_steps,
+                 warmup_steps=math.ceil(hp.warmup_ratio * max_steps), packing=hp.packing,
+                 max_seq_len=hp.max_seq_len)
+
+
+def _micro_batches(train: list[D.Example], plan: _Plan, start: int) -> Iterator[list[D.Example]]:
+    """Endless stream of micro-batches from global position `start` (epoch-wise reshuffled)."""
+    epoch, index = divmod(start, plan.n_batches)
+    while True:
+        order = D.batch_order(len(train), plan.batch_size, order_seed(plan.seed, epoch))
+        for batch in order[index:]:
+            yield [train[i] for i in batch]
+        epoch, index = epoch + 1, 0
+
+
+def _token_loss_sum(model: Any, batch: dict[str, torch.Tensor], autocast: Any) -> torch.Tensor:
+    """Sum of next-token cross-entropy over labelled positions (fp32 logits)."""
+    labels = batch.pop("labels")
+    with autocast:
+        logits = model(**batch, use_cache=False).logits
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
+                           ignore_index=D.IGNORE_INDEX, reduction="sum")
+
+
+def _n_labels(items: list[D.Example]) -> int:
+    return sum(sum(1 for x in ex.labels[1:] if x != D.IGNORE_INDEX) for ex in items)
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+
+def find_checkpoint(path: Path) -> Path | None:
+    """The checkpoint in `path` itself, or the highest `step-N` under `path` or `path/checkpoints`."""
+    path = Path(path)
+    if (path / STATE_FILE).is_file():
+        return path
+    candidates = [p for base in (path, path / "checkpoints") if base.is_dir()
+                  for p in base.glob("step-*") if (p / STATE_FILE).is_file() and p.name[5:].isdigit()]
+    return max(candidates, key=lambda p: int(p.name[5:]), default=None)
+
+
+def _save_checkpoint(out_dir: Path, model: Any, opt: Any, sched: Any, state: _State, plan: _Plan,
+                     best: dict[str, torch.Tensor] | None) -> Path:
+    """Write `checkpoints/step-N` atomically (temp dir + rename): a crash never leaves half a checkpoint."""
+    final = out_dir / "checkpoints" / f"step-{state.step}"
+    tmp = final.with_name(f".{final.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    model.save_pretrained(tmp)
+    torch.save(opt.state_dict(), tmp / "optimizer.pt")
+    torch.save(sched.state_dict(), tmp / "scheduler.pt")
+    plain, tensors = _rng_state()
+    torch.save(tensors, tmp / "rng.pt")
+    if best is not None:
+        from safetensors.torch import save_file
+
+        save_file(best, tmp / "best_adapter.safetensors")
+    epoch, batch_index = divmod(state.micro, plan.n_batches)
+    meta = {
+        "step": state.step, "micro_batches": state.micro, "epoch": epoch, "batch_index": batch_index,
+        "order_seed": order_seed(plan.seed, epoch), "tokens": state.tokens, "best_eval": state.best_eval,
+        "bad_evals": state.bad_evals, "rng": plain, "plan": asdict(plan),
+        "history": [p.model_dump() for p in state.history],
+    }
+    (tmp / STATE_FILE).write_text(json.dumps(meta))
+    shutil.rmtree(final, ignore_errors=True)
+    tmp.rename(final)
+    return final
+
+
+def _load_checkpoint(ckpt: Path, model: Any, opt: Any, sched: Any, plan: _Plan) -> tuple[
+    _State, dict[str, torch.Tensor] | None
+]:
+    from safetensors.torch import load_file
+
+    meta = json.loads((ckpt / STATE_FILE).read_text())
+    if meta["plan"] != asdict(plan):
+        diff = {k: (v, asdict(plan)[k]) for k, v in meta["plan"].items() if asdict(plan).get(k) != v}
+        raise InvalidInputError(f"checkpoint {ckpt.name} was made for another run (checkpoint, now): {diff}")
+    _load_lora_state(model, load_file(ckpt / "adapter_model.safetensors"))
+    opt.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=True))
+    sched.load_state_dict(torch.load(ckpt / "scheduler.pt", weights_only=True))
+    _set_rng_state(meta["rng"], torch.load(ckpt / "rng.pt", weights_only=True))
+    best_file = ckpt / "best_adapter.safetensors"
+    state = _State(step=meta["step"], micro=meta["micro_batches"], tokens=meta["tokens"],
+                   best_eval=meta["best_eval"], bad_evals=meta["bad_evals"],
+                   history=[LossPoint(**p) for p in meta["history"]])
+    return state, load_file(best_file) if best_file.is_file() else None
+
+
+def _save_adapter(model: Any, tokenizer: Any, base_dir: Path, adapter_dir: Path) -> Path:
+    """Adapter + the base's tokenizer files: the directory alone says how to prompt the tune."""
+    shutil.rmtree(adapter_dir, ignore_errors=True)
+    model.save_pretrained(adapter_dir)
+    tokenizer.save_pretrained(adapter_dir)  # carries a defaulted chat template, if one was set
+    for name in TOKENIZER_FILES:
+        src = Path(base_dir) / name
+        if src.is_file() and not (adapter_dir / name).exists():
+            shutil.copyfile(src, adapter_dir / name)  # e.g. tokenizer.model, for llama.cpp's converters
+    return adapter_dir
+
+
+# --------------------------------------------------------------------------- eval
+
+
+@torch.no_grad()
+def evaluate(model: Any, items: list[D.Example], batch_size: int, pad_id: int, device: torch.device,
+             autocast: Any) -> float | None:
+    """Token-weighted mean loss over the validation set (None if it has no labelled token)."""
+    if not items:
+        return None
+    model.eval()
+    total, count = 0.0, 0
+    for chunk in D.iter_batches(items, batch_size):
+        batch = {k: v.to(device) for k, v in D.to_tensors(chunk, pad_id).items()}
+        total += _token_loss_sum(model, batch, autocast).item()
+        count += _n_labels(chunk)
+    model.train()
+    return total / count if count else None
+
+
+# --------------------------------------------------------------------------- the loop
+
+
+@dataclass
+class _Run:
+    """What the loop needs at hand; keeps `train()` short."""
+
+    model: Any
+    opt: torch.optim.Optimizer
+    sched: Any
+    plan: _Plan
+    hp: Hyperparameters
+    hooks: TrainHooks
+    out_dir: Path
+    device: torch.device
+    autocast: Any
+    pad_id: int
+    val: list[D.Example]
+    state: _State
+    best: dict[str, torch.Tensor] | None = None
+    train_time: float = 0.0  # seconds inside optimizer steps this session (no eval, no checkpoint I/O)
+    session_tokens: int = 0
+    resumed_at: int = 0
+
+    def info(self, loss: float | None, eval_loss: float | None, lr: float) -> StepInfo:
+        s = self.state
+        per_step = self.train_time / max(1, s.step - self.resumed_at)
+        return StepInfo(
+            step=s.step, max_steps=self.plan.max_steps, epoch=round(s.micro / self.plan.n_batches, 4),
+            loss=loss, eval_loss=eval_loss, learning_rate=lr, tokens=s.tokens,
+            tokens_per_s=self.session_tokens / self.train_time if self.train_time else 0.0,
+            eta_s=per_step * (self.plan.max_steps - s.step) if s.step > self.resumed_at else None,
+        )
+
+
+def _optimizer_step(run: _Run, stream: Iterator[list[D.Example]]) -> tuple[float, float]:
+    """One optimizer step over `accum` micro-batches; returns (mean token loss, learning rate used)."""
+    t0 = time.perf_counter()
+    window = [next(stream) for _ in range(run.plan.accum)]
+    n_labels = max(1, sum(_n_labels(items) for items in window))
+    lr = run.sched.get_last_lr()[0]
+    loss_sum = 0.0
+    for items in window:
+        batch = {k: v.to(run.device) for k, v in D.to_tensors(items, run.pad_id).items()}
+        loss = _token_loss_sum(run.model, batch, run.autocast) / n_labels
+        loss.backward()
+        loss_sum += loss.item()
+        run.session_tokens += D.real_tokens(items)
+        run.state.tokens += D.real_tokens(items)
+    torch.nn.utils.clip_grad_norm_([p for p in run.model.parameters() if p.requires_grad], MAX_GRAD_NORM)
+    run.opt.step()
+    run.sched.step()
+    run.opt.zero_grad(set_to_none=True)
+    run.state.step += 1
+    run.state.micro += run.plan.accum
+    run.train_time += time.perf_counter() - t0
+    return loss_sum, lr
+
+
+def _eval_and_maybe_stop(run: _Run, lr: float) -> bool:
+    """Eval, record it on the current history point, update early stopping; True means stop now."""
+    eval_loss = evaluate(run.model, run.val, run.hp.batch_size, run.pad_id, run.device, run.autocast)
+    if eval_loss is None:
+        return False
+    s = run.state
+    s.history[-1].eval_loss = eval_loss
+    run.hooks.on_step(run.info(s.history[-1].loss, eval_loss, lr))
+    if run.hp.early_stopping_patience is None:
+        return False
+    if s.best_eval is None or eval_loss < s.best_eval:
+        s.best_eval, s.bad_evals, run.best = eval_loss, 0, _lora_state(run.model)
+        return False
+    s.bad_evals += 1
+    return s.bad_evals >= run.hp.early_stopping_patience
+
+
+def _loop(run: _Run, train_set: list[D.Example]) -> tuple[bool, bool]:
+    """Run optimizer steps to `max_steps`; returns (cancelled, stopped_early)."""
+    s, hp = run.state, run.hp
+    stream = _micro_batches(train_set, run.plan, s.micro)
+    lr = run.sched.get_last_lr()[0]
+    while s.step < run.plan.max_steps:
+        if run.hooks.should_stop():
+            log.info("cancelled before step %d", s.step + 1)
+            return True, False
+        loss, lr = _optimizer_step(run, stream)
+        s.history.append(LossPoint(step=s.step, loss=loss))
+        run.hooks.on_step(run.info(loss, None, lr))
+        stop = bool(run.val) and s.step % hp.eval_steps == 0 and _eval_and_maybe_stop(run, lr)
+        if s.step % hp.save_steps == 0 or stop:
+            ckpt = _save_checkpoint(run.out_dir, run.model, run.opt, run.sched, s, run.plan, run.best)
+            run.hooks.on_checkpoint(ckpt, s.step)
+        if stop:
+            log.info("early stop at step %d: eval loss did not improve for %d evals", s.step, s.bad_evals)
+            return False, True
+    if run.val and s.history and s.history[-1].eval_loss is None:
+        _eval_and_maybe_stop(run, lr)  # the final eval, so metrics always report one
+    return False, False
+
+
+def _check(hp: Hyperparameters, val: list[D.Example]) -> None:
+    if hp.early_stopping_patience is not None and not val:
+        raise HyperparameterError("early_stopping_patience",
+                                  "needs a validation split (validation_split > 0 and at least 2 rows)")
+
+
+def train(
+    base_dir: Path,
+    dataset_path: Path,
+    fmt: str,
+    hp: Hyperparameters,
+    out_dir: Path,
+    hooks: TrainHooks,
+    resume_dir: Path | None = None,
+) -> TrainResult:
+    """Fine-tune `base_dir` with LoRA on `dataset_path`; the adapter ends up in `out_dir/adapter`.
+
+    `resume_dir`: a checkpoint directory (or a folder holding `checkpoints/step-N`): training continues
+    at its step with its data position, optimizer, scheduler and RNG states. Raises `DatasetFormatError`
+    for unusable data, `HyperparameterError`/`InvalidInputError` for settings or a foreign checkpoint.
+    """
+    from transformers import AutoTokenizer
+
+    started = time.perf_counter()
+    _setup_threads()
+    device, dtype = _device()
+    _seed_all(hp.seed)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    tokenizer = AutoTokenizer.from_pretrained(base_dir)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    train_set, val = D.prepare(tokenizer, Path(dataset_path), fmt, hp.max_seq_len, hp.validation_split,
+                               hp.seed, hp.packing)
+    _check(hp, val)
+    plan = _make_plan(hp, len(train_set))
+    model = _load_model(Path(base_dir), hp, device, dtype)
+    opt, sched = _optimizer(model, hp, plan)
+    autocast = torch.autocast("cuda", dtype=dtype) if device.type == "cuda" else contextlib.nullcontext()
+    run = _Run(model=model, opt=opt, sched=sched, plan=plan, hp=hp, hooks=hooks, out_dir=out_dir,
+               device=device, autocast=autocast, pad_id=pad_id, val=val, state=_State())
+
+    ckpt = find_checkpoint(Path(resume_dir)) if resume_dir is not None else None
+    if resume_dir is not None and ckpt is None:
+        raise InvalidInputError(f"no checkpoint found in {resume_dir}")
+    if ckpt is not None:
+        run.state, run.best = _load_checkpoint(ckpt, model, opt, sched, plan)
+        run.resumed_at = run.state.step
+        log.info("resumed from %s at step %d of %d", ckpt, run.state.step, plan.max_steps)
+
+    model.train()
+    cancelled, stopped_early = _loop(run, train_set)
+    if run.best is not None:
+        _load_lora_state(model, run.best)  # early stopping tracked a best adapter: ship that one
+    adapter_dir = _save_adapter(model, tokenizer, Path(base_dir), out_dir / "adapter")
+    metrics = _metrics(run, ckpt is not None, time.perf_counter() - started)
+    return TrainResult(adapter_dir, metrics, list(run.state.history), cancelled, stopped_early)
+
+
+def _metrics(run: _Run, resumed: bool, duration: float) -> TrainMetrics:
+    s = run.state
+    losses = [p.loss for p in s.history if p.loss is not None]
+    evals = [p.eval_loss for p in s.history if p.eval_loss is not None]
+    return TrainMetrics(
+        steps=s.step,
+        epochs=round(s.micro / run.plan.n_batches, 4),
+        train_loss=sum(losses[-10:]) / len(losses[-10:]) if losses else None,  # last ≤10 steps: less noisy
+        eval_loss=s.best_eval if run.best is not None else (evals[-1] if evals else None),
+        first_loss=losses[0] if losses else None,
+        tokens=s.tokens,
+        tokens_per_s=round(run.session_tokens / run.train_time, 2) if run.train_time else 0.0,
+        duration_s=round(duration, 3),
+        resumed_from_step=run.resumed_at if resumed else None,
+    )
+
+
+# --------------------------------------------------------------------------- reporting helpers
+
+
+def thin_history(history: list[LossPoint], max_points: int = 500) -> list[LossPoint]:
+    """At most ~`max_points` points for an event payload: every eval point plus evenly spaced steps."""
+    if len(history) <= max_points:
+        return list(history)
+    every = math.ceil(len(history) / max_points)
+    return [p for i, p in enumerate(history) if p.eval_loss is not None or i % every == 0
+            or i == len(history) - 1]
+
+
+def plot_loss(history: list[LossPoint], path: Path) -> Path:
+    """Train (line) and eval (markers) loss vs step as a PNG.
+
+    Uses the object-oriented Agg API, not pyplot: no global state, safe from the handler's worker thread.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(7, 4), dpi=100)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    train_pts = [(p.step, p.loss) for p in history if p.loss is not None]
+    eval_pts = [(p.step, p.eval_loss) for p in history if p.eval_loss is not None]
+    if train_pts:
+        ax.plot(*zip(*train_pts, strict=True), label="train loss", linewidth=1.2)
+    if eval_pts:
+        ax.plot(*zip(*eval_pts, strict=True), "o-", label="eval loss", markersize=4)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.grid(alpha=0.3)
+    if train_pts or eval_pts:
+        ax.legend()
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, format="png")
+    return path
