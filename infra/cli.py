@@ -83,6 +83,13 @@ def stack_start() -> None:
     run(_provision(s))
 
 
+@stack_app.command("provision")
+def stack_provision() -> None:
+    """Create or update the JetStream streams and durable consumers (for an external NATS cluster)."""
+    run(_provision(get_settings()))
+    console.print("streams and consumers provisioned")
+
+
 async def _provision(s: Settings) -> None:
     from events.streams import provision
 
