@@ -137,6 +137,14 @@ def setup_llamacpp() -> None:
     console.print(f"llama.cpp converters: {ensure_converters(get_settings())}")
 
 
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True}, add_help_option=False)
+def bridge(ctx: typer.Context) -> None:
+    """Serve the webhook bridge and the original REST API (`--host`, `--port`; see `--help` there)."""
+    from handlers.bridge.__main__ import main as bridge_main
+
+    raise typer.Exit(bridge_main(list(ctx.args)) or 0)
+
+
 # ------------------------------------------------------------------ workers
 
 

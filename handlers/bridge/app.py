@@ -1,0 +1,53 @@
+"""The bridge's FastAPI app: routers per concern, connections in the lifespan, errors as `{"detail": ...}`.
+
+Routers and their guards:
+- `health` (liveness/readiness) and `docs` (/docs, /openapi.json, /asyncapi, /asyncapi.json): public;
+- `webhooks` (`POST /events/{subject}`): HMAC signature (or the bearer token when no webhook secret);
+- the seed's `/api/v1/...` routes: bearer token.
+JSON bodies are limited to `webhook_max_bytes` while they are read (413); the multipart upload is not
+limited (it streams to S3 in constant memory).
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from handlers.bridge import errors
+from handlers.bridge.auth import Authenticated
+from handlers.bridge.limits import BodyLimit
+from handlers.bridge.routes import datasets, docs, health, models, ollama, tuning, user_models, webhooks
+from handlers.bridge.services import Services
+from infra.settings import Settings, get_settings
+
+VERSION = "0.1.0"
+API_ROUTERS = (datasets.router, models.router, tuning.router, ollama.router, user_models.router)
+UPLOAD_PATH = "/api/v1/datasets/upload"  # multipart: streamed to S3 in constant memory, not size-limited
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or get_settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        app.state.services = await Services.start(settings)
+        try:
+            yield
+        finally:
+            await app.state.services.stop()
+
+    app = FastAPI(
+        title="CodeTune bridge", version=VERSION, lifespan=lifespan,
+        summary="Webhooks → events, and the CodeTune REST API over the event pipeline.",
+        description="Events published here follow the contract in `/asyncapi` (AsyncAPI 3.0).",
+    )
+    errors.install(app)
+    app.add_middleware(BodyLimit, max_bytes=settings.webhook_max_bytes, exempt=(UPLOAD_PATH,))
+    app.include_router(health.router)
+    app.include_router(docs.router)
+    app.include_router(webhooks.router)
+    for router in API_ROUTERS:
+        app.include_router(router, dependencies=[Authenticated])
+    return app

@@ -1,0 +1,124 @@
+"""Ollama: list / pull / chat as core-NATS request-reply on `ollama.*`, answered by the serving stage.
+
+Replies are `OllamaReply {ok, result, error}`. No responder → 503 (the serving stage is not running),
+no answer in time → 504, `ok: false` → 404 for a missing model, 400 for a request Ollama refused, 503 when
+Ollama is unreachable, 502 otherwise.
+
+`POST /api/v1/ollama/create` (the seed's "create from a Modelfile") answers 501: no subject of the
+contract creates a model from a client-supplied Modelfile. Models are created by the export pipeline:
+request a job with a `name` (`POST /api/v1/tuning/` with `parameters.name`, or `tuning.requested`); the
+export stage writes the GGUF + Modelfile (template from the tokenizer) and the serving stage creates it
+in Ollama on `model.exported`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import nats.errors
+from fastapi import APIRouter, HTTPException
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from events import subjects as s
+from events.client import CodeTuneClient
+from events.errors import CodeTuneError
+from events.payloads import ChatMessage, OllamaChatRequest, OllamaListRequest, OllamaModelRef
+from handlers.bridge.errors import field_errors, invalid
+from handlers.bridge.services import ClientDep
+
+router = APIRouter(prefix="/api/v1/ollama", tags=["ollama"])
+
+TIMEOUT_S = {s.OLLAMA_MODELS: 10.0, s.OLLAMA_PULL: 600.0, s.OLLAMA_CHAT: 300.0}
+CREATE_HINT = (
+    "creating an Ollama model from a Modelfile is done by the export pipeline, not by this route: request a "
+    "tuning job with a name (POST /api/v1/tuning/ with parameters.name, or publish tuning.requested); the export "
+    "stage writes the GGUF and a Modelfile whose template comes from the tokenizer, and the serving stage "
+    "creates the model in Ollama when model.exported arrives"
+)
+
+
+class PullBody(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    model: str = Field(min_length=1)
+
+
+class ChatBody(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    model: str = Field(min_length=1)
+    messages: list[ChatMessage] = Field(min_length=1)
+    options: dict[str, Any] | None = None
+
+
+class CreateBody(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    name: str
+    modelfile: str | None = None
+    gguf_path: str | None = None
+
+
+async def ask(client: CodeTuneClient, subject: str, payload: BaseModel) -> Any:
+    """One request to the serving stage, its failures as HTTP errors."""
+    try:
+        return await client.request(subject, payload, timeout=TIMEOUT_S[subject])
+    except nats.errors.NoRespondersError:
+        raise HTTPException(503, f"no serving stage answers on {subject} (is `codetune worker serving` running?)"
+                            ) from None
+    except nats.errors.TimeoutError:
+        raise HTTPException(504, f"the serving stage did not answer on {subject} in {TIMEOUT_S[subject]:.0f}s"
+                            ) from None
+    except CodeTuneError as e:
+        raise HTTPException(status_for(e.code), e.message) from None
+
+
+def status_for(code: str) -> int:
+    """HTTP status for a serving stage's error code (`OllamaReply.error.code`)."""
+    if code.endswith("not_found"):
+        return 404
+    if code.endswith(("bad_request", "invalid_input", "invalid_payload")):
+        return 400
+    return 503 if code.endswith(("unavailable", "transient")) else 502
+
+
+def model_names(result: Any) -> list[str]:
+    items = result.get("models", []) if isinstance(result, dict) else result or []
+    return [str(m.get("name") or m.get("model")) if isinstance(m, dict) else str(m) for m in items]
+
+
+def reply_text(result: Any) -> str:
+    if isinstance(result, str):
+        return result
+    if isinstance(result, dict):
+        message = result.get("message")
+        if isinstance(message, dict) and "content" in message:
+            return str(message["content"])
+        return str(result.get("response") or result.get("content") or "")
+    return ""
+
+
+@router.get("/models")
+async def list_models(client: ClientDep) -> list[str]:
+    """Names of the models in Ollama."""
+    return model_names(await ask(client, s.OLLAMA_MODELS, OllamaListRequest()))
+
+
+@router.post("/pull")
+async def pull_model(body: PullBody, client: ClientDep) -> dict[str, Any]:
+    result = await ask(client, s.OLLAMA_PULL, OllamaModelRef(model=body.model))
+    return {"status": "ok", "result": result}
+
+
+@router.post("/chat")
+async def chat(body: ChatBody, client: ClientDep) -> dict[str, Any]:
+    """One chat turn: `{response: "..."}`."""
+    try:
+        request = OllamaChatRequest(model=body.model, messages=body.messages, options=body.options)
+    except ValidationError as e:
+        raise invalid(field_errors(e)) from None
+    result = await ask(client, s.OLLAMA_CHAT, request)
+    return {"response": reply_text(result), "result": result}
+
+
+@router.post("/create", status_code=501, responses={501: {"description": CREATE_HINT}})
+async def create_model(body: CreateBody) -> None:
+    """Not over events: see the description (models are created by the export pipeline)."""
+    raise HTTPException(501, CREATE_HINT)

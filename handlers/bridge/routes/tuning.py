@@ -1,0 +1,125 @@
+"""Tuning jobs: create (→ `tuning.requested`), list, get, progress, cancel (→ `tuning.cancel.requested`),
+and a Server-Sent Events stream relaying `tuning.progress.<job_id>` and the job's terminal event.
+
+SSE events on `GET /api/v1/tuning/{id}/events`: `snapshot` (the job's document, or `status: null` while
+the tuning stage has not recorded it yet; sent once subscribed, so nothing after it is missed), then
+`progress` (a `TuningProgress` + `progress` fraction, SSE id = the event id) and finally one of
+`completed` / `failed` / `cancelled`, after which the stream ends. A job already finished ends after
+its snapshot. Keep-alive comments every 15 s.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterable, AsyncIterator
+from typing import Annotated, Any
+
+from fastapi import APIRouter, HTTPException, Path, Query
+from fastapi.sse import EventSourceResponse, ServerSentEvent
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+
+from events import subjects as s
+from events.envelope import unwrap
+from events.errors import CodeTuneError
+from events.payloads import TuningCancelRequested
+from handlers.bridge.seed import (
+    JOB_ID_PATTERN,
+    TERMINAL,
+    SeedTuningCreate,
+    progress_view,
+    tuning_request,
+    tuning_view,
+)
+from handlers.bridge.services import ClientDep, MongoDB, ServicesDep
+from storage.documents import TuningJob
+
+router = APIRouter(prefix="/api/v1/tuning", tags=["tuning"])
+
+JobId = Annotated[str, Path(pattern=JOB_ID_PATTERN, description="the job id")]
+TERMINAL_SUBJECTS = {s.TUNING_COMPLETED: "completed", s.TUNING_FAILED: "failed", s.TUNING_CANCELLED: "cancelled"}
+
+
+async def find_job(job_id: str) -> TuningJob:
+    job = await TuningJob.find_one(TuningJob.job_id == job_id)
+    if job is None:
+        raise HTTPException(404, f"tuning job {job_id!r} not found")
+    return job
+
+
+@router.post("/")
+async def create_tuning(body: SeedTuningCreate, client: ClientDep) -> dict[str, Any]:
+    """The seed's job request (camelCase `parameters`) → a typed `tuning.requested`. Answers `{id}`."""
+    request, ignored = tuning_request(body.dataset_id, body.parameters)
+    published = await client.publish(request)
+    return {"id": request.job_id, "event_id": published.id, "ignored": ignored}
+
+
+@router.get("/", dependencies=[MongoDB])
+async def list_tunings(limit: int = Query(100, ge=1, le=1000)) -> list[dict[str, Any]]:
+    jobs = await TuningJob.find_all().sort("-created_at").limit(limit).to_list()
+    return [tuning_view(j) for j in jobs]
+
+
+@router.get("/{job_id}", dependencies=[MongoDB])
+async def get_tuning(job_id: JobId) -> dict[str, Any]:
+    return tuning_view(await find_job(job_id))
+
+
+@router.get("/{job_id}/progress", dependencies=[MongoDB])
+async def get_progress(job_id: JobId) -> dict[str, Any]:
+    return progress_view(await find_job(job_id))
+
+
+@router.post("/{job_id}/cancel", status_code=202)
+async def cancel_tuning(job_id: JobId, client: ClientDep) -> dict[str, Any]:
+    """Ask the tuning stage to stop the job at its next step (`tuning.cancel.requested`)."""
+    published = await client.publish(TuningCancelRequested(job_id=job_id))
+    return {"status": "ok", "id": job_id, "event_id": published.id}
+
+
+@contextlib.asynccontextmanager
+async def job_events(nc: NATS, job_id: str) -> AsyncIterator[asyncio.Queue[tuple[str, Any, str | None]]]:
+    """Live core-NATS subscription to one job's progress and terminal events: (subject, data, event id)."""
+    queue: asyncio.Queue[tuple[str, Any, str | None]] = asyncio.Queue(maxsize=1000)
+
+    async def relay(msg: Msg) -> None:
+        with contextlib.suppress(CodeTuneError, asyncio.QueueFull):
+            data, meta = unwrap(msg.data, dict(msg.headers or {}))
+            if msg.subject in TERMINAL_SUBJECTS and (not isinstance(data, dict) or data.get("job_id") != job_id):
+                return
+            queue.put_nowait((msg.subject, data, meta.id))
+
+    subs = [await nc.subscribe(subject, cb=relay)
+            for subject in (s.progress_subject(job_id), *TERMINAL_SUBJECTS)]
+    await nc.flush()
+    try:
+        yield queue
+    finally:
+        for sub in subs:
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
+
+
+async def snapshot(services: ServicesDep, job_id: str) -> dict[str, Any]:
+    job = await TuningJob.find_one(TuningJob.job_id == job_id) if services.mongodb.ready.is_set() else None
+    return progress_view(job) if job else {"task_id": job_id, "status": None, "job_status": None, "progress": 0.0}
+
+
+@router.get("/{job_id}/events", response_class=EventSourceResponse)
+async def stream_events(job_id: JobId, services: ServicesDep) -> AsyncIterable[ServerSentEvent]:
+    """Server-Sent Events: the job's progress as it happens, until its terminal event."""
+    async with job_events(services.client.nc, job_id) as queue:
+        first = await snapshot(services, job_id)
+        yield ServerSentEvent(event="snapshot", data=first, retry=3000)
+        if first.get("job_status") in TERMINAL:
+            return
+        while True:
+            subject, data, event_id = await queue.get()
+            if subject in TERMINAL_SUBJECTS:
+                yield ServerSentEvent(event=TERMINAL_SUBJECTS[subject], data=data, id=event_id)
+                return
+            if isinstance(data, dict) and data.get("max_steps"):
+                data = {**data, "progress": min(1.0, data.get("step", 0) / data["max_steps"])}
+            yield ServerSentEvent(event="progress", data=data, id=event_id)
