@@ -159,6 +159,14 @@ class ExportOptions(BaseModel):
     system: str | None = None
 
 
+# The original CodeTune's "quantization" presets were not llama.cpp types; these are the real ones.
+SEED_QUANTIZATION: dict[str, ExportOptions] = {
+    "none": ExportOptions(outtype="f16"),
+    "int8": ExportOptions(outtype="q8_0"),  # llama.cpp's converter writes q8_0 directly
+    "int4": ExportOptions(outtype="f16", quantize="q4_K_M"),  # Ollama quantizes f16 → q4_K_M at create time
+}
+
+
 class TuningRequested(Command):
     job_id: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]{2,63}$")
     base_model: str

@@ -23,11 +23,13 @@ dataset_app = typer.Typer(no_args_is_help=True, help="Upload and list training d
 dlq_app = typer.Typer(no_args_is_help=True, help="Inspect dead-lettered messages.")
 model_app = typer.Typer(no_args_is_help=True, help="Pull base models from the Hugging Face hub.")
 job_app = typer.Typer(no_args_is_help=True, help="Inspect and cancel tuning jobs.")
+saved_app = typer.Typer(no_args_is_help=True, help="Saved models: keep a finished job under a name; re-tune it.")
 app.add_typer(stack_app, name="stack")
 app.add_typer(dataset_app, name="dataset")
 app.add_typer(dlq_app, name="dlq")
 app.add_typer(model_app, name="model")
 app.add_typer(job_app, name="job")
+app.add_typer(saved_app, name="user-model")
 console = Console()
 T = TypeVar("T")
 
@@ -441,6 +443,79 @@ def job_cancel(job_id: str) -> None:
 
     run(go())
     console.print(f"cancel requested for {job_id}")
+
+
+# ------------------------------------------------------------------ saved models
+
+
+@saved_app.command("save")
+def saved_save(job_id: str, name: str = typer.Option(..., "--name")) -> None:
+    """Save a succeeded job as a named model (parameters, metrics, artifact keys)."""
+    from events.errors import CodeTuneError
+    from handlers.tuning.saved import save_job
+
+    async def go() -> Any:
+        async with database(get_settings()):
+            return await save_job(job_id, name)
+
+    try:
+        m = run(go())
+    except CodeTuneError as e:
+        fail(e.message)
+    console.print(f"saved [bold]{m.model_id}[/bold] {m.name!r} from {job_id}: adapter {m.artifacts.get('adapter')}")
+
+
+@saved_app.command("list")
+def saved_list() -> None:
+    """List saved models."""
+
+    async def go() -> list[Any]:
+        from storage.documents import UserModel
+
+        async with database(get_settings()):
+            return await UserModel.find_all().sort("-created_at").to_list()
+
+    table = Table("model_id", "name", "base model", "dataset", "job", "loss")
+    for m in run(go()):
+        loss = (m.result or {}).get("loss")
+        table.add_row(m.model_id, m.name, m.base_model or "-", m.dataset_id or "-", m.job_id or "-",
+                      f"{loss:.3f}" if isinstance(loss, float) else "-")
+    console.print(table)
+
+
+@saved_app.command("import")
+def saved_import(
+    model_id: str,
+    overrides: list[str] = typer.Option([], "--set", help="KEY=VALUE, e.g. learning_rate=1e-4 or dataset_id=ds-…"),
+    wait: bool = typer.Option(False, help="follow progress until the job ends"),
+) -> None:
+    """Request a new tuning job with a saved model's parameters (and overrides)."""
+    from pydantic import ValidationError
+
+    from events.errors import CodeTuneError
+    from handlers.tuning.saved import find, request_from_saved
+
+    parsed: dict[str, Any] = {}
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep:
+            fail(f"--set expects KEY=VALUE, got {item!r}")
+        try:
+            parsed[key] = json.loads(value)
+        except json.JSONDecodeError:
+            parsed[key] = value
+
+    async def go() -> Any:
+        async with database(get_settings()):
+            return request_from_saved(await find(model_id), parsed, job_id=new_job_id())
+
+    try:
+        event = run(go())
+    except (CodeTuneError, ValidationError) as e:
+        fail(str(getattr(e, "message", e)))
+    outcome = run(submit_job(get_settings(), event, wait))
+    if outcome and outcome[0] != "tuning.completed":
+        raise typer.Exit(2)
 
 
 # ------------------------------------------------------------------ dead letters

@@ -8,6 +8,7 @@ import hashlib
 import json
 import threading
 from collections.abc import AsyncIterator
+from types import SimpleNamespace
 from typing import IO, Any
 
 import nats.errors
@@ -16,9 +17,10 @@ from fastapi import HTTPException
 from fastapi.exceptions import RequestValidationError
 
 from handlers.bridge.routes.ollama import ask, model_names, reply_text
-from handlers.bridge.seed import QUANTIZATION, SeedParameters, saved_parameters, seed_parameters, tuning_request
+from handlers.bridge.seed import QUANTIZATION, SeedParameters, seed_parameters, tuning_request
 from handlers.bridge.signatures import SignatureError, sign_github, sign_standard, standard_key, verify
 from handlers.bridge.upload import ChunkPipe, receive_file
+from handlers.tuning.saved import request_from_saved
 
 SECRET = "whsec_" + base64.b64encode(b"unit-test-secret").decode()
 BODY = b'{"job_id": "job-123"}'
@@ -90,9 +92,13 @@ def test_seed_parameters_round_trip_through_a_saved_model() -> None:
     first, _ = tuning_request("ds-abc", params)
     shown = seed_parameters(first.base_model, first.name, first.hyperparameters.model_dump(),
                             first.export.model_dump() if first.export else None)
-    again, _ = tuning_request("ds-abc", saved_parameters(json.loads(json.dumps(shown))))
+    saved = SimpleNamespace(parameters=json.loads(json.dumps(shown)), dataset_id="ds-abc", base_model=None)
+    again = request_from_saved(saved)  # type: ignore[arg-type]
     assert again.model_dump(exclude={"job_id"}) == first.model_dump(exclude={"job_id"})
     assert again.hyperparameters.lora_r == 16 and again.job_id != first.job_id
+    override = request_from_saved(saved, {"learning_rate": 3e-4, "dataset_id": "ds-other"})  # type: ignore[arg-type]
+    assert override.hyperparameters.learning_rate == 3e-4 and override.dataset_id == "ds-other"
+    assert override.hyperparameters.lora_r == 16 and override.export == first.export
 
 
 def test_typed_errors_are_reported_under_the_seed_names() -> None:

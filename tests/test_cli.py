@@ -57,3 +57,33 @@ async def test_cancel_of_unknown_job_is_harmless_and_bad_repo_is_refused(env) ->
     assert (await codetune(env, "job", "cancel", "ftjob-unknown1")).returncode == 0
     r = await codetune(env, "model", "pull", "../etc/passwd")
     assert r.returncode == 1 and "org/name" in r.stdout
+
+
+async def test_save_a_finished_job_list_it_and_import_it_with_overrides(env, client, tmp_path) -> None:
+    from events import subjects as sj
+    from infra.tinymodel import toy_dataset
+
+    data = toy_dataset(tmp_path / "text.txt", "text", rows=16)
+    up = await codetune(env, "dataset", "upload", str(data))
+    dataset_id = up.stdout.split("dataset_id=")[1].split()[0]
+    tune = await codetune(env, "tune", "--model", TINY_REPO, "--dataset", dataset_id, "--max-steps", "4",
+                          "--eval-steps", "2", "--save-steps", "2", "--lora-r", "4", "--no-export", "--wait")
+    job_id = tune.stdout.split("job ")[1].split()[0]
+    assert (await codetune(env, "user-model", "save", "ftjob-nope", "--name", "x")).returncode == 1
+
+    saved = await codetune(env, "user-model", "save", job_id, "--name", "Colours v1")
+    assert saved.returncode == 0, saved.stdout + saved.stderr
+    model_id = saved.stdout.split("saved ")[1].split()[0]
+    assert f"jobs/{job_id}/adapter" in saved.stdout  # the real artifact key, not a placeholder
+    assert "Colours v1" in (await codetune(env, "user-model", "list")).stdout
+
+    async with client.subscribe([sj.TUNING_REQUESTED]) as q:
+        imported = await codetune(env, "user-model", "import", model_id, "--set", "learning_rate=0.001",
+                                  "--set", "max_steps=3")
+        assert imported.returncode == 0, imported.stdout + imported.stderr
+        new_job = imported.stdout.split("job ")[1].split()[0]
+        _, event = await client.wait_for(q, lambda _, d: d.get("job_id") == new_job, 10)
+    assert event.hyperparameters.learning_rate == 0.001 and event.hyperparameters.max_steps == 3
+    assert event.hyperparameters.lora_r == 4 and event.dataset_id == dataset_id  # the saved parameters
+    bad = await codetune(env, "user-model", "import", model_id, "--set", "lora_r=0")
+    assert bad.returncode == 1 and "lora_r" in bad.stdout

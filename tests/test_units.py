@@ -66,3 +66,28 @@ def test_a_datasets_worker_never_imports_torch() -> None:
             "bad = [m for m in ('torch', 'transformers', 'peft') if m in sys.modules]; "
             "assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_deploy_manifests_run_commands_that_exist() -> None:
+    from pathlib import Path
+
+    import typer.main
+    import yaml
+
+    from handlers.app import STAGES
+    from infra.cli import app
+
+    cli = typer.main.get_command(app)
+    root = Path(__file__).resolve().parents[1] / "infra" / "deploy" / "k8s"
+    seen = 0
+    for doc in (d for f in root.glob("*.yaml") for d in yaml.safe_load_all(f.read_text()) if d):
+        spec = doc.get("spec", {}).get("template", {}).get("spec", {})
+        for c in spec.get("containers", []):
+            args = c["args"]
+            group = cli.commands[args[0]]  # type: ignore[attr-defined]
+            if args[0] == "worker":
+                assert args[1] in STAGES
+            elif hasattr(group, "commands"):
+                assert args[1] in group.commands
+            seen += 1
+    assert seen >= 7

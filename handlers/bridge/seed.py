@@ -34,7 +34,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from events.payloads import ExportOptions, Hyperparameters, TuningRequested
+from events.payloads import SEED_QUANTIZATION, ExportOptions, Hyperparameters, TuningRequested
 from handlers.bridge.errors import field_errors, invalid, invalid_field
 from storage.documents import Dataset, TuningJob, UserModel
 from storage.keys import job_prefix
@@ -43,20 +43,12 @@ JOB_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_-]{2,63}$"
 SEED_LEARNING_RATE = 5e-5
 
 Quantization = Literal["none", "int8", "int4"]
-QUANTIZATION: dict[str, ExportOptions] = {
-    "none": ExportOptions(outtype="f16"),
-    "int8": ExportOptions(outtype="q8_0"),
-    "int4": ExportOptions(outtype="f16", quantize="q4_K_M"),
-}
+QUANTIZATION: dict[str, ExportOptions] = SEED_QUANTIZATION
 TERMINAL = {"succeeded", "failed", "cancelled"}
 
 
 def new_job_id() -> str:
     return f"job-{uuid.uuid4().hex[:20]}"
-
-
-def new_model_id() -> str:
-    return f"um-{uuid.uuid4().hex[:20]}"
 
 
 class SeedParameters(BaseModel):
@@ -110,19 +102,6 @@ def tuning_request(dataset_id: str, params: SeedParameters, *, base_model: str |
     except ValidationError as e:
         raise invalid(field_errors(e, ("body",), _LOC)) from None
     return request, ignored
-
-
-def saved_parameters(raw: dict[str, Any]) -> SeedParameters:
-    """A saved model's parameters (seed keys, or what `seed_parameters` wrote) as a seed request's."""
-    raw = dict(raw)
-    typed = raw.pop("hyperparameters", None) or {}
-    raw.pop("export", None)
-    camel = {"epochs", "max_steps", "learning_rate"}
-    merged = {k: v for k, v in typed.items() if k not in camel} | raw
-    try:
-        return SeedParameters.model_validate({k: v for k, v in merged.items() if v is not None})
-    except ValidationError as e:
-        raise invalid(field_errors(e, ("saved", "parameters"))) from None
 
 
 def quantization_of(export: dict[str, Any] | None) -> Quantization:

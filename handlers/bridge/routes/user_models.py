@@ -5,20 +5,12 @@ from __future__ import annotations
 from typing import Annotated, Any
 
 from fastapi import APIRouter, HTTPException, Path
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, ValidationError
 
-from handlers.bridge.errors import invalid_field
-from handlers.bridge.seed import (
-    JOB_ID_PATTERN,
-    job_result,
-    new_model_id,
-    requested_view,
-    saved_model_view,
-    saved_parameters,
-    seed_parameters,
-    tuning_request,
-)
+from handlers.bridge.errors import field_errors, invalid, invalid_field
+from handlers.bridge.seed import JOB_ID_PATTERN, job_result, requested_view, saved_model_view, seed_parameters
 from handlers.bridge.services import ClientDep, MongoDB
+from handlers.tuning.saved import new_model_id, request_from_saved
 from storage.documents import TuningJob, UserModel
 
 router = APIRouter(prefix="/api/v1/user-models", tags=["user-models"], dependencies=[MongoDB])
@@ -70,14 +62,18 @@ async def save_model(body: SaveBody) -> dict[str, Any]:
     return saved_model_view(model)
 
 
+class ImportBody(BaseModel):
+    overrides: dict[str, Any] = Field(default_factory=dict, description="hyperparameters or dataset_id/name")
+
+
 @router.post("/import/{model_id}")
-async def import_model(model_id: ModelId, client: ClientDep) -> dict[str, Any]:
-    """Start a new tuning job with the saved model's dataset and parameters; answers the new `Tuning`."""
+async def import_model(model_id: ModelId, client: ClientDep, body: ImportBody | None = None) -> dict[str, Any]:
+    """Start a new tuning job with the saved model's dataset and parameters (+ overrides); answers the new `Tuning`."""
     saved = await find_model(model_id)
-    if not saved.dataset_id:
-        raise invalid_field(["path", "model_id"], "the saved model has no dataset_id to tune on")
-    params = saved_parameters(saved.parameters)
-    request, _ = tuning_request(saved.dataset_id, params, base_model=saved.base_model)
+    try:
+        request = request_from_saved(saved, body.overrides if body else None)
+    except ValidationError as e:
+        raise invalid(field_errors(e, ("body", "overrides"))) from None
     await client.publish(request)
     return requested_view(request)
 
