@@ -101,12 +101,16 @@ async def finish(job_id: str, status: str, **fields: Any) -> TuningJob:
     return await update(job_id, status=status, finished_at=now(), lease_owner=None, lease_until=None, **fields)
 
 
-async def claim(job_id: str, lease_s: float) -> TuningJob | None:
-    """Atomically take the job for this worker unless another live worker holds it."""
+async def claim(job_id: str, lease_s: float, *, take_over: bool = False) -> TuningJob | None:
+    """Atomically take the job for this worker unless another live worker holds it.
+
+    `take_over`: the message that carries this job was redelivered, so whoever held it stopped
+    heartbeating (JetStream only redelivers an unacked message after ack_wait): its lease is void.
+    """
     t = now()
+    live = [{"lease_owner": None}, {"lease_owner": WORKER_ID}, {"lease_until": {"$lt": t}}]
     raw = await TuningJob.get_pymongo_collection().find_one_and_update(
-        {"job_id": job_id, "status": {"$nin": list(TERMINAL)},
-         "$or": [{"lease_owner": None}, {"lease_owner": WORKER_ID}, {"lease_until": {"$lt": t}}]},
+        {"job_id": job_id, "status": {"$nin": list(TERMINAL)}, **({} if take_over else {"$or": live})},
         {"$set": {"lease_owner": WORKER_ID, "lease_until": t + timedelta(seconds=lease_s), "status": "running",
                   "waiting_for": [], "updated_at": t},
          "$inc": {"attempts": 1}},

@@ -38,6 +38,9 @@ from storage.objects import ObjectStore
 log = logging.getLogger("codetune.tuning")
 PROGRESS_EVERY_S = 0.5
 KEEP_CHECKPOINTS = 2
+# NATS caps a message at 1 MB and MongoDB a document at 16 MB: long histories are thinned (the plot is full).
+EVENT_HISTORY_POINTS = 500
+DOC_HISTORY_POINTS = 5000
 
 Publish = Callable[[Any], Awaitable[Any]]
 
@@ -59,7 +62,6 @@ class _Hooks:
         self.cancel = threading.Event()
         self.infra_error: BaseException | None = None
         self._last = 0.0
-        self.history: list[LossPoint] = list(LossPoint.model_validate(p) for p in job.loss_history)
 
     def _submit(self, coro: Awaitable[Any]) -> Any:
         return asyncio.run_coroutine_threadsafe(coro, self.loop)  # type: ignore[arg-type]
@@ -90,6 +92,8 @@ class _Hooks:
         except BaseException as e:
             self.infra_error = e
             self.cancel.set()  # stop training: the job is redelivered and resumes from the last good checkpoint
+            return
+        shutil.rmtree(ckpt_dir, ignore_errors=True)  # durable in the bucket; the disk copy is not needed
 
     async def _upload_checkpoint(self, ckpt_dir: Path, step: int) -> None:
         prefix = keys.checkpoint_prefix(self.job.job_id, step)
@@ -121,6 +125,7 @@ async def _heartbeat(job: TuningJob, hooks: _Hooks, ctx: RunContext) -> None:
 async def run(job: TuningJob, model: BaseModel, dataset: Dataset, ctx: RunContext
               ) -> TuningCompleted | TuningFailed | TuningCancelled:
     from handlers.tuning import recipe  # torch is imported only by processes that train
+    from handlers.tuning.recipe import thin_history
 
     hp = Hyperparameters.model_validate(job.hyperparameters)
     work = ctx.settings.scratch_dir / "jobs" / job.job_id
@@ -155,16 +160,19 @@ async def run(job: TuningJob, model: BaseModel, dataset: Dataset, ctx: RunContex
     if hooks.infra_error is not None:
         raise TransientError(f"checkpoint upload failed: {hooks.infra_error}") from hooks.infra_error
     assert result is not None
-    history = [p.model_dump() for p in result.loss_history]
-    if result.cancelled:
-        await jobs.finish(job.job_id, "cancelled", step=result.metrics.steps, loss_history=history)
-        return TuningCancelled(job_id=job.job_id, step=result.metrics.steps)
-    return await _succeeded(job, model, result, work, ctx)
+    history = [p.model_dump() for p in thin_history(result.loss_history, DOC_HISTORY_POINTS)]
+    try:
+        if result.cancelled:
+            await jobs.finish(job.job_id, "cancelled", step=result.metrics.steps, loss_history=history)
+            return TuningCancelled(job_id=job.job_id, step=result.metrics.steps)
+        return await _succeeded(job, model, result, work, ctx)
+    finally:
+        await asyncio.to_thread(shutil.rmtree, work, True)
 
 
 async def _succeeded(job: TuningJob, model: BaseModel, result: Any, work: Path, ctx: RunContext
                      ) -> TuningCompleted:
-    from handlers.tuning.recipe import plot_loss
+    from handlers.tuning.recipe import plot_loss, thin_history
 
     adapter_key = keys.adapter_prefix(job.job_id)
     await ctx.store.upload_dir(adapter_key, result.adapter_dir)
@@ -174,7 +182,8 @@ async def _succeeded(job: TuningJob, model: BaseModel, result: Any, work: Path, 
     doc = await jobs.finish(
         job.job_id, "succeeded", step=result.metrics.steps, max_steps=result.metrics.steps,
         adapter_key=adapter_key, plot_key=plot_key, metrics=result.metrics.model_dump(),
-        loss_history=[p.model_dump() for p in result.loss_history], loss=result.metrics.train_loss,
+        loss_history=[p.model_dump() for p in thin_history(result.loss_history, DOC_HISTORY_POINTS)],
+        loss=result.metrics.train_loss,
         eval_loss=result.metrics.eval_loss,
     )
     return completed_event(doc)
@@ -182,10 +191,13 @@ async def _succeeded(job: TuningJob, model: BaseModel, result: Any, work: Path, 
 
 def completed_event(doc: TuningJob) -> TuningCompleted:
     """`tuning.completed` rebuilt from the job document (also used to re-emit after a crash)."""
+    from handlers.tuning.recipe import thin_history
+
     return TuningCompleted(
         job_id=doc.job_id, base_model=doc.base_model, sha=doc.sha or "", dataset_id=doc.dataset_id,
         adapter_key=doc.adapter_key or "", plot_key=doc.plot_key, metrics=TrainMetrics.model_validate(doc.metrics),
-        loss_history=[LossPoint.model_validate(p) for p in doc.loss_history], name=doc.name,
+        loss_history=thin_history([LossPoint.model_validate(p) for p in doc.loss_history], EVENT_HISTORY_POINTS),
+        name=doc.name,
         export=doc.export,  # type: ignore[arg-type]
     )
 

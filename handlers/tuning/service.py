@@ -22,7 +22,7 @@ Emit = Callable[..., Awaitable[Any]]
 
 
 async def handle_request(job_id: str, event: TuningRequested, store: ObjectStore, emit: Emit,
-                         make_ctx: Callable[[], RunContext]) -> None:
+                         make_ctx: Callable[[], RunContext], *, redelivered: bool = False) -> None:
     job = await jobs.record(job_id, event)
     if job.status in jobs.TERMINAL:
         if job.status == "succeeded":  # a crash between storing and publishing: publish again (same id)
@@ -51,9 +51,9 @@ async def handle_request(job_id: str, event: TuningRequested, store: ObjectStore
                 if ready:
                     await emit(jobs.request_of(ready), key="ready")
         return
-    claimed = await jobs.claim(job_id, make_ctx().lease_s)
+    claimed = await jobs.claim(job_id, make_ctx().lease_s, take_over=redelivered)
     if claimed is None:
-        return  # another live worker is running this job
+        return  # another live worker is running this job (this is a second request for it)
     assert inputs.model is not None and inputs.dataset is not None
     await emit(await run(claimed, inputs.model, inputs.dataset, make_ctx()))
 
