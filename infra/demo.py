@@ -65,7 +65,7 @@ def demo_model(settings: Settings) -> Path:
 
 async def run_demo(settings: Settings) -> dict[str, Any]:
     from infra.pipeline import run_pipeline
-    from infra.tinymodel import toy_dataset
+    from infra.tinymodel import SYSTEM_PROMPT, toy_dataset
 
     cache = demo_model(settings)
     data = toy_dataset(settings.scratch_dir / "demo" / "geography.jsonl", "chat", rows=64)
@@ -76,5 +76,5 @@ async def run_demo(settings: Settings) -> dict[str, Any]:
             hp = Hyperparameters(max_steps=500, learning_rate=1e-2, batch_size=8, eval_steps=100, save_steps=250,
                                  max_seq_len=128, lora_r=16, lora_alpha=32)
             return await run_pipeline(s, DEMO_REPO, data, "codetune-demo", hp,
-                                      ExportOptions(system="You are a helpful geography tutor."),
+                                      ExportOptions(system=SYSTEM_PROMPT),
                                       "What is the capital of France?")
