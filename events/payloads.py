@@ -313,6 +313,15 @@ class OllamaChatRequest(Command):
     options: dict[str, Any] | None = None
 
 
+class OllamaCreateRequest(Command):
+    """Create a model from a Modelfile (the original's /ollama/create). `FROM` names a GGUF in the bucket
+    (`gguf_key`, or a bucket key in FROM itself) or a model Ollama already has; `ADAPTER` a bucket key."""
+
+    name: str
+    modelfile: str = Field(min_length=4)
+    gguf_key: str | None = Field(None, description="bucket key of the GGUF that FROM refers to")
+
+
 class OllamaReply(BaseModel):
     ok: bool = True
     result: Any = None

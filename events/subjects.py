@@ -33,6 +33,7 @@ OLLAMA_PULL = "ollama.pull"
 OLLAMA_SHOW = "ollama.show"
 OLLAMA_DELETE = "ollama.delete"
 OLLAMA_CHAT = "ollama.chat"
+OLLAMA_CREATE = "ollama.create"
 DEAD_LETTER = "dlq"  # + ".<original subject>"
 
 
@@ -91,6 +92,8 @@ CONTRACT: tuple[SubjectSpec, ...] = (
     SubjectSpec(OLLAMA_SHOW, p.OllamaModelRef, "request-reply", "CLI, bridge", "serving", "show a model"),
     SubjectSpec(OLLAMA_DELETE, p.OllamaModelRef, "request-reply", "CLI, bridge", "serving", "delete a model"),
     SubjectSpec(OLLAMA_CHAT, p.OllamaChatRequest, "request-reply", "CLI, bridge", "serving", "chat once"),
+    SubjectSpec(OLLAMA_CREATE, p.OllamaCreateRequest, "request-reply", "bridge", "serving",
+                "create a model from a Modelfile + GGUF in the bucket"),
     SubjectSpec(DEAD_LETTER + ".<subject>", p.DeadLetter, "fact", "every stage", "operators",
                 "a message that could not be handled, with the reason"),
 )

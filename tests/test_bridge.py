@@ -414,8 +414,13 @@ async def test_ollama_routes_through_the_serving_stage(http, ollama_host: str) -
     assert r.status_code in (400, 404, 502) and isinstance(r.json()["detail"], str)
     r = await http.post("/api/v1/ollama/chat", json={"model": "x", "messages": []})
     assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "messages"]
-    r = await http.post("/api/v1/ollama/create", json={"name": "x", "modelfile": "FROM x"})
-    assert r.status_code == 501 and "export pipeline" in r.json()["detail"]
+    r = await http.post("/api/v1/ollama/create", json={"name": "x", "modelfile": "FROM no-such-base"})
+    assert r.status_code in (400, 404) and "no-such-base" in r.json()["detail"]
+    r = await http.post("/api/v1/ollama/create", json={"name": "x", "modelfile": "BOGUS line\nFROM y"})
+    assert r.status_code == 400 and "unknown instruction 'BOGUS'" in r.json()["detail"]
+    r = await http.post("/api/v1/ollama/create", json={"name": "x", "modelfile": "FROM a.gguf",
+                                                       "gguf_path": "datasets/../../etc"})
+    assert r.status_code == 400 and "unsafe" in r.json()["detail"]
 
 
 # --------------------------------------------------------------------------- webhooks

@@ -68,6 +68,16 @@ async def test_adapter_export_is_published_to_ollama_and_answers_a_chat(client, 
     assert isinstance(reply["message"]["content"], str) and reply["message"]["content"].strip()
     doc = await TuningJob.find_one(TuningJob.job_id == req.job_id)
     assert doc.stage == "published" and doc.artifacts["adapter_gguf"] == exported.adapter_key
+
+    # the original's /ollama/create: the exported Modelfile, FROM/ADAPTER pointing at the bucket keys
+    modelfile = modelfile.replace(f"FROM {exported.model_key.rsplit('/', 1)[1]}", f"FROM {exported.model_key}")
+    modelfile = modelfile.replace(f"ADAPTER {exported.adapter_key.rsplit('/', 1)[1]}",
+                                  f"ADAPTER {exported.adapter_key}")
+    created = await client.request(sj.OLLAMA_CREATE, {"name": f"{req.name}-copy", "modelfile": modelfile},
+                                   timeout=120)
+    assert created["model"] == f"{req.name}-copy" and created["adapters"]
+    copy = await client.request(sj.OLLAMA_SHOW, OllamaModelRef(model=f"{req.name}-copy"))
+    assert "<|im_end|>" in str(copy.get("parameters", "")) and "im_start" in copy.get("template", "")
     assert (await ServedModel.find_one(ServedModel.name == req.name)).job_id == req.job_id
 
 

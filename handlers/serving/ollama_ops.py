@@ -119,6 +119,14 @@ async def create_model(client: ollama.AsyncClient, name: str, model_gguf: Path, 
     return {"model": name, "files": files, "adapters": adapters or {}, "statuses": statuses}
 
 
+async def create_from(client: ollama.AsyncClient, name: str, base: str, template: str | None,
+                      parameters: Mapping[str, Any] | None, system: str | None) -> None:
+    """Create `name` from a model Ollama already has, with a new template / parameters / system."""
+    async with _errors(f"creating model {name}", model=name):
+        await client.create(model=name, from_=base, template=template or None, system=system or None,
+                            parameters=dict(parameters or {}) or None, stream=False)
+
+
 def _gguf_name(path: Path, default: str) -> str:
     """Ollama detects the format from the file name: keep `.gguf` names, else use a default one."""
     name = Path(path).name

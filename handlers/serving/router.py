@@ -12,7 +12,14 @@ from typing import Any
 from faststream.nats import NatsMessage, NatsRouter
 
 from events import subjects as sj
-from events.payloads import ModelExported, OllamaChatRequest, OllamaListRequest, OllamaModelRef, OllamaReply
+from events.payloads import (
+    ModelExported,
+    OllamaChatRequest,
+    OllamaCreateRequest,
+    OllamaListRequest,
+    OllamaModelRef,
+    OllamaReply,
+)
 from events.streams import SERVING_ON_EXPORTED
 from handlers.common import (
     EmitterDep,
@@ -24,7 +31,7 @@ from handlers.common import (
     request_router,
 )
 from handlers.serving import ollama_ops
-from handlers.serving.service import publish
+from handlers.serving.service import create_from_modelfile, publish
 
 events = pipeline_router()
 requests = request_router()
@@ -68,6 +75,11 @@ async def chat(event: OllamaChatRequest, settings: SettingsDep) -> OllamaReply:
     messages = [m.model_dump() for m in event.messages]
     answer = await ollama_ops.chat(_client(settings), event.model, messages, options=event.options)
     return OllamaReply(result={"message": {"role": "assistant", "content": answer}})
+
+
+@requests.subscriber(sj.OLLAMA_CREATE, queue=QUEUE, title="serving:ollama.create")
+async def create(event: OllamaCreateRequest, store: StoreDep, settings: SettingsDep) -> OllamaReply:
+    return OllamaReply(result=await create_from_modelfile(event, store, settings))
 
 
 # composition only: each child keeps its own failure policy

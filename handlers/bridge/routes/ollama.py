@@ -4,11 +4,10 @@ Replies are `OllamaReply {ok, result, error}`. No responder → 503 (the serving
 no answer in time → 504, `ok: false` → 404 for a missing model, 400 for a request Ollama refused, 503 when
 Ollama is unreachable, 502 otherwise.
 
-`POST /api/v1/ollama/create` (the seed's "create from a Modelfile") answers 501: no subject of the
-contract creates a model from a client-supplied Modelfile. Models are created by the export pipeline:
-request a job with a `name` (`POST /api/v1/tuning/` with `parameters.name`, or `tuning.requested`); the
-export stage writes the GGUF + Modelfile (template from the tokenizer) and the serving stage creates it
-in Ollama on `model.exported`.
+`POST /api/v1/ollama/create` (the seed's "create from a Modelfile") maps onto `ollama.create`: `FROM`
+names a GGUF in the bucket (`gguf_path` is its key, as `local_path`/`path` are everywhere in this API) or a
+model Ollama already has. Fine-tunes normally need none of this: the export → serving pipeline creates
+them with a template translated from the tokenizer.
 """
 
 from __future__ import annotations
@@ -22,19 +21,13 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from events import subjects as s
 from events.client import CodeTuneClient
 from events.errors import CodeTuneError
-from events.payloads import ChatMessage, OllamaChatRequest, OllamaListRequest, OllamaModelRef
+from events.payloads import ChatMessage, OllamaChatRequest, OllamaCreateRequest, OllamaListRequest, OllamaModelRef
 from handlers.bridge.errors import field_errors, invalid
 from handlers.bridge.services import ClientDep
 
 router = APIRouter(prefix="/api/v1/ollama", tags=["ollama"])
 
-TIMEOUT_S = {s.OLLAMA_MODELS: 10.0, s.OLLAMA_PULL: 600.0, s.OLLAMA_CHAT: 300.0}
-CREATE_HINT = (
-    "creating an Ollama model from a Modelfile is done by the export pipeline, not by this route: request a "
-    "tuning job with a name (POST /api/v1/tuning/ with parameters.name, or publish tuning.requested); the export "
-    "stage writes the GGUF and a Modelfile whose template comes from the tokenizer, and the serving stage "
-    "creates the model in Ollama when model.exported arrives"
-)
+TIMEOUT_S = {s.OLLAMA_MODELS: 10.0, s.OLLAMA_PULL: 600.0, s.OLLAMA_CHAT: 300.0, s.OLLAMA_CREATE: 600.0}
 
 
 class PullBody(BaseModel):
@@ -51,9 +44,9 @@ class ChatBody(BaseModel):
 
 class CreateBody(BaseModel):
     model_config = ConfigDict(extra="ignore")
-    name: str
-    modelfile: str | None = None
-    gguf_path: str | None = None
+    name: str = Field(min_length=1)
+    modelfile: str = Field(min_length=4)
+    gguf_path: str | None = Field(None, description="bucket key of the GGUF that FROM refers to")
 
 
 async def ask(client: CodeTuneClient, subject: str, payload: BaseModel) -> Any:
@@ -118,7 +111,12 @@ async def chat(body: ChatBody, client: ClientDep) -> dict[str, Any]:
     return {"response": reply_text(result), "result": result}
 
 
-@router.post("/create", status_code=501, responses={501: {"description": CREATE_HINT}})
-async def create_model(body: CreateBody) -> None:
-    """Not over events: see the description (models are created by the export pipeline)."""
-    raise HTTPException(501, CREATE_HINT)
+@router.post("/create")
+async def create_model(body: CreateBody, client: ClientDep) -> dict[str, Any]:
+    """Create a model from a Modelfile: `{status: "ok"}`."""
+    try:
+        request = OllamaCreateRequest(name=body.name, modelfile=body.modelfile, gguf_key=body.gguf_path)
+    except ValidationError as e:
+        raise invalid(field_errors(e)) from None
+    result = await ask(client, s.OLLAMA_CREATE, request)
+    return {"status": "ok", "result": result}
