@@ -28,7 +28,7 @@ class LineProblem(ValueError):
     pass
 
 
-def _str_field(obj: dict[str, Any], name: str, *, required: bool) -> str:
+def str_field(obj: dict[str, Any], name: str, *, required: bool) -> str:
     if name not in obj:
         if required:
             raise LineProblem(f"missing required key '{name}'")
@@ -41,7 +41,7 @@ def _str_field(obj: dict[str, Any], name: str, *, required: bool) -> str:
     return value
 
 
-def _json_object(line: str) -> dict[str, Any]:
+def json_object(line: str) -> dict[str, Any]:
     try:
         obj = json.loads(line)
     except json.JSONDecodeError as e:
@@ -56,13 +56,13 @@ def check_text(line: str) -> tuple[int, Counter[str]]:
 
 
 def check_alpaca(line: str) -> tuple[int, Counter[str]]:
-    obj = _json_object(line)
-    chars = sum(len(_str_field(obj, k, required=k != "input")) for k in ("instruction", "input", "output"))
+    obj = json_object(line)
+    chars = sum(len(str_field(obj, k, required=k != "input")) for k in ("instruction", "input", "output"))
     return chars, Counter()
 
 
 def check_chat(line: str) -> tuple[int, Counter[str]]:
-    obj = _json_object(line)
+    obj = json_object(line)
     messages = obj.get("messages")
     if not isinstance(messages, list) or not messages:
         raise LineProblem("'messages' must be a non-empty list")

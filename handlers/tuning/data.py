@@ -24,7 +24,6 @@ Only `to_tensors` needs torch (imported there): reading and checking a dataset s
 from __future__ import annotations
 
 import bisect
-import json
 import logging
 import math
 import random
@@ -35,6 +34,7 @@ from typing import TYPE_CHECKING, Any
 
 from events.errors import DatasetFormatError
 from events.payloads import LineError
+from handlers.datasets.validate import LineProblem, json_object, str_field
 
 if TYPE_CHECKING:
     import torch
@@ -96,29 +96,13 @@ class Example:
 # --------------------------------------------------------------------------- reading and checking
 
 
-class _RowProblem(ValueError):
-    pass
-
-
-def _json_object(line: str) -> dict[str, Any]:
-    try:
-        obj = json.loads(line)
-    except json.JSONDecodeError as e:
-        raise _RowProblem(f"invalid JSON: {e.msg} at column {e.colno}") from None
-    if not isinstance(obj, dict):
-        raise _RowProblem(f"expected a JSON object, got {type(obj).__name__}")
-    return obj
+# The same per-line checks as the datasets stage (a row that passed validation parses here too).
+_RowProblem = LineProblem
+_json_object = json_object
 
 
 def _string(obj: dict[str, Any], key: str, *, required: bool) -> str:
-    value = obj.get(key, None if required else "")
-    if value is None:
-        raise _RowProblem(f"missing required key '{key}'")
-    if not isinstance(value, str):
-        raise _RowProblem(f"'{key}' must be a string, got {type(value).__name__}")
-    if required and not value.strip():
-        raise _RowProblem(f"'{key}' is empty")
-    return value
+    return str_field(obj, key, required=required)
 
 
 def alpaca_messages(obj: dict[str, Any]) -> Messages:
