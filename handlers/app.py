@@ -57,7 +57,9 @@ def build_app(
     opts = connect_options(settings)
     servers = opts.pop("servers")
     opts.pop("name")
-    broker = NatsBroker(servers, graceful_timeout=30.0, log_level=access_log_level, **opts)
+    # a worker outlives NATS restarts: reconnect forever (the CLI's short-lived client gives up after 3 tries)
+    broker = NatsBroker(servers, graceful_timeout=30.0, log_level=access_log_level, max_reconnect_attempts=-1,
+                        **opts)
     for name in names:
         broker.include_router(importlib.import_module(STAGES[name]).router)
     app = FastStream(broker, specification=AsyncAPI(

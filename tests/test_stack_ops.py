@@ -15,7 +15,7 @@ import pytest
 
 from events import subjects as sj
 from events.payloads import DatasetUploaded
-from tests.conftest import settings_from, stack_env
+from tests.conftest import WorkerProcess, settings_from, stack_env
 
 
 async def test_stop_and_start_keeps_documents_objects_and_streams(tmp_path: Path) -> None:
@@ -26,9 +26,11 @@ async def test_stop_and_start_keeps_documents_objects_and_streams(tmp_path: Path
     from infra.stack import LocalStack
     from storage.objects import ObjectStore
 
-    s = settings_from(stack_env(tmp_path / "home"))
+    env = stack_env(tmp_path / "home")
+    s = settings_from(env)
     st = LocalStack(s)
     await asyncio.to_thread(st.start, log=lambda _: None)
+    worker = None
     try:
         store = ObjectStore(s)
         await store.ensure_bucket()
@@ -41,6 +43,7 @@ async def test_stop_and_start_keeps_documents_objects_and_streams(tmp_path: Path
         await provision(c.js)
         ack = await c.publish(DatasetUploaded(dataset_id="ds-keep", key="datasets/ds-keep/k.txt", name="k.txt"))
         await c.close()
+        worker = await asyncio.to_thread(WorkerProcess(env, ["datasets"], tmp_path / "worker.log").start)
 
         await asyncio.to_thread(st.stop, log=lambda _: None)
         assert not any(v["pid"] for v in st.status().values())
@@ -54,12 +57,20 @@ async def test_stop_and_start_keeps_documents_objects_and_streams(tmp_path: Path
         c = await CodeTuneClient.connect(s)
         msg = await c.js.get_msg(EVENTS.name, ack.seq)
         assert json.loads(msg.data)["dataset_id"] == "ds-keep"
+        # the worker lived through the restart: it reconnects and handles new work
+        await store.put_bytes("datasets/ds-after/a.txt", b"after\nrestart\n")
+        async with c.subscribe(["dataset.validated"]) as q:
+            await c.publish(DatasetUploaded(dataset_id="ds-after", key="datasets/ds-after/a.txt", name="a.txt"))
+            _, ok = await c.wait_for(q, lambda _, d: d["dataset_id"] == "ds-after", 60)
+        assert ok.profile.rows == 2
         await c.close()
         # start is idempotent: a second start leaves the running services alone
         pids = {k: v["pid"] for k, v in st.status().items()}
         await asyncio.to_thread(st.start, log=lambda _: None)
         assert {k: v["pid"] for k, v in st.status().items()} == pids
     finally:
+        if worker is not None:
+            await asyncio.to_thread(worker.stop)
         await asyncio.to_thread(st.stop, log=lambda _: None)
 
 
