@@ -67,7 +67,7 @@ def status_for(code: str) -> int:
     """HTTP status for a serving stage's error code (`OllamaReply.error.code`)."""
     if code.endswith("not_found"):
         return 404
-    if code.endswith(("bad_request", "invalid_input", "invalid_payload")):
+    if code.endswith(("bad_request", "invalid_input", "invalid_payload", "unsafe_key")):
         return 400
     return 503 if code.endswith(("unavailable", "transient")) else 502
 
