@@ -106,6 +106,7 @@ def _train_sentencepiece(vocab: int) -> bytes:
         normalization_rule_name="identity",
         remove_extra_whitespaces=False,
         split_digits=True,
+        add_dummy_prefix=False,  # no "▁" prefix: see `add_prefix_space` in the tokenizer config
         allow_whitespace_only_pieces=True,
         character_coverage=1.0,
         num_threads=1,
@@ -126,6 +127,16 @@ def _write_tokenizer(out_dir: Path, vocab: int) -> None:
         "add_eos_token": False,
         "model_max_length": 2048,
         "clean_up_tokenization_spaces": False,
+        # transformers and llama.cpp must turn a prompt into the same ids. llama.cpp prefixes every text
+        # fragment after a special token with a space unless the GGUF says `add_space_prefix = false`, which
+        # its converter takes from here; the ChatML markers must be CONTROL tokens in the GGUF (the converter
+        # only reads that from `added_tokens_decoder`), or llama.cpp splits them into characters.
+        "add_prefix_space": False,
+        "added_tokens_decoder": {
+            str(i): {"content": t, "special": True, "lstrip": False, "rstrip": False, "normalized": False,
+                     "single_word": False}
+            for i, t in ((0, UNK), (1, BOS), (2, EOS), (3, PAD), (4, IM_START), (5, IM_END))
+        },
         "chat_template": CHATML_TEMPLATE,
     }
     (out_dir / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")

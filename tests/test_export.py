@@ -448,3 +448,19 @@ def test_converters_env_puts_vendored_gguf_first(tmp_path: Path) -> None:
     env = converter_env(tmp_path, {"PYTHONPATH": "/x", "NO_LOCAL_GGUF": "1"})
     assert env["PYTHONPATH"] == f"{tmp_path / 'gguf-py'}{os.pathsep}/x"
     assert "NO_LOCAL_GGUF" not in env and env["HF_HUB_OFFLINE"] == "1"
+
+
+def test_the_gguf_tokenizes_chat_prompts_like_transformers(tiny: TinyArtifacts) -> None:
+    """llama.cpp must see the ids the model was trained on: the ChatML markers are CONTROL tokens (split off,
+    never spelled out in characters) and no space is prefixed to text after them."""
+    from gguf import GGUFReader
+
+    from infra.tinymodel import IM_END, IM_START
+
+    fields = GGUFReader(tiny.base_gguf).fields
+    tokens = [bytes(fields["tokenizer.ggml.tokens"].parts[i]).decode() for i in fields["tokenizer.ggml.tokens"].data]
+    types = [int(fields["tokenizer.ggml.token_type"].parts[i][0]) for i in fields["tokenizer.ggml.token_type"].data]
+    control = 3  # llama.cpp's LLAMA_TOKEN_TYPE_CONTROL
+    assert types[tokens.index(IM_START)] == control and types[tokens.index(IM_END)] == control
+    prefix = fields["tokenizer.ggml.add_space_prefix"]
+    assert bool(prefix.parts[prefix.data[0]][0]) is False
