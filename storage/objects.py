@@ -216,6 +216,3 @@ class ObjectStore:
         return await asyncio.to_thread(
             self.client.presigned_get_object, self.bucket, check_key(key), expires=timedelta(seconds=expires_s)
         )
-
-    async def ping(self) -> None:
-        await asyncio.to_thread(self._call, self.client.bucket_exists, self.bucket)
