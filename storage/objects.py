@@ -212,6 +212,10 @@ class ObjectStore:
             await asyncio.to_thread(self._call, self.client.remove_object, self.bucket, name)
         return len(objs)
 
+    async def ping(self) -> None:
+        """A real round trip to the bucket (readiness probes)."""
+        await asyncio.to_thread(self._call, self.client.bucket_exists, self.bucket)
+
     async def presigned_get(self, key: str, expires_s: int = 3600) -> str:
         return await asyncio.to_thread(
             self.client.presigned_get_object, self.bucket, check_key(key), expires=timedelta(seconds=expires_s)
