@@ -98,16 +98,30 @@ class CodeTuneClient:
     # ------------------------------------------------------------------ wait for
 
     @contextlib.asynccontextmanager
-    async def subscribe(self, subjects: Iterable[str]) -> AsyncIterator[asyncio.Queue[tuple[str, Any]]]:
-        """Core-NATS subscription to live events (subscribe BEFORE publishing what you wait for)."""
-        queue: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
+    async def subscribe(
+        self,
+        subjects: Iterable[str],
+        *,
+        accept: Callable[[str, Any], bool] | None = None,
+        maxsize: int = 0,
+        with_ids: bool = False,
+    ) -> AsyncIterator[asyncio.Queue[Any]]:
+        """Core-NATS subscription to live events (subscribe BEFORE publishing what you wait for).
+
+        Items are `(subject, data)`, or `(subject, data, event id)` with `with_ids`; `accept` filters them;
+        a bounded queue (`maxsize`) drops what a slow reader cannot take instead of growing without end.
+        """
+        queue: asyncio.Queue[Any] = asyncio.Queue(maxsize=maxsize)
 
         async def cb(msg: Msg) -> None:
             try:
-                data, _ = unwrap(msg.data, dict(msg.headers or {}))
+                data, meta = unwrap(msg.data, dict(msg.headers or {}))
             except CodeTuneError:
                 return
-            await queue.put((msg.subject, data))
+            if accept is not None and not accept(msg.subject, data):
+                return
+            with contextlib.suppress(asyncio.QueueFull):
+                queue.put_nowait((msg.subject, data, meta.id) if with_ids else (msg.subject, data))
 
         subs = [await self.nc.subscribe(subj, cb=cb) for subj in subjects]
         await self.nc.flush()

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from faststream.nats import JStream
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, RetentionPolicy, StorageType, StreamConfig
 from nats.js.errors import NotFoundError
@@ -52,9 +51,6 @@ DEAD_LETTERS = StreamConfig(
 )
 STREAMS = (EVENTS, PROGRESS, DEAD_LETTERS)
 
-# FastStream views of the streams (never declared by a worker).
-EVENTS_STREAM = JStream(EVENTS.name, subjects=list(EVENTS.subjects or []), declare=False)
-PROGRESS_STREAM = JStream(PROGRESS.name, subjects=list(PROGRESS.subjects or []), declare=False)
 
 
 @dataclass(frozen=True)

@@ -22,8 +22,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Annotated, Any
 
-from faststream import BaseMiddleware, Context
-from faststream.nats import NatsMessage, NatsRouter
+from faststream import AckPolicy, BaseMiddleware, Context
+from faststream.nats import JStream, NatsMessage, NatsRouter, PullSub
 from pydantic import BaseModel, ValidationError
 
 from events import subjects as s
@@ -31,7 +31,7 @@ from events.client import CodeTuneClient
 from events.envelope import EventMeta, body_text, derived_id, unwrap
 from events.errors import CodeTuneError, InvalidPayloadError
 from events.payloads import DeadLetter, ErrorInfo, Payload
-from events.streams import CONSUMERS
+from events.streams import CONSUMERS, EVENTS, Consumer
 from infra.settings import Settings
 from storage.objects import ObjectStore
 
@@ -196,13 +196,12 @@ StoreDep = Annotated[ObjectStore, Context("store")]
 EmitterDep = Annotated[Emitter, Context("emitter")]
 
 
-def jetstream_subscriber(consumer: Any, *, batch_size: int = 1) -> dict[str, Any]:
+# FastStream's view of the events stream: provisioned by events.streams.provision, never declared by a worker.
+EVENTS_STREAM = JStream(EVENTS.name, subjects=list(EVENTS.subjects or []), declare=False)
+
+
+def jetstream_subscriber(consumer: Consumer, *, batch_size: int = 1) -> dict[str, Any]:
     """Subscriber arguments for a stage's durable pull consumer (defined in events.streams)."""
-    from faststream import AckPolicy
-    from faststream.nats import PullSub
-
-    from events.streams import EVENTS_STREAM
-
     return {
         "subject": consumer.subject,
         "stream": EVENTS_STREAM,

@@ -203,11 +203,8 @@ def build_tiny_llama(
 
 
 def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
     with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def install_in_hub_cache(model_dir: Path, cache_dir: Path, repo_id: str) -> str:

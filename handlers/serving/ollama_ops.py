@@ -69,11 +69,8 @@ async def upload_blob(client: ollama.AsyncClient, path: Path) -> str:
 
 def file_digest(path: Path) -> str:
     """`sha256:<hex>` of a file, as Ollama names blobs."""
-    h = hashlib.sha256()
     with Path(path).open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return f"sha256:{h.hexdigest()}"
+        return f"sha256:{hashlib.file_digest(f, 'sha256').hexdigest()}"
 
 
 async def _has_blob(client: ollama.AsyncClient, digest: str) -> bool:

@@ -11,18 +11,15 @@ its snapshot. Keep-alive comments every 15 s.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-from collections.abc import AsyncIterable, AsyncIterator
+from collections.abc import AsyncIterable
+from contextlib import AbstractAsyncContextManager
 from typing import Annotated, Any
 
 from fastapi import APIRouter, HTTPException, Path, Query
 from fastapi.sse import EventSourceResponse, ServerSentEvent
-from nats.aio.client import Client as NATS
-from nats.aio.msg import Msg
 
 from events import subjects as s
-from events.envelope import unwrap
-from events.errors import CodeTuneError
+from events.client import CodeTuneClient
 from events.payloads import TuningCancelRequested
 from handlers.bridge.seed import (
     JOB_ID_PATTERN,
@@ -79,27 +76,14 @@ async def cancel_tuning(job_id: JobId, client: ClientDep) -> dict[str, Any]:
     return {"status": "ok", "id": job_id, "event_id": published.id}
 
 
-@contextlib.asynccontextmanager
-async def job_events(nc: NATS, job_id: str) -> AsyncIterator[asyncio.Queue[tuple[str, Any, str | None]]]:
-    """Live core-NATS subscription to one job's progress and terminal events: (subject, data, event id)."""
-    queue: asyncio.Queue[tuple[str, Any, str | None]] = asyncio.Queue(maxsize=1000)
+def job_events(client: CodeTuneClient, job_id: str) -> AbstractAsyncContextManager[asyncio.Queue[Any]]:
+    """Live subscription to one job's progress and terminal events: (subject, data, event id)."""
 
-    async def relay(msg: Msg) -> None:
-        with contextlib.suppress(CodeTuneError, asyncio.QueueFull):
-            data, meta = unwrap(msg.data, dict(msg.headers or {}))
-            if msg.subject in TERMINAL_SUBJECTS and (not isinstance(data, dict) or data.get("job_id") != job_id):
-                return
-            queue.put_nowait((msg.subject, data, meta.id))
+    def this_job(subject: str, data: Any) -> bool:
+        return subject not in TERMINAL_SUBJECTS or (isinstance(data, dict) and data.get("job_id") == job_id)
 
-    subs = [await nc.subscribe(subject, cb=relay)
-            for subject in (s.progress_subject(job_id), *TERMINAL_SUBJECTS)]
-    await nc.flush()
-    try:
-        yield queue
-    finally:
-        for sub in subs:
-            with contextlib.suppress(Exception):
-                await sub.unsubscribe()
+    return client.subscribe([s.progress_subject(job_id), *TERMINAL_SUBJECTS], accept=this_job, maxsize=1000,
+                            with_ids=True)
 
 
 async def snapshot(services: ServicesDep, job_id: str) -> dict[str, Any]:
@@ -110,7 +94,7 @@ async def snapshot(services: ServicesDep, job_id: str) -> dict[str, Any]:
 @router.get("/{job_id}/events", response_class=EventSourceResponse)
 async def stream_events(job_id: JobId, services: ServicesDep) -> AsyncIterable[ServerSentEvent]:
     """Server-Sent Events: the job's progress as it happens, until its terminal event."""
-    async with job_events(services.client.nc, job_id) as queue:
+    async with job_events(services.client, job_id) as queue:
         first = await snapshot(services, job_id)
         yield ServerSentEvent(event="snapshot", data=first, retry=3000)
         if first.get("job_status") in TERMINAL:

@@ -24,7 +24,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ValidationError
 
 from events import subjects as s
-from events.client import CodeTuneClient
+from events.client import CodeTuneClient, Published
 from events.envelope import derived_id, new_event_id, unwrap
 from events.errors import InvalidPayloadError
 from handlers.bridge.auth import Credentials, check_token, secret
@@ -46,14 +46,6 @@ class Subject(StrEnum):
     model_pull_requested = s.MODEL_PULL_REQUESTED
     tuning_requested = s.TUNING_REQUESTED
     tuning_cancel_requested = s.TUNING_CANCEL_REQUESTED
-
-
-class Accepted(BaseModel):
-    id: str
-    subject: str
-    stream: str | None = None
-    seq: int | None = None
-    duplicate: bool = False
 
 
 @dataclass(frozen=True)
@@ -105,13 +97,13 @@ def event_id_for(key: str | None, subject: str) -> str:
 async def publish(client: CodeTuneClient, payload: BaseModel, subject: str, event_id: str
                   ) -> tuple[int, dict[str, Any]]:
     published = await client.publish(payload, subject=subject, event_id=event_id)
-    return 202, Accepted.model_validate(published.model_dump()).model_dump()
+    return 202, published.model_dump()
 
 
 WebhookDep = Annotated[Webhook, Depends(authenticated_webhook)]
 
 
-@router.post("/{subject}", status_code=202, response_model=Accepted, responses={
+@router.post("/{subject}", status_code=202, response_model=Published, responses={
     401: {"description": "missing or bad signature / token"}, 409: {"description": "same key in flight"},
     413: {"description": "body over webhook_max_bytes"}, 422: {"description": "bad payload (field errors)"}})
 async def receive_event(subject: Subject, hook: WebhookDep, client: ClientDep, receipts: ReceiptsDep) -> JSONResponse:
