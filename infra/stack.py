@@ -161,10 +161,22 @@ class LocalStack:
             ]
 
         def ready() -> bool:
-            from storage.objects import ObjectStore
+            """A real data round trip: the probe object written at the last start must read back (after a
+            restart SeaweedFS answers bucket calls before its volumes serve data), then a new one is written."""
+            import io
 
+            from storage.objects import ObjectNotFoundError, ObjectStore
+
+            store = ObjectStore(s)
+            probe = "codetune-stack/ready"
             try:
-                ObjectStore(s).ensure_bucket_sync()
+                store.ensure_bucket_sync()
+                try:
+                    b"".join(store.iter_sync(probe))
+                except ObjectNotFoundError:
+                    pass
+                store.put_stream_sync(probe, io.BytesIO(str(time.time()).encode()))
+                b"".join(store.iter_sync(probe))
                 return True
             except Exception:
                 return False
