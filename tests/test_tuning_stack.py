@@ -135,10 +135,14 @@ async def test_cancel_stops_a_running_job(client, dataset_id) -> None:
     assert doc.status == "cancelled"
 
 
+MAX = 400
+
+
 async def test_kill_9_mid_training_resumes_from_the_checkpoint_and_completes_once(
     client, dataset_id, tuning_worker
 ) -> None:
-    req = job(dataset_id, max_steps=60, save_steps=10, eval_steps=20)
+    # long enough that the kill lands mid-training on any machine (a tiny-model step takes milliseconds)
+    req = job(dataset_id, max_steps=MAX, save_steps=10, eval_steps=100)
     async with client.subscribe([*TERMINAL, sj.progress_subject(req.job_id)]) as q:
         await client.publish(req)
         for _ in range(600):
@@ -155,8 +159,8 @@ async def test_kill_9_mid_training_resumes_from_the_checkpoint_and_completes_onc
         repeats = [d for s, d in list(q._queue) if s in TERMINAL]
     assert subject == sj.TUNING_COMPLETED and not repeats, "completed more than once"
     assert done.metrics.resumed_from_step is not None and done.metrics.resumed_from_step >= ckpt_step
-    assert done.metrics.steps == 60
+    assert done.metrics.steps == MAX
     steps = [p.step for p in done.loss_history if p.loss is not None]
-    assert steps == sorted(set(steps)) and steps[0] == 1 and steps[-1] == 60  # history continues, no restart
+    assert steps == sorted(set(steps)) and steps[0] == 1 and steps[-1] == MAX  # history continues, no restart
     doc = await TuningJob.find_one(TuningJob.job_id == req.job_id)
     assert doc.attempts == 2 and doc.status == "succeeded"
