@@ -25,15 +25,46 @@ from events.errors import CodeTuneError
 T = TypeVar("T", bound=BaseModel)
 
 
-def connect_options(settings: Any) -> dict[str, Any]:
+def connect_options(settings: Any, role: str = "client") -> dict[str, Any]:
+    """nats-py connect options for a process of `role` (admin, client, stages or one stage).
+
+    An explicit `nats_user`/`nats_password` (or token) wins; otherwise the role's password, when settings
+    have one, makes the connection log in as the role's user; with neither, no credentials are sent
+    (a NATS server without auth)."""
     opts: dict[str, Any] = {"servers": [settings.nats_url], "name": "codetune"}
     if settings.nats_user:
         opts["user"] = settings.nats_user
         if settings.nats_password:
             opts["password"] = settings.nats_password.get_secret_value()
+    elif (password := _role_password(settings, role)) is not None:
+        opts["user"] = role
+        opts["password"] = password
     if settings.nats_token:
         opts["token"] = settings.nats_token.get_secret_value()
     return opts
+
+
+def _role_password(settings: Any, role: str) -> str | None:
+    getter = getattr(settings, "nats_password_for", None)
+    secret = getter(role) if getter is not None else None
+    return secret.get_secret_value() if secret is not None else None
+
+
+def uses_roles(settings: Any) -> bool:
+    """True when connections log in as role users (the local stack, or role passwords configured)."""
+    return not settings.nats_user and _role_password(settings, "admin") is not None
+
+
+async def provision_as_admin(settings: Any, js: Any | None = None) -> None:
+    """Provision streams and consumers as the admin user when settings have its password; otherwise with
+    `js` (or a client connection), which changes nothing that is already as defined."""
+    from events.streams import provision
+
+    if js is not None and not uses_roles(settings):
+        await provision(js)
+        return
+    async with await CodeTuneClient.connect(settings, source="codetune/provision", role="admin") as admin:
+        await provision(admin.js)
 
 
 class Published(BaseModel):
@@ -51,8 +82,10 @@ class CodeTuneClient:
         self.source = source
 
     @classmethod
-    async def connect(cls, settings: Any, *, source: str = "codetune/client", **kw: Any) -> CodeTuneClient:
-        opts = connect_options(settings) | {"connect_timeout": 3, "max_reconnect_attempts": 3} | kw
+    async def connect(
+        cls, settings: Any, *, source: str = "codetune/client", role: str = "client", **kw: Any
+    ) -> CodeTuneClient:
+        opts = connect_options(settings, role) | {"connect_timeout": 3, "max_reconnect_attempts": 3} | kw
         return cls(await nats.connect(**opts), source=source)
 
     async def close(self) -> None:

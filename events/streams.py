@@ -8,6 +8,7 @@ of an existing durable.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 from nats.js import JetStreamContext
@@ -105,23 +106,40 @@ CONSUMERS: tuple[Consumer, ...] = (
 )
 
 
+def _same(cur: object, want: object) -> bool:
+    """Every field the wanted config sets has that value on the server."""
+    for f in dataclasses.fields(want):  # type: ignore[arg-type]
+        b = getattr(want, f.name)
+        if b is None:
+            continue
+        a = getattr(cur, f.name, None)
+        if f.name == "subjects":
+            a, b = sorted(a or []), sorted(b)
+        if a != b:
+            return False
+    return True
+
+
 async def provision(js: JetStreamContext) -> None:
-    """Create or update every stream and durable consumer (idempotent)."""
+    """Create or update every stream and durable consumer (idempotent).
+
+    It reads first and writes only what differs, so a user without provisioning rights (the `client` or a
+    stage user, see README "Security") may call it against a provisioned server: it changes nothing.
+    Writing needs the admin user (`events.client.provision_as_admin`)."""
     for cfg in STREAMS:
         try:
-            await js.stream_info(cfg.name)
-            await js.update_stream(cfg)
+            info = await js.stream_info(cfg.name or "")
         except NotFoundError:
             await js.add_stream(cfg)
+            continue
+        if not _same(info.config, cfg):
+            await js.update_stream(cfg)
     for c in CONSUMERS:
         cfg = c.config()
         try:
-            info = await js.consumer_info(c.stream, c.durable)
+            cinfo = await js.consumer_info(c.stream, c.durable)
         except NotFoundError:
             await js.add_consumer(c.stream, cfg)
             continue
-        cur = info.config
-        if (cur.ack_wait, cur.max_deliver, cur.filter_subject, cur.max_ack_pending) != (
-            cfg.ack_wait, cfg.max_deliver, cfg.filter_subject, cfg.max_ack_pending
-        ):
+        if not _same(cinfo.config, cfg):
             await js.add_consumer(c.stream, cfg)  # add with an existing durable name updates it

@@ -6,6 +6,9 @@
 
 Workers of one stage share its durable pull consumer, so N processes on any hosts split the work and
 each message is handled once.
+
+A worker running one stage connects to NATS as that stage's user, which may publish only the facts the
+stage emits; a process running several stages connects as `stages` (README "Security").
 """
 
 from __future__ import annotations
@@ -17,10 +20,10 @@ from collections.abc import Iterable
 
 from faststream import FastStream
 from faststream.nats import NatsBroker
+from faststream.security import SASLPlaintext
 from faststream.specification import AsyncAPI
 
-from events.client import CodeTuneClient, connect_options
-from events.streams import provision
+from events.client import CodeTuneClient, connect_options, provision_as_admin
 from handlers.common import Emitter
 from infra.settings import Settings, get_settings
 from storage.objects import ObjectStore
@@ -46,6 +49,12 @@ def available_stages() -> list[str]:
     return out
 
 
+def worker_role(stages: list[str]) -> str:
+    """The NATS user a worker logs in as: the stage's own user when it runs one stage, else `stages`
+    (the union of every stage's permissions: the all-in-one demo process and the tests)."""
+    return stages[0] if len(stages) == 1 else "stages"
+
+
 def build_app(
     stages: Iterable[str] | None = None, settings: Settings | None = None, *, access_log_level: int = logging.INFO
 ) -> FastStream:
@@ -54,12 +63,15 @@ def build_app(
     unknown = [n for n in names if n not in STAGES]
     if unknown:
         raise ValueError(f"unknown stage(s) {unknown}; choose from {sorted(STAGES)}")
-    opts = connect_options(settings)
+    opts = connect_options(settings, worker_role(names))
     servers = opts.pop("servers")
     opts.pop("name")
+    security = None
+    if "user" in opts:  # FastStream takes user/password as a security object (never logged)
+        security = SASLPlaintext(opts.pop("user"), opts.pop("password", ""))
     # a worker outlives NATS restarts: reconnect forever (the CLI's short-lived client gives up after 3 tries)
     broker = NatsBroker(servers, graceful_timeout=30.0, log_level=access_log_level, max_reconnect_attempts=-1,
-                        **opts)
+                        security=security, **opts)
     for name in names:
         broker.include_router(importlib.import_module(STAGES[name]).router)
     app = FastStream(broker, specification=AsyncAPI(
@@ -71,7 +83,7 @@ def build_app(
         from storage.db import init_db
 
         await broker.connect()
-        await provision(broker.connection.jetstream())
+        await provision_as_admin(settings, broker.connection.jetstream())
         store = ObjectStore(settings)
         await store.ensure_bucket()
         client = await init_db(settings)

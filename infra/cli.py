@@ -93,10 +93,9 @@ def stack_provision() -> None:
 
 
 async def _provision(s: Settings) -> None:
-    from events.streams import provision
+    from events.client import provision_as_admin
 
-    async with client(s) as c:
-        await provision(c.js)
+    await provision_as_admin(s)  # as the admin user where NATS has users (README "Security")
 
 
 @stack_app.command("install")

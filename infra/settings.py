@@ -1,15 +1,16 @@
 """All configuration, from the environment and `.env` (see `.env.example`).
 
-Secrets (HF token, S3 keys, NATS password/token, webhook secret, bridge token) are `SecretStr`:
+Secrets (HF token, S3 keys, NATS passwords/token, webhook secret, bridge token) are `SecretStr`:
 they never appear in a repr, a log line, a document or an object.
 """
 
 from __future__ import annotations
 
+import json
 from functools import lru_cache
 from pathlib import Path
 
-from pydantic import AliasChoices, Field, SecretStr
+from pydantic import AliasChoices, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -20,9 +21,20 @@ class Settings(BaseSettings):
 
     # --- NATS JetStream
     nats_url: str = Field("nats://127.0.0.1:4222", validation_alias=AliasChoices("CODETUNE_NATS_URL", "NATS_URL"))
+    # Explicit user/password or token: every process connects with them (one shared identity).
     nats_user: str | None = None
     nats_password: SecretStr | None = None
     nats_token: SecretStr | None = None
+    # Role passwords (see README "Security"): a process connects as the user of its role when the role's
+    # password is set and `nats_user` is not. The local stack generates them into `<home>/nats-users.json`.
+    nats_admin_password: SecretStr | None = None
+    nats_client_password: SecretStr | None = None
+    nats_stages_password: SecretStr | None = None
+    nats_datasets_password: SecretStr | None = None
+    nats_models_password: SecretStr | None = None
+    nats_tuning_password: SecretStr | None = None
+    nats_export_password: SecretStr | None = None
+    nats_serving_password: SecretStr | None = None
 
     # --- MongoDB (the seed's MONGODB_URI / MONGODB_DB keep working)
     mongodb_uri: str = Field(
@@ -75,6 +87,29 @@ class Settings(BaseSettings):
     # --- Pipeline behaviour
     dataset_max_line_errors: int = 20
     work_dir: Path | None = None
+
+    @model_validator(mode="after")
+    def _stack_nats_passwords(self) -> Settings:
+        """Role passwords not set explicitly come from the local stack's generated file, if there is one."""
+        path = self.nats_users_file
+        if path.is_file():
+            try:
+                generated = json.loads(path.read_text())
+            except (OSError, ValueError):
+                generated = {}
+            for role, password in generated.items():
+                field = f"nats_{role}_password"
+                if field in type(self).model_fields and getattr(self, field) is None and isinstance(password, str):
+                    setattr(self, field, SecretStr(password))
+        return self
+
+    def nats_password_for(self, role: str) -> SecretStr | None:
+        value = getattr(self, f"nats_{role}_password", None)
+        return value if isinstance(value, SecretStr) else None
+
+    @property
+    def nats_users_file(self) -> Path:
+        return self.home / "nats-users.json"
 
     @property
     def data_dir(self) -> Path:

@@ -12,6 +12,7 @@ Idempotent: `start` leaves running services alone and waits until each answers a
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import shutil
@@ -19,11 +20,14 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+
+from pydantic import SecretStr
 
 from infra.settings import Settings
 
@@ -54,6 +58,10 @@ def _bin(name: str) -> str:
     return found
 
 
+def _secret(value: SecretStr | None) -> str | None:
+    return value.get_secret_value() if value is not None else None
+
+
 def _port_open(port: int) -> bool:
     with socket.socket() as s:
         s.settimeout(0.3)
@@ -74,8 +82,25 @@ class LocalStack:
     def _nats(self) -> Service:
         s = self.s
 
+        conf = self.root / "nats.conf"
+
+        def prepare() -> None:
+            """Write the server's users and permissions (infra/natsauth.py) with this stack's passwords:
+            the ones set in settings, else those generated at the first start (`<home>/nats-users.json`,
+            mode 0600). Settings objects made afterwards read that file; this one is updated in place."""
+            from infra import natsauth
+
+            passwords = natsauth.ensure_passwords(
+                s.nats_users_file, {r: _secret(s.nats_password_for(r)) for r in natsauth.ROLES})
+            for role, password in passwords.items():
+                if s.nats_password_for(role) is None:
+                    setattr(s, f"nats_{role}_password", SecretStr(password))
+            conf.touch(mode=0o600)
+            conf.chmod(0o600)
+            conf.write_text(natsauth.render_conf(passwords))
+
         def argv() -> list[str]:
-            return [_bin("nats-server"), "-a", LOOPBACK, "-p", str(s.stack_nats_port), "-js",
+            return [_bin("nats-server"), "-c", str(conf), "-a", LOOPBACK, "-p", str(s.stack_nats_port), "-js",
                     "-sd", str(self.data / "nats"), "-m", str(s.stack_nats_monitor_port),
                     "-n", "codetune-local"]
 
@@ -88,7 +113,7 @@ class LocalStack:
             except OSError:
                 return False
 
-        return Service("nats", s.stack_nats_port, argv, ready)
+        return Service("nats", s.stack_nats_port, argv, ready, prepare)
 
     def secantus_python(self) -> Path:
         if self.s.stack_secantus_python:
@@ -230,10 +255,30 @@ class LocalStack:
                         raise StackError(f"{svc.name} did not answer within {timeout:.0f}s; see {self.log_dir}")
                     time.sleep(0.2)
                 log(f"{svc.name:8s} started on {LOOPBACK}:{svc.port}")
+            self.provision()
         except BaseException:
             self.stop(log=lambda _: None)
             raise
         log(f"data and logs: {self.root}")
+
+    def provision(self) -> None:
+        """Create or update the streams and consumers, as the admin user (in a thread: callers may be
+        inside an event loop)."""
+        from events.client import provision_as_admin
+
+        errors: list[BaseException] = []
+
+        def target() -> None:
+            try:
+                asyncio.run(provision_as_admin(self.s))
+            except BaseException as e:  # re-raised in the caller's thread
+                errors.append(e)
+
+        th = threading.Thread(target=target, name="codetune-provision")
+        th.start()
+        th.join()
+        if errors:
+            raise StackError(f"provisioning streams failed: {errors[0]!r}") from errors[0]
 
     def stop(self, timeout: float = 30.0, log: Callable[[str], None] = print) -> None:
         for svc in reversed(self.services):

@@ -1,8 +1,9 @@
 """Shared fixtures: ONE real local stack (NATS JetStream, SecantusDB, SeaweedFS) per test session.
 
 The stack runs on free loopback ports in a temporary folder, so it never collides with a developer's
-own `codetune stack`. Tests talk to it like users do: through events, the CLI's functions, the bucket
-and MongoDB.
+own `codetune stack`. Its NATS has the product's users and permissions (infra/natsauth.py); the
+passwords are generated into the stack folder at start and `settings` picks them up. Tests talk to it
+like users do: through events, the CLI's functions, the bucket and MongoDB.
 """
 
 from __future__ import annotations
@@ -167,7 +168,9 @@ async def client(settings) -> AsyncIterator:
     from events.client import CodeTuneClient
     from events.streams import provision
 
-    c = await CodeTuneClient.connect(settings, source="codetune/tests")
+    # the tests play every party (they publish raw facts too), so this connection logs in as `admin`;
+    # the CLI's functions, the bridge and the workers use their own users (README "Security")
+    c = await CodeTuneClient.connect(settings, source="codetune/tests", role="admin")
     await provision(c.js)
     yield c
     await c.close()
