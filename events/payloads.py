@@ -9,15 +9,67 @@ from __future__ import annotations
 
 import re
 from datetime import datetime
-from typing import Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from events.errors import UnsafeKeyError
 
 SCHEMA_VERSION = 1
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _REPO_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}(/[A-Za-z0-9][A-Za-z0-9._-]{0,95})?$")
 _OLLAMA_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._/-]{0,127}(:[A-Za-z0-9._-]{1,64})?$")
+_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_-]{2,63}$"
+_REVISION_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,127}$")
+
+
+# ---------------------------------------------------------------- the one rule for keys, ids and names
+# Every key, id and name in a consumed payload (commands and facts alike: anyone may publish either) is
+# checked here, before any handler sees it; a bad one is a schema failure (dead letter, invalid_payload).
+
+
+def _key(v: str) -> str:
+    from storage.keys import check_key  # the bucket's key rule has one home: storage/keys.py
+
+    try:
+        return check_key(v)
+    except UnsafeKeyError as e:
+        raise ValueError(f"unsafe key: {e.message}") from None
+
+
+def _sha(v: str) -> str:
+    if not re.fullmatch(r"[A-Za-z0-9._-]{1,128}", v) or v in {".", ".."}:
+        raise ValueError("must be a commit sha (letters, digits, '.', '_', '-'; at most 128)")
+    return v
+
+
+def _revision(v: str) -> str:
+    if not _REVISION_RE.match(v) or ".." in v:
+        raise ValueError("must be a branch, tag or commit (letters, digits, '.', '_', '-', '/'; at most 128)")
+    return v
+
+
+def _repo_id(v: str) -> str:
+    if not _REPO_RE.match(v) or ".." in v:
+        raise ValueError("must look like 'org/name' (letters, digits, '.', '_', '-')")
+    return v
+
+
+def _ollama_name(v: str) -> str:
+    if not _OLLAMA_NAME_RE.match(v) or ".." in v:
+        raise ValueError("must be a lowercase Ollama model name such as 'my-model' or 'me/model:tag'")
+    return v
+
+
+Key = Annotated[str, AfterValidator(_key)]
+"""A bucket key (or prefix) from outside: relative, no `..`/NUL, safe characters, bounded (storage.keys)."""
+Id = Annotated[str, Field(pattern=_ID_PATTERN, description="3-64 of [A-Za-z0-9_-]")]
+Sha = Annotated[str, AfterValidator(_sha)]
+Revision = Annotated[str, AfterValidator(_revision)]
+RepoId = Annotated[str, AfterValidator(_repo_id)]
+OllamaName = Annotated[str, AfterValidator(_ollama_name)]
+FileName = Annotated[str, Field(min_length=1, max_length=255, pattern=r"^[^\x00-\x1f/\\]+$")]
 
 
 class Payload(BaseModel):
@@ -62,22 +114,22 @@ class DatasetProfile(BaseModel):
 
 
 class DatasetUploaded(Payload):
-    dataset_id: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]{2,63}$")
-    key: str = Field(description="object key in the bucket")
-    name: str
+    dataset_id: Id
+    key: Key = Field(description="object key in the bucket")
+    name: FileName
     format: Literal["auto", "text", "alpaca", "chat"] = "auto"
     failure_subject: ClassVar[str | None] = "dataset.failed"
 
 
 class DatasetValidated(Payload):
-    dataset_id: str
-    key: str
-    name: str
+    dataset_id: Id
+    key: Key
+    name: FileName
     profile: DatasetProfile
 
 
 class DatasetFailed(Payload):
-    dataset_id: str
+    dataset_id: Id
     error: ErrorInfo
     line_errors: list[LineError] = Field(default_factory=list)
 
@@ -87,29 +139,27 @@ class DatasetFailed(Payload):
 
 class ModelPullRequested(Command):
     repo_id: str
-    revision: str = "main"
+    revision: Revision = "main"
     failure_subject: ClassVar[str | None] = "model.pull.failed"
 
     @field_validator("repo_id")
     @classmethod
     def _repo(cls, v: str) -> str:
-        if not _REPO_RE.match(v) or ".." in v:
-            raise ValueError("must look like 'org/name' (letters, digits, '.', '_', '-')")
-        return v
+        return _repo_id(v)
 
 
 class ModelPulled(Payload):
-    repo_id: str
-    revision: str
-    sha: str = Field(description="resolved commit sha on the hub")
-    prefix: str = Field(description="bucket prefix holding the snapshot")
+    repo_id: RepoId
+    revision: Revision
+    sha: Sha = Field(description="resolved commit sha on the hub")
+    prefix: Key = Field(description="bucket prefix holding the snapshot")
     files: int
     bytes: int
 
 
 class ModelPullFailed(Payload):
-    repo_id: str
-    revision: str = "main"
+    repo_id: RepoId
+    revision: Revision = "main"
     error: ErrorInfo
 
 
@@ -155,7 +205,8 @@ class ExportOptions(BaseModel):
 
     mode: Literal["adapter", "merged"] = "adapter"
     outtype: Literal["f16", "bf16", "q8_0"] = "f16"
-    quantize: str | None = Field(None, description="Ollama create-time quantization, e.g. q4_K_M")
+    quantize: str | None = Field(None, pattern=r"^[A-Za-z0-9_]{1,32}$",
+                                  description="Ollama create-time quantization, e.g. q4_K_M")
     system: str | None = None
 
 
@@ -168,10 +219,10 @@ SEED_QUANTIZATION: dict[str, ExportOptions] = {
 
 
 class TuningRequested(Command):
-    job_id: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]{2,63}$")
+    job_id: Id | None = None
     base_model: str
-    revision: str = "main"
-    dataset_id: str
+    revision: Revision = "main"
+    dataset_id: Id
     hyperparameters: Hyperparameters = Field(default_factory=Hyperparameters)
     name: str | None = Field(None, description="Ollama model name to publish as")
     export: ExportOptions | None = Field(default_factory=ExportOptions, description="null: do not export")
@@ -185,16 +236,14 @@ class TuningRequested(Command):
     @field_validator("name")
     @classmethod
     def _name(cls, v: str | None) -> str | None:
-        if v is not None and not _OLLAMA_NAME_RE.match(v):
-            raise ValueError("must be a lowercase Ollama model name such as 'my-model' or 'me/model:tag'")
-        return v
+        return _ollama_name(v) if v is not None else None
 
 
 JobStatus = Literal["validating", "waiting", "queued", "running", "succeeded", "failed", "cancelled"]
 
 
 class TuningProgress(Payload):
-    job_id: str
+    job_id: Id
     status: JobStatus
     step: int
     max_steps: int
@@ -212,7 +261,7 @@ class TuningProgress(Payload):
 
 
 class TuningCancelRequested(Command):
-    job_id: str
+    job_id: Id
 
 
 class LossPoint(BaseModel):
@@ -234,26 +283,26 @@ class TrainMetrics(BaseModel):
 
 
 class TuningCompleted(Payload):
-    job_id: str
-    base_model: str
-    sha: str
-    dataset_id: str
-    adapter_key: str = Field(description="bucket prefix of the saved LoRA adapter")
-    plot_key: str | None = None
+    job_id: Id
+    base_model: RepoId
+    sha: Sha
+    dataset_id: Id
+    adapter_key: Key = Field(description="bucket prefix of the saved LoRA adapter")
+    plot_key: Key | None = None
     metrics: TrainMetrics
     loss_history: list[LossPoint]
-    name: str | None = None
+    name: OllamaName | None = None
     export: ExportOptions | None = None
     failure_subject: ClassVar[str | None] = "model.export.failed"
 
 
 class TuningFailed(Payload):
-    job_id: str
+    job_id: Id
     error: ErrorInfo
 
 
 class TuningCancelled(Payload):
-    job_id: str
+    job_id: Id
     step: int
 
 
@@ -261,32 +310,32 @@ class TuningCancelled(Payload):
 
 
 class ModelExported(Payload):
-    job_id: str
-    name: str
+    job_id: Id
+    name: OllamaName
     mode: Literal["adapter", "merged"]
-    model_key: str = Field(description="GGUF of the base (adapter mode) or merged model")
-    adapter_key: str | None = None
-    modelfile_key: str
-    template: str
-    stop: list[str]
-    system: str | None = None
-    quantize: str | None = None
+    model_key: Key = Field(description="GGUF of the base (adapter mode) or merged model")
+    adapter_key: Key | None = None
+    modelfile_key: Key
+    template: str = Field(max_length=65_536)
+    stop: list[Annotated[str, Field(max_length=256)]] = Field(max_length=64)
+    system: str | None = Field(None, max_length=65_536)
+    quantize: str | None = Field(None, pattern=r"^[A-Za-z0-9_]{1,32}$")
     failure_subject: ClassVar[str | None] = "model.publish.failed"
 
 
 class ModelExportFailed(Payload):
-    job_id: str
+    job_id: Id
     error: ErrorInfo
 
 
 class ModelPublished(Payload):
-    job_id: str
-    name: str
+    job_id: Id
+    name: OllamaName
     ollama_host: str
 
 
 class ModelPublishFailed(Payload):
-    job_id: str
+    job_id: Id
     name: str | None = None
     error: ErrorInfo
 
@@ -319,7 +368,7 @@ class OllamaCreateRequest(Command):
 
     name: str
     modelfile: str = Field(min_length=4)
-    gguf_key: str | None = Field(None, description="bucket key of the GGUF that FROM refers to")
+    gguf_key: Key | None = Field(None, description="bucket key of the GGUF that FROM refers to")
 
 
 class OllamaReply(BaseModel):

@@ -8,6 +8,8 @@ import unicodedata
 from events.errors import UnsafeKeyError
 
 _SAFE = re.compile(r"[^A-Za-z0-9._-]+")
+MAX_KEY_LEN = 1024  # S3's limit on an object key (bytes; keys here are ASCII)
+MAX_PART_LEN = 255
 
 
 def safe_name(name: str, *, max_len: int = 128) -> str:
@@ -20,9 +22,11 @@ def safe_name(name: str, *, max_len: int = 128) -> str:
 
 def _part(part: str) -> str:
     if not part or part in {".", ".."} or "/" in part or "\\" in part or "\x00" in part:
-        raise UnsafeKeyError(f"unsafe key part {part!r}")
+        raise UnsafeKeyError(f"unsafe key part {part[:80]!r}")
     if _SAFE.search(part):
-        raise UnsafeKeyError(f"key part {part!r} has characters outside [A-Za-z0-9._-]")
+        raise UnsafeKeyError(f"key part {part[:80]!r} has characters outside [A-Za-z0-9._-]")
+    if len(part) > MAX_PART_LEN:
+        raise UnsafeKeyError(f"key part of {len(part)} characters (at most {MAX_PART_LEN})")
     return part
 
 
@@ -31,9 +35,16 @@ def join(*parts: str) -> str:
 
 
 def check_key(key: str) -> str:
-    """Validate a key that came from outside (an event): relative, no `..`, safe characters."""
+    """Validate a key that came from outside (an event): bucket-relative (no leading `/`), no `.`/`..`
+    or empty parts, no NUL, only `[A-Za-z0-9._-]` per part, at most MAX_KEY_LEN characters.
+
+    The one rule for keys: the payload models (events/payloads.py) and the object store both apply it."""
+    if not isinstance(key, str) or not key:
+        raise UnsafeKeyError("empty key")
+    if len(key) > MAX_KEY_LEN:
+        raise UnsafeKeyError(f"key of {len(key)} characters (at most {MAX_KEY_LEN})")
     if key.startswith("/"):
-        raise UnsafeKeyError(f"absolute key {key!r}")
+        raise UnsafeKeyError(f"absolute key {key[:80]!r}")
     return join(*key.split("/"))
 
 
