@@ -178,3 +178,21 @@ async def test_a_nats_without_auth_still_works(settings, tmp_path) -> None:
     finally:
         proc.terminate()
         await asyncio.wait_for(proc.wait(), 10)
+
+
+async def test_client_cannot_touch_streams_or_stage_consumers_but_reads_them(as_client, client) -> None:
+    from nats.js.api import ConsumerConfig
+
+    from events.streams import DEAD_LETTERS, TUNING_REQUESTED
+
+    c, violations = as_client
+    with pytest.raises((asyncio.TimeoutError, NatsError)):
+        await c.js.delete_stream(EVENTS.name)
+    with pytest.raises((asyncio.TimeoutError, NatsError)):  # hijack a stage's durable with another filter
+        await c.js.add_consumer(EVENTS.name, ConsumerConfig(durable_name=TUNING_REQUESTED.durable,
+                                                            filter_subject=sj.MODEL_EXPORTED))
+    assert sum("permissions violation" in e.lower() for e in violations.errors) == 2, violations.errors
+    info = await client.js.consumer_info(EVENTS.name, TUNING_REQUESTED.durable)
+    assert info.config.filter_subject == sj.TUNING_REQUESTED
+    # reading is allowed: what `codetune dlq list` does
+    assert (await c.js.stream_info(DEAD_LETTERS.name)).config.name == DEAD_LETTERS.name
