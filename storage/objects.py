@@ -20,7 +20,7 @@ import urllib3
 from minio import Minio
 from minio.error import S3Error
 
-from events.errors import NotFoundError, StorageUnavailableError
+from events.errors import NotFoundError, StorageUnavailableError, UnsafeKeyError
 from storage.keys import check_key
 
 PART_SIZE = 16 * 1024 * 1024
@@ -29,6 +29,16 @@ CHUNK = 1024 * 1024
 
 class ObjectNotFoundError(NotFoundError):
     code = "object_not_found"
+
+
+def local_path(root: Path, key: str) -> Path:
+    """Where `key` lives under the local folder `root`: derived only from a validated key (storage.keys)
+    and refused if it would resolve outside `root` (a symlink inside the cache, say)."""
+    path = root / check_key(key)
+    base = root.resolve()
+    if not path.resolve().is_relative_to(base):
+        raise UnsafeKeyError(f"key {key[:80]!r} resolves outside the cache")
+    return path
 
 
 def _client(settings: Any) -> Minio:
@@ -179,15 +189,18 @@ class ObjectStore:
         return files, total
 
     async def download_prefix(self, prefix: str, root: Path) -> int:
-        """Download every object under `prefix/` into `root`, keeping relative paths."""
-        objs = await self.list(prefix.rstrip("/") + "/")
-        for name, _ in objs:
-            rel = name[len(prefix.rstrip("/")) + 1:]
-            await self.download(name, root / rel)
+        """Download every object under `prefix/` into `root`, keeping relative paths (each one checked to
+        stay inside `root` before anything is written)."""
+        prefix = check_key(prefix.rstrip("/"))
+        objs = await self.list(prefix + "/")
+        targets = [(name, local_path(root, name[len(prefix) + 1:])) for name, _ in objs]
+        for name, target in targets:
+            await self.download(name, target)
         return len(objs)
 
     async def mirror(self, prefix: str, target: Path, marker: str = "") -> Path:
         """A local copy of everything under `prefix/`, downloaded once (atomically) and then reused."""
+        prefix = check_key(prefix.rstrip("/"))
         done = target / ".complete"
         if done.exists():
             return target
@@ -200,8 +213,12 @@ class ObjectStore:
         tmp.rename(target)
         return target
 
-    async def fetch(self, key: str, target: Path) -> Path:
-        """A local copy of one object, downloaded once and then reused (keys are immutable)."""
+    async def fetch(self, key: str, cache: Path) -> Path:
+        """A local copy of one object at `cache/<key>`, downloaded once and then reused (keys are immutable).
+
+        The path comes only from the validated key and stays inside `cache`; an unsafe key raises
+        UnsafeKeyError before anything (not even a `.part` file) is created."""
+        target = local_path(cache, key)
         if not target.exists():
             await self.download(key, target)
         return target

@@ -1,22 +1,57 @@
-"""The serving stage's work: create an exported model in Ollama and record it."""
+"""The serving stage's work: create an exported model in Ollama and record it.
+
+`model.exported` is a fact anyone could publish, so it is checked against the job's record before any
+effect: an unknown job is JobNotFoundError; a job not in stage `exported` (or a retry after
+`publish_failed`), or keys/name/options that are not the job's recorded export artifacts, is
+FactMismatchError; both are permanent (dead letter) and change nothing. The GGUF files are fetched only
+under the stage's cache, at paths derived from the validated keys. Per job, publish runs once: a second
+`model.exported` for a job already publishing or published is acked and ignored (only a redelivery of the
+message whose publish never finished, a crash, may take it over).
+"""
 
 from __future__ import annotations
 
 from typing import Any
 
-from events.errors import CodeTuneError, InvalidInputError
+from events.errors import CodeTuneError, FactMismatchError, InvalidInputError, JobNotFoundError
 from events.payloads import ErrorInfo, ModelExported, ModelPublished, ModelPublishFailed, OllamaCreateRequest
 from handlers.serving import ollama_ops
-from handlers.tuning.jobs import update
-from storage.documents import ServedModel
+from handlers.tuning.jobs import update, update_if
+from storage.documents import ServedModel, TuningJob
 from storage.objects import ObjectStore
 
+PUBLISHABLE = ("exported", "publish_failed")
+PUBLISHED = ("publishing", "published")
 
-async def publish(event: ModelExported, store: ObjectStore, settings: Any) -> ModelPublished | ModelPublishFailed:
-    await update(event.job_id, stage="publishing")
+
+def check_exported(job: TuningJob | None, event: ModelExported) -> TuningJob:
+    """The job a `model.exported` names, if the fact matches its recorded export; raises otherwise."""
+    if job is None:
+        raise JobNotFoundError(f"model.exported for unknown job {event.job_id!r}")
+    if job.stage not in (*PUBLISHABLE, *PUBLISHED):
+        raise FactMismatchError(f"model.exported for job {job.job_id} whose stage is {job.stage!r}, not exported")
+    art = job.artifacts or {}
+    opts = job.export or {}
+    expected = {"model_key": art.get("model_gguf"), "adapter_key": art.get("adapter_gguf"),
+                "modelfile_key": art.get("modelfile"), "name": job.name or job.job_id.lower(),
+                "mode": opts.get("mode", "adapter"), "system": opts.get("system"), "quantize": opts.get("quantize")}
+    wrong = [k for k, v in expected.items() if getattr(event, k) != v]
+    if wrong:
+        raise FactMismatchError(f"model.exported for job {job.job_id} does not match its recorded export: "
+                                + ", ".join(f"{k} {str(getattr(event, k))[:80]!r}" for k in wrong))
+    return job
+
+
+async def publish(event: ModelExported, store: ObjectStore, settings: Any, *, redelivered: bool = False
+                  ) -> ModelPublished | ModelPublishFailed | None:
+    """Create the model in Ollama; None when the job is already publishing or published (a duplicate)."""
+    check_exported(await TuningJob.find_one(TuningJob.job_id == event.job_id), event)
+    allowed = [*PUBLISHABLE, *PUBLISHED] if redelivered else list(PUBLISHABLE)
+    if await update_if(event.job_id, {"stage": {"$in": allowed}}, stage="publishing") is None:
+        return None
     cache = settings.scratch_dir / "gguf"
-    model_path = await store.fetch(event.model_key, cache / event.model_key)
-    adapter_path = await store.fetch(event.adapter_key, cache / event.adapter_key) if event.adapter_key else None
+    model_path = await store.fetch(event.model_key, cache)
+    adapter_path = await store.fetch(event.adapter_key, cache) if event.adapter_key else None
     client = ollama_ops.make_client(settings.ollama_host)
     try:
         created = await ollama_ops.create_model(client, event.name, model_path, adapter_path, event.template,
@@ -49,8 +84,8 @@ async def create_from_modelfile(req: OllamaCreateRequest, store: ObjectStore, se
             raise InvalidInputError("ADAPTER needs FROM to name a GGUF in the bucket (or pass gguf_key)")
         await ollama_ops.create_from(client, req.name, mf.from_, mf.template, mf.parameters, mf.system)
         return {"model": req.name, "from": mf.from_}
-    model_path = await store.fetch(check_key(gguf_key), cache / gguf_key)
-    adapter_path = await store.fetch(check_key(mf.adapter), cache / mf.adapter) if mf.adapter else None
+    model_path = await store.fetch(check_key(gguf_key), cache)
+    adapter_path = await store.fetch(check_key(mf.adapter), cache) if mf.adapter else None
     stop = mf.parameters.pop("stop", None)
     created = await ollama_ops.create_model(client, req.name, model_path, adapter_path, mf.template, stop,
                                             mf.system, parameters=mf.parameters)
