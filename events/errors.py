@@ -66,6 +66,12 @@ class JobNotFoundError(NotFoundError):
     code = "job_not_found"
 
 
+class FactMismatchError(InvalidInputError):
+    """A fact that contradicts the recorded state (wrong stage, other sha, keys that are not the job's)."""
+
+    code = "fact_mismatch"
+
+
 class GatedRepoError(CodeTuneError):
     code = "model_gated"
 

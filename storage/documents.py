@@ -110,6 +110,7 @@ class TuningJob(Timestamped):
     metrics: dict[str, Any] | None = None
     artifacts: dict[str, Any] = Field(default_factory=dict)
     attempts: int = 0
+    outcome_sent: bool = Field(False, description="the terminal outcome event was published")
     cancel_requested: bool = False
     lease_owner: str | None = Field(None, description="worker running the job; renewed by its heartbeat")
     lease_until: datetime | None = None

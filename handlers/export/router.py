@@ -3,6 +3,9 @@
 Ack policy: MANUAL via FailurePolicy — acked after the files are in the bucket and the answer is
 published; a converter failure is answered with `model.export.failed` (the converter's own error lines);
 S3 outages are retried with backoff, then dead-lettered. A job that asked for no export is acked as is.
+A fact for an unknown job, or one that contradicts the job's record, is dead-lettered and changes
+nothing; a second `tuning.completed` for a job already exporting or exported is acked and ignored
+(see handlers/export/service.py).
 """
 
 from faststream.nats import NatsMessage
@@ -19,6 +22,7 @@ router = pipeline_router()
 async def on_tuning_completed(
     event: TuningCompleted, msg: NatsMessage, store: StoreDep, settings: SettingsDep, emitter: EmitterDep
 ) -> None:
-    if event.export is None:
-        return
-    await emitter.emit(await export(event, store, settings), incoming(msg))
+    parent = incoming(msg)
+    answer = await export(event, store, settings, redelivered=parent.num_delivered > 1)
+    if answer is not None:
+        await emitter.emit(answer, parent)

@@ -3,6 +3,14 @@
 Adapter mode (default): the adapter becomes a GGUF LoRA (megabytes) and the base model a GGUF once per
 base model, cached in the bucket by its commit sha. Merged mode: peft merge, then one GGUF.
 Artifacts are uploaded before anything references them; the job and the event name them only on success.
+
+`tuning.completed` is a fact anyone could publish, so it is checked against the job's record first: an
+unknown job is JobNotFoundError, a fact that does not match the record (job not succeeded, other base
+model, sha, dataset, adapter, name or export options) is FactMismatchError; both are permanent (dead
+letter), and nothing is changed. Per job, export runs once: a second `tuning.completed` for a job whose
+stage is already exporting, exported or later is acked and ignored; only a redelivery of the message
+whose export never finished (a crash) may take over a job stuck in `exporting`/`exported`. A job whose
+export failed may be exported again by a new `tuning.completed`.
 """
 
 from __future__ import annotations
@@ -12,26 +20,62 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from events.errors import CodeTuneError, ExportError
-from events.payloads import ErrorInfo, ExportOptions, ModelExported, ModelExportFailed, TuningCompleted
-from handlers.tuning.jobs import update
+from events.errors import CodeTuneError, ExportError, FactMismatchError, JobNotFoundError
+from events.payloads import ErrorInfo, ModelExported, ModelExportFailed, TuningCompleted
+from handlers.tuning.jobs import update, update_if
 from handlers.tuning.runner import local_model_dir
 from storage import keys
-from storage.documents import BaseModel
+from storage.documents import BaseModel, TuningJob
 from storage.objects import ObjectStore
+
+# stages at or after a finished export: a new tuning.completed for such a job changes nothing
+AFTER_EXPORT = ("exported", "publishing", "published", "publish_failed")
 
 
 def model_name(event: TuningCompleted) -> str:
     return event.name or event.job_id.lower()
 
 
-async def export(event: TuningCompleted, store: ObjectStore, settings: Any) -> ModelExported | ModelExportFailed:
+def check_completed(job: TuningJob | None, event: TuningCompleted) -> TuningJob:
+    """The job a `tuning.completed` names, if the fact matches its record; raises otherwise."""
+    if job is None:
+        raise JobNotFoundError(f"tuning.completed for unknown job {event.job_id!r}")
+    if job.status != "succeeded":
+        raise FactMismatchError(f"tuning.completed for job {job.job_id} whose status is {job.status!r}")
+    expected = {"base_model": job.base_model, "sha": job.sha, "dataset_id": job.dataset_id,
+                "adapter_key": job.adapter_key, "name": job.name}
+    got = {"base_model": event.base_model, "sha": event.sha, "dataset_id": event.dataset_id,
+           "adapter_key": event.adapter_key, "name": event.name}
+    wrong = [k for k in expected if expected[k] != got[k]]
+    if (event.export.model_dump() if event.export else None) != job.export:
+        wrong.append("export")
+    if wrong:
+        raise FactMismatchError(f"tuning.completed for job {job.job_id} does not match the job's record: "
+                                + ", ".join(f"{k} {str(got.get(k, 'options'))[:80]!r}" for k in wrong))
+    return job
+
+
+async def claim_export(event: TuningCompleted, *, redelivered: bool = False) -> TuningJob | None:
+    """Check the fact against the job and move the job to `exporting`; None when its export already
+    ran or runs (a duplicate: nothing to do)."""
+    check_completed(await TuningJob.find_one(TuningJob.job_id == event.job_id), event)
+    busy = ["exporting", *AFTER_EXPORT] if not redelivered else list(AFTER_EXPORT[1:])
+    return await update_if(event.job_id, {"status": "succeeded", "stage": {"$nin": busy}}, stage="exporting")
+
+
+async def export(event: TuningCompleted, store: ObjectStore, settings: Any, *, redelivered: bool = False
+                 ) -> ModelExported | ModelExportFailed | None:
+    """Export the job's model; None when there is nothing to do (no export asked, or already exported)."""
     from handlers.export import gguf
     from handlers.export.modelfile import ollama_template, render_modelfile
     from infra.llamacpp import ensure_converters
 
-    opts = event.export or ExportOptions()
-    await update(event.job_id, stage="exporting")
+    if event.export is None:
+        check_completed(await TuningJob.find_one(TuningJob.job_id == event.job_id), event)
+        return None
+    if await claim_export(event, redelivered=redelivered) is None:
+        return None
+    opts = event.export
     model = await BaseModel.find_one(BaseModel.repo_id == event.base_model, BaseModel.sha == event.sha)
     if model is None or not model.prefix:
         return await _failed(event, ExportError(f"base model {event.base_model}@{event.sha} is not in the bucket"))

@@ -3,8 +3,10 @@ request-reply subjects (`ollama.models`, `ollama.pull`, `ollama.show`, `ollama.d
 
 Ack policy for `model.exported`: MANUAL via FailurePolicy — acked after the model exists in Ollama and
 `model.published` is out; Ollama refusing the model → `model.publish.failed`; Ollama unreachable →
-retried with backoff, then dead-lettered. Request-reply subjects are core NATS (queue group `serving`,
-so any number of serving workers share them); every request gets an `OllamaReply`.
+retried with backoff, then dead-lettered. A fact for an unknown job, or one that is not the job's
+recorded export, is dead-lettered and changes nothing; a second one for a job already publishing or
+published is acked and ignored (handlers/serving/service.py). Request-reply subjects are core NATS
+(queue group `serving`, so any number of serving workers share them); every request gets an `OllamaReply`.
 """
 
 from typing import Any
@@ -42,7 +44,10 @@ QUEUE = "serving"
 async def on_model_exported(
     event: ModelExported, msg: NatsMessage, store: StoreDep, settings: SettingsDep, emitter: EmitterDep
 ) -> None:
-    await emitter.emit(await publish(event, store, settings), incoming(msg))
+    parent = incoming(msg)
+    answer = await publish(event, store, settings, redelivered=parent.num_delivered > 1)
+    if answer is not None:
+        await emitter.emit(answer, parent)
 
 
 def _client(settings: Any) -> Any:

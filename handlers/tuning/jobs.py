@@ -15,6 +15,7 @@ from typing import Any
 
 from pymongo import ReturnDocument
 
+from events.errors import JobNotFoundError
 from events.payloads import ErrorInfo, TuningRequested
 from storage.documents import BaseModel, Dataset, TuningJob, now
 from storage.objects import ObjectStore
@@ -93,8 +94,22 @@ async def check_inputs(job: TuningJob, store: ObjectStore) -> Inputs:
     return out
 
 
+async def update_if(job_id: str, where: dict[str, Any], **fields: Any) -> TuningJob | None:
+    """Atomically set `fields` on the job if it exists and matches `where`; never creates a job.
+    Returns the job after the update, or None when no job matched."""
+    raw = await TuningJob.get_pymongo_collection().find_one_and_update(
+        {"job_id": job_id, **where}, {"$set": {**fields, "updated_at": now()}},
+        return_document=ReturnDocument.AFTER,
+    )
+    return TuningJob.model_validate(raw) if raw else None
+
+
 async def update(job_id: str, **fields: Any) -> TuningJob:
-    return await TuningJob.upsert_by({"job_id": job_id}, fields)
+    """Set fields on an existing job. Only `record` creates jobs: no stage upserts a job from a fact."""
+    job = await update_if(job_id, {}, **fields)
+    if job is None:
+        raise JobNotFoundError(f"unknown job id {job_id!r}")
+    return job
 
 
 async def finish(job_id: str, status: str, **fields: Any) -> TuningJob:

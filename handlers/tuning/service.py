@@ -1,4 +1,12 @@
-"""The tuning stage's decisions: record a request, wait for inputs, run, resume waiting jobs, cancel."""
+"""The tuning stage's decisions: record a request, wait for inputs, run, resume waiting jobs, cancel.
+
+Idempotent per job, not per message: a job is trained at most once whatever number of `tuning.requested`
+name it (redeliveries, or new messages with other `Nats-Msg-Id`s). A request for a job that is running
+elsewhere is acked and ignored (the running worker answers). A request for a finished job (succeeded,
+failed, cancelled) re-answers with the recorded outcome ONLY if that outcome was never published
+(`outcome_sent` false: a crash between storing and publishing); otherwise it is acked and ignored, so
+`tuning.completed` is emitted once per job.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +16,7 @@ from typing import Any
 from events.payloads import (
     ErrorInfo,
     ModelPullRequested,
+    Payload,
     TuningCancelled,
     TuningFailed,
     TuningProgress,
@@ -21,21 +30,38 @@ from storage.objects import ObjectStore
 Emit = Callable[..., Awaitable[Any]]
 
 
+def outcome_of(job: TuningJob) -> Payload:
+    """The terminal event of a finished job, rebuilt from its record."""
+    if job.status == "succeeded":
+        return completed_event(job)
+    if job.status == "cancelled":
+        return TuningCancelled(job_id=job.job_id, step=job.step)
+    error = ErrorInfo.model_validate(job.error.model_dump()) if job.error else ErrorInfo(code="error",
+                                                                                       message="failed")
+    return TuningFailed(job_id=job.job_id, error=error)
+
+
+async def answer(job_id: str, outcome: Payload, emit: Emit, key: str = "") -> None:
+    """Publish a job's terminal outcome, then record that it was published (see the module docstring)."""
+    await emit(outcome, key=key)
+    await jobs.update(job_id, outcome_sent=True)
+
+
 async def handle_request(job_id: str, event: TuningRequested, store: ObjectStore, emit: Emit,
                          make_ctx: Callable[[], RunContext], *, redelivered: bool = False) -> None:
     job = await jobs.record(job_id, event)
     if job.status in jobs.TERMINAL:
-        if job.status == "succeeded":  # a crash between storing and publishing: publish again (same id)
-            await emit(completed_event(job))
-        return
+        if not job.outcome_sent:  # a crash between storing and publishing: answer with the record
+            await answer(job_id, outcome_of(job), emit)
+        return  # already answered: a duplicate request changes nothing
     if job.cancel_requested:
         await jobs.finish(job_id, "cancelled")
-        await emit(TuningCancelled(job_id=job_id, step=job.step))
+        await answer(job_id, TuningCancelled(job_id=job_id, step=job.step), emit)
         return
     inputs = await jobs.check_inputs(job, store)
     if inputs.failure:
         await jobs.finish(job_id, "failed", error=inputs.failure.model_dump())
-        await emit(TuningFailed(job_id=job_id, error=inputs.failure))
+        await answer(job_id, TuningFailed(job_id=job_id, error=inputs.failure), emit)
         return
     if inputs.missing:
         await jobs.update(job_id, status="waiting", waiting_for=inputs.missing)
@@ -55,7 +81,7 @@ async def handle_request(job_id: str, event: TuningRequested, store: ObjectStore
     if claimed is None:
         return  # another live worker is running this job (this is a second request for it)
     assert inputs.model is not None and inputs.dataset is not None
-    await emit(await run(claimed, inputs.model, inputs.dataset, make_ctx()))
+    await answer(job_id, await run(claimed, inputs.model, inputs.dataset, make_ctx()), emit)
 
 
 async def resume_waiting(key: str, emit: Emit, failure: ErrorInfo | None = None) -> int:
@@ -64,7 +90,7 @@ async def resume_waiting(key: str, emit: Emit, failure: ErrorInfo | None = None)
     for job in await jobs.waiting_on(key):
         if failure is not None:
             await jobs.finish(job.job_id, "failed", error=failure.model_dump())
-            await emit(TuningFailed(job_id=job.job_id, error=failure), key=job.job_id)
+            await answer(job.job_id, TuningFailed(job_id=job.job_id, error=failure), emit, key=job.job_id)
         else:
             ready = await jobs.resolve(job.job_id, key)
             if ready is None:
@@ -82,4 +108,4 @@ async def request_cancel(job_id: str, emit: Emit) -> None:
         await jobs.update(job_id, cancel_requested=True)  # the running worker stops at its next step
         return
     await jobs.finish(job_id, "cancelled", cancel_requested=True)
-    await emit(TuningCancelled(job_id=job_id, step=job.step))
+    await answer(job_id, TuningCancelled(job_id=job_id, step=job.step), emit)
