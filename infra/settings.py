@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 from functools import lru_cache
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from pydantic import AliasChoices, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -90,9 +91,10 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _stack_nats_passwords(self) -> Settings:
-        """Role passwords not set explicitly come from the local stack's generated file, if there is one."""
+        """Role passwords not set explicitly come from the local stack's generated file, if there is one
+        and `nats_url` is the local stack's server (they are never sent to another server)."""
         path = self.nats_users_file
-        if path.is_file():
+        if self.nats_is_local_stack and path.is_file():
             try:
                 generated = json.loads(path.read_text())
             except (OSError, ValueError):
@@ -106,6 +108,11 @@ class Settings(BaseSettings):
     def nats_password_for(self, role: str) -> SecretStr | None:
         value = getattr(self, f"nats_{role}_password", None)
         return value if isinstance(value, SecretStr) else None
+
+    @property
+    def nats_is_local_stack(self) -> bool:
+        url = urlsplit(self.nats_url.split(",")[0].strip())
+        return url.hostname in {"127.0.0.1", "localhost", "::1"} and (url.port or 4222) == self.stack_nats_port
 
     @property
     def nats_users_file(self) -> Path:

@@ -26,7 +26,9 @@ def generate() -> dict[str, Any]:
     from handlers.app import available_stages, build_app
     from infra.settings import Settings
 
-    app = build_app(available_stages(), Settings(_env_file=None, nats_url=SERVER))  # type: ignore[call-arg]
+    # home=os.devnull: the document must not depend on a local stack's generated NATS users
+    fixed = Settings(_env_file=None, nats_url=SERVER, home=Path(os.devnull))  # type: ignore[call-arg]
+    app = build_app(available_stages(), fixed)
     return app.schema.to_specification().to_jsonable()  # type: ignore[no-any-return]
 
 
