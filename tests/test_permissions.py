@@ -196,3 +196,12 @@ async def test_client_cannot_touch_streams_or_stage_consumers_but_reads_them(as_
     assert info.config.filter_subject == sj.TUNING_REQUESTED
     # reading is allowed: what `codetune dlq list` does
     assert (await c.js.stream_info(DEAD_LETTERS.name)).config.name == DEAD_LETTERS.name
+
+
+def test_the_stacks_passwords_are_never_offered_to_another_server(env) -> None:
+    from tests.conftest import settings_from
+
+    local = settings_from(env)
+    remote = settings_from({**env, "CODETUNE_NATS_URL": "nats://nats.example.org:4222"})
+    assert local.nats_password_for("client") is not None
+    assert all(remote.nats_password_for(role) is None for role in natsauth.ROLES)
