@@ -42,6 +42,8 @@ class Service:
     argv: Callable[[], list[str]]
     ready: Callable[[], bool]
     prepare: Callable[[], None] = lambda: None
+    reloads: bool = False  # a running one re-reads its prepared config on SIGHUP
+
 
 
 class StackError(RuntimeError):
@@ -97,12 +99,14 @@ class LocalStack:
                     setattr(s, f"nats_{role}_password", SecretStr(password))
             conf.touch(mode=0o600)
             conf.chmod(0o600)
-            conf.write_text(natsauth.render_conf(passwords))
+            server = {"server_name": "codetune-local", "host": LOOPBACK, "port": s.stack_nats_port,
+                      "http": f"{LOOPBACK}:{s.stack_nats_monitor_port}",
+                      "jetstream": {"store_dir": str(self.data / "nats")}}
+            head = "".join(f"{k}: {json.dumps(v)}\n" for k, v in server.items())
+            conf.write_text(head + natsauth.render_conf(passwords))
 
         def argv() -> list[str]:
-            return [_bin("nats-server"), "-c", str(conf), "-a", LOOPBACK, "-p", str(s.stack_nats_port), "-js",
-                    "-sd", str(self.data / "nats"), "-m", str(s.stack_nats_monitor_port),
-                    "-n", "codetune-local"]
+            return [_bin("nats-server"), "-c", str(conf)]
 
         def ready() -> bool:
             try:
@@ -113,7 +117,7 @@ class LocalStack:
             except OSError:
                 return False
 
-        return Service("nats", s.stack_nats_port, argv, ready, prepare)
+        return Service("nats", s.stack_nats_port, argv, ready, prepare, reloads=True)
 
     def secantus_python(self) -> Path:
         if self.s.stack_secantus_python:
@@ -233,7 +237,10 @@ class LocalStack:
             d.mkdir(parents=True, exist_ok=True)
         started: list[Service] = []
         for svc in self.services:
-            if self.pid(svc) and svc.ready():
+            if (pid := self.pid(svc)) and svc.ready():
+                if svc.reloads:  # e.g. NATS users and permissions changed with the contract
+                    svc.prepare()
+                    os.kill(pid, signal.SIGHUP)
                 log(f"{svc.name:8s} already running on {LOOPBACK}:{svc.port}")
                 continue
             if _port_open(svc.port) and not self.pid(svc):
