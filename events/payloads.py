@@ -368,7 +368,9 @@ class OllamaCreateRequest(Command):
 
     name: str
     modelfile: str = Field(min_length=4)
-    gguf_key: Key | None = Field(None, description="bucket key of the GGUF that FROM refers to")
+    # checked by the serving handler with the same key rule (storage.keys.check_key), like the Modelfile's
+    # FROM/ADAPTER keys, so that the bridge answers an unsafe key with 400 `unsafe_key`
+    gguf_key: str | None = Field(None, description="bucket key of the GGUF that FROM refers to")
 
 
 class OllamaReply(BaseModel):
