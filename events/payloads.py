@@ -353,11 +353,11 @@ class OllamaListRequest(Command):
 
 
 class OllamaModelRef(Command):
-    model: str
+    model: str = Field(min_length=1, max_length=256)
 
 
 class OllamaChatRequest(Command):
-    model: str
+    model: str = Field(min_length=1, max_length=256)
     messages: list[ChatMessage] = Field(min_length=1)
     options: dict[str, Any] | None = None
 
@@ -366,8 +366,8 @@ class OllamaCreateRequest(Command):
     """Create a model from a Modelfile (the original's /ollama/create). `FROM` names a GGUF in the bucket
     (`gguf_key`, or a bucket key in FROM itself) or a model Ollama already has; `ADAPTER` a bucket key."""
 
-    name: str
-    modelfile: str = Field(min_length=4)
+    name: str = Field(min_length=1, max_length=256)
+    modelfile: str = Field(min_length=4, max_length=65_536)
     # checked by the serving handler with the same key rule (storage.keys.check_key), like the Modelfile's
     # FROM/ADAPTER keys, so that the bridge answers an unsafe key with 400 `unsafe_key`
     gguf_key: str | None = Field(None, description="bucket key of the GGUF that FROM refers to")
