@@ -151,3 +151,21 @@ async def test_a_repeated_completed_or_exported_fact_does_not_export_or_publish_
     # only the two facts this test published itself: no second export, publish or dead letter
     assert sorted(s for s, _ in answers) == [sj.MODEL_EXPORTED, sj.TUNING_COMPLETED], answers
     await unchanged(job_id, before)
+
+
+async def test_the_object_store_writes_only_inside_the_cache(store, tmp_path, uid) -> None:
+    from events.errors import UnsafeKeyError
+
+    cache, outside = tmp_path / "cache", tmp_path / "outside"
+    cache.mkdir()
+    outside.mkdir()
+    for key in ["../outside/x.gguf", "/etc/hostname", "gguf/../../outside/x.gguf"]:
+        with pytest.raises(UnsafeKeyError):
+            await store.fetch(key, cache)
+    (cache / "link").symlink_to(outside)  # a link inside the cache must not lead out of it
+    await store.put_bytes(f"link/{uid}.gguf", b"GGUF")
+    with pytest.raises(UnsafeKeyError, match="outside the cache"):
+        await store.fetch(f"link/{uid}.gguf", cache)
+    assert list(outside.iterdir()) == [] and list(cache.iterdir()) == [cache / "link"]
+    await store.put_bytes(f"gguf/{uid}/m.gguf", b"GGUF")
+    assert (await store.fetch(f"gguf/{uid}/m.gguf", cache)).read_bytes() == b"GGUF"
