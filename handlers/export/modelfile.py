@@ -616,17 +616,31 @@ _MISSING = object()
 
 
 def _fields(value: Any, chain: Sequence[str]) -> Any:
+    """`.A.B` over the template's data, which is dicts only (the documented Ollama fields: .System, .Prompt,
+    .Response, .Messages with .Role/.Content/.ToolCalls, .Tools, ...). No attribute access on Python values:
+    `.Content.__class__` is a template error, as a field of a string is in Go."""
     for name in chain:
         if isinstance(value, Mapping):
             value = value.get(name)  # Ollama parses with missingkey=zero
         elif value is None:
             raise TemplateError(f"nil pointer evaluating .{name}")
         else:
-            try:
-                value = getattr(value, name)
-            except AttributeError as e:
-                raise TemplateError(f"can't evaluate field {name} in type {type(value).__name__}") from e
+            raise TemplateError(f"can't evaluate field {name} in type {_go_type(value)}")
     return value
+
+
+def _go_type(value: Any) -> str:
+    if isinstance(value, bool):
+        return "bool"
+    if isinstance(value, int):
+        return "int"
+    if isinstance(value, float):
+        return "float64"
+    if isinstance(value, str):
+        return "string"
+    if isinstance(value, (list, tuple)):
+        return "[]interface {}"
+    return "interface {}"
 
 
 def _range_pairs(value: Any) -> Iterator[tuple[Any, Any]]:
