@@ -16,10 +16,11 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from handlers.bridge import errors
-from handlers.bridge.auth import Authenticated
+from handlers.bridge.auth import Authenticated, secret
 from handlers.bridge.limits import BodyLimit
 from handlers.bridge.routes import datasets, docs, health, models, ollama, tuning, user_models, webhooks
 from handlers.bridge.services import Services
+from handlers.bridge.signatures import standard_key
 from infra.settings import Settings, get_settings
 
 VERSION = "0.1.0"
@@ -27,8 +28,25 @@ API_ROUTERS = (datasets.router, models.router, tuning.router, ollama.router, use
 UPLOAD_PATH = "/api/v1/datasets/upload"  # multipart: streamed to S3 in constant memory, not size-limited
 
 
+class BridgeConfigError(ValueError):
+    """A setting the bridge cannot serve with (it refuses to start; the message never holds a secret)."""
+
+
+def check_secrets(settings: Settings) -> None:
+    """Parse the webhook secret once, at startup: a bad one stops the bridge instead of 500s per request."""
+    webhook_secret = secret(settings.webhook_secret)
+    if webhook_secret is None:
+        return
+    try:
+        standard_key(webhook_secret)
+    except ValueError as e:
+        raise BridgeConfigError(f"CODETUNE_WEBHOOK_SECRET is not usable: {e} (use whsec_<base64> or a raw "
+                                "secret)") from None
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
+    check_secrets(settings)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

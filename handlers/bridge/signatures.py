@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import hashlib
 import hmac
 import time
@@ -30,12 +31,23 @@ class SignatureError(Exception):
     """The request is not signed, or not by the holder of the secret: answer 401."""
 
 
+@functools.lru_cache(maxsize=8)
 def standard_key(secret: str) -> bytes:
+    """The HMAC key of a secret (parsed once per secret). Raises ValueError, never echoing the secret.
+
+    An unpadded `whsec_` secret is padded first, as senders' libraries accept it.
+    """
     if secret.startswith(WHSEC_PREFIX):
+        b64 = secret[len(WHSEC_PREFIX):].strip()
         try:
-            return base64.b64decode(secret[len(WHSEC_PREFIX):], validate=True)
-        except binascii.Error as e:
-            raise ValueError("webhook secret starts with whsec_ but is not valid base64") from e
+            key = base64.b64decode(b64 + "=" * (-len(b64) % 4), validate=True)
+        except (binascii.Error, ValueError):
+            raise ValueError("the webhook secret starts with whsec_ but the rest is not base64") from None
+        if not key:
+            raise ValueError("the webhook secret is whsec_ with an empty key")
+        return key
+    if not secret:
+        raise ValueError("the webhook secret is empty")
     return secret.encode()
 
 

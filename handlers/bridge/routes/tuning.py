@@ -5,17 +5,19 @@ SSE events on `GET /api/v1/tuning/{id}/events`: `snapshot` (the job's document, 
 the tuning stage has not recorded it yet; sent once subscribed, so nothing after it is missed), then
 `progress` (a `TuningProgress` + `progress` fraction, SSE id = the event id) and finally one of
 `completed` / `failed` / `cancelled`, after which the stream ends. A job already finished ends after
-its snapshot. Keep-alive comments every 15 s.
+its snapshot. Keep-alive comments every 15 s. An unknown job id is a 404 once the job has not been
+recorded within a few seconds (`JOB_GRACE_S`: the stage may not have recorded a just-created job yet).
 """
 
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterable
 from contextlib import AbstractAsyncContextManager
 from typing import Annotated, Any
 
-from fastapi import APIRouter, HTTPException, Path, Query
+from fastapi import APIRouter, Depends, HTTPException, Path, Query
 from fastapi.sse import EventSourceResponse, ServerSentEvent
 
 from events import subjects as s
@@ -35,6 +37,7 @@ from storage.documents import TuningJob
 router = APIRouter(prefix="/api/v1/tuning", tags=["tuning"])
 
 JobId = Annotated[str, Path(pattern=JOB_ID_PATTERN, description="the job id")]
+JOB_GRACE_S = 5.0
 TERMINAL_SUBJECTS = {s.TUNING_COMPLETED: "completed", s.TUNING_FAILED: "failed", s.TUNING_CANCELLED: "cancelled"}
 
 
@@ -91,8 +94,21 @@ async def snapshot(services: ServicesDep, job_id: str) -> dict[str, Any]:
     return progress_view(job) if job else {"task_id": job_id, "status": None, "job_status": None, "progress": 0.0}
 
 
-@router.get("/{job_id}/events", response_class=EventSourceResponse)
-async def stream_events(job_id: JobId, services: ServicesDep) -> AsyncIterable[ServerSentEvent]:
+async def known_job(job_id: JobId) -> str:
+    """404 for a job the tuning stage has not recorded within `JOB_GRACE_S` (a just-created job's request
+    may still be on its way to the stage), instead of a stream of keep-alives that never ends."""
+    deadline = time.monotonic() + JOB_GRACE_S
+    while await TuningJob.find_one(TuningJob.job_id == job_id) is None:
+        if time.monotonic() >= deadline:
+            raise HTTPException(404, f"tuning job {job_id!r} not found")
+        await asyncio.sleep(0.2)
+    return job_id
+
+
+@router.get("/{job_id}/events", response_class=EventSourceResponse, dependencies=[MongoDB],
+            responses={404: {"description": "no such job (after a short grace for a just-created one)"}})
+async def stream_events(job_id: Annotated[str, Depends(known_job)], services: ServicesDep
+                        ) -> AsyncIterable[ServerSentEvent]:
     """Server-Sent Events: the job's progress as it happens, until its terminal event."""
     async with job_events(services.client, job_id) as queue:
         first = await snapshot(services, job_id)

@@ -2,6 +2,8 @@
 
 Accepted bodies: plain JSON (the payload), structured CloudEvents (`application/cloudevents+json`, the
 payload in `data`/`data_base64`) and binary CloudEvents (`ce-*` headers, the payload as the body).
+A CloudEvent in either mode needs `id`, `source`, `type` and `specversion` "1.0" (422 otherwise), and a bad
+`data_base64` is a 422, never a 500.
 Order of checks, none of which publishes anything when it fails: body size (413, enforced while the body
 is read) → signature or bearer token (401) → payload against the subject's schema (422, field errors) →
 idempotency receipt (a replay returns the first answer with `Idempotent-Replayed: true`; 409 while the
@@ -13,6 +15,8 @@ The event id (and `Nats-Msg-Id`) is the sender's delivery id: `webhook-id`, `X-G
 
 from __future__ import annotations
 
+import base64
+import binascii
 import re
 from dataclasses import dataclass
 from enum import StrEnum
@@ -25,7 +29,7 @@ from pydantic import BaseModel, ValidationError
 
 from events import subjects as s
 from events.client import CodeTuneClient, Published
-from events.envelope import derived_id, new_event_id, unwrap
+from events.envelope import SPECVERSION, derived_id, new_event_id, parse_json, unwrap
 from events.errors import InvalidPayloadError
 from handlers.bridge.auth import Credentials, check_token, secret
 from handlers.bridge.errors import field_errors, invalid_field
@@ -37,6 +41,7 @@ router = APIRouter(prefix="/events", tags=["webhooks"])
 
 _SAFE_ID = re.compile(r"^[A-Za-z0-9._:@-]{1,128}$")
 CLOUDEVENTS_JSON = "application/cloudevents+json"
+REQUIRED_ATTRIBUTES = ("id", "source", "type")
 
 
 class Subject(StrEnum):
@@ -76,9 +81,19 @@ def decode(subject: str, hook: Webhook) -> tuple[BaseModel, str | None]:
     """The typed payload and the CloudEvent id, if any; 422 with field errors otherwise."""
     structured = hook.headers.get("content-type", "").startswith(CLOUDEVENTS_JSON)
     try:
+        raw = parse_json(hook.body)
+    except InvalidPayloadError as e:
+        raise invalid_field(["body"], e.message, "json_invalid") from None
+    if structured or (isinstance(raw, dict) and "specversion" in raw):
+        check_structured(raw)
+    elif any(k.startswith("ce-") for k in hook.headers):
+        check_binary(hook.headers)
+    try:
         data, meta = unwrap(hook.body, hook.headers)
     except InvalidPayloadError as e:
         raise invalid_field(["body"], e.message, "json_invalid") from None
+    except (ValueError, TypeError) as e:  # a bad encoding is a bad payload, whatever raised it
+        raise invalid_field(["body"], f"invalid payload encoding: {type(e).__name__}") from None
     if structured and not meta.structured:
         raise invalid_field(["body"], "a structured CloudEvent needs 'specversion' and 'data' (or 'data_base64')")
     try:
@@ -86,6 +101,37 @@ def decode(subject: str, hook: Webhook) -> tuple[BaseModel, str | None]:
     except ValidationError as e:
         raise RequestValidationError(field_errors(e, ["body", "data"] if meta.structured else ["body"])) from None
     return payload, meta.id
+
+
+def check_structured(event: Any) -> None:
+    """A structured CloudEvent has `specversion` "1.0", non-empty string `id`, `source`, `type`, and a valid
+    `data_base64` when it has one (422 naming the attribute otherwise)."""
+    if not isinstance(event, dict):
+        raise invalid_field(["body"], "a structured CloudEvent is a JSON object")
+    if event.get("specversion") != SPECVERSION:
+        raise invalid_field(["body", "specversion"], f"CloudEvents specversion must be {SPECVERSION!r}")
+    for name in REQUIRED_ATTRIBUTES:
+        if not isinstance(event.get(name), str) or not event[name]:
+            raise invalid_field(["body", name], f"the CloudEvent attribute {name!r} is required (a non-empty string)")
+    if "data" in event and "data_base64" in event:
+        raise invalid_field(["body"], "a CloudEvent has 'data' or 'data_base64', not both")
+    if "data_base64" in event:
+        value = event["data_base64"]
+        try:
+            if not isinstance(value, str):
+                raise ValueError
+            base64.b64decode(value, validate=True)
+        except (ValueError, binascii.Error):
+            raise invalid_field(["body", "data_base64"], "data_base64 is not a base64 string") from None
+
+
+def check_binary(headers: dict[str, str]) -> None:
+    """A binary-mode CloudEvent (any `ce-*` header) has ce-specversion "1.0", ce-id, ce-source and ce-type."""
+    if headers.get("ce-specversion") != SPECVERSION:
+        raise invalid_field(["header", "ce-specversion"], f"CloudEvents ce-specversion must be {SPECVERSION!r}")
+    for name in REQUIRED_ATTRIBUTES:
+        if not headers.get(f"ce-{name}", "").strip():
+            raise invalid_field(["header", f"ce-{name}"], f"the CloudEvent header ce-{name} is required")
 
 
 def event_id_for(key: str | None, subject: str) -> str:
