@@ -41,12 +41,13 @@ AUTH = {"Authorization": f"Bearer {TOKEN}"}
 
 
 @contextlib.contextmanager
-def serve_bridge(env: dict[str, str], log: Path, extra: dict[str, str] | None = None) -> Iterator[str]:
+def serve_bridge(env: dict[str, str], log: Path, extra: dict[str, str] | None = None,
+                 log_level: str = "warning") -> Iterator[str]:
     port = free_port()
     mine = {k: v for k, v in os.environ.items() if not k.startswith("CODETUNE_")}  # not the developer's own
     penv = {**mine, **env, "CODETUNE_BRIDGE_PORT": str(port), **(extra or {})}
     with open(log, "ab") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "handlers.bridge", "--log-level", "warning"], env=penv,
+        proc = subprocess.Popen([sys.executable, "-m", "handlers.bridge", "--log-level", log_level], env=penv,
                                 cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
     try:
         yield f"http://127.0.0.1:{port}"
@@ -583,3 +584,83 @@ async def test_bad_payloads_are_422_with_field_errors(bridge: str, client) -> No
         r = await c.post("/events/tuning.completed", content=body, headers=standard(body))
         assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["path", "subject"]
     assert await published(client) == before
+
+
+# --------------------------------------------------------------------------- trust: secrets, CloudEvents, SSE, tokens
+
+
+def test_a_bad_webhook_secret_refuses_to_start(env: dict[str, str]) -> None:
+    penv = {**{k: v for k, v in os.environ.items() if not k.startswith("CODETUNE_")}, **env,
+            "CODETUNE_WEBHOOK_SECRET": "whsec_bad*secret!", "CODETUNE_BRIDGE_PORT": str(free_port())}
+    out = subprocess.run([sys.executable, "-m", "handlers.bridge"], env=penv, cwd=ROOT, capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode != 0 and "CODETUNE_WEBHOOK_SECRET" in out.stderr and "refusing to start" in out.stderr
+    assert "bad*secret" not in out.stderr and "Traceback" not in out.stderr
+
+
+async def test_an_unpadded_whsec_secret_verifies_signed_requests(env, client, tmp_path: Path, uid: str) -> None:
+    padded = "whsec_" + base64.b64encode(b"codetune-key-1234").decode()
+    assert padded.endswith("=")
+    with serve_bridge(env, tmp_path / "unpadded.log", {"CODETUNE_WEBHOOK_SECRET": padded.rstrip("=")}) as url:
+        await wait_until(f"{url}/readyz")
+        body = cancel_body(f"job-{uid}")
+        async with httpx.AsyncClient(base_url=url) as c:
+            r = await c.post("/events/tuning.cancel.requested", content=body, headers=standard(body, secret=padded))
+    assert r.status_code == 202, r.text
+
+
+async def test_cloudevents_need_their_required_attributes_and_a_valid_encoding(bridge: str, client) -> None:
+    data = {"job_id": "job-ce-bad"}
+    good = {"specversion": "1.0", "id": "ce-x", "source": "/t", "type": "t"}
+    structured = {
+        "no id": ({k: v for k, v in good.items() if k != "id"} | {"data": data}, "id"),
+        "no source": ({k: v for k, v in good.items() if k != "source"} | {"data": data}, "source"),
+        "no type": ({k: v for k, v in good.items() if k != "type"} | {"data": data}, "type"),
+        "specversion 0.3": (good | {"specversion": "0.3", "data": data}, "specversion"),
+        "data_base64 not base64": (good | {"data_base64": "%%% not base64 %%%"}, "data_base64"),
+        "data_base64 a number": (good | {"data_base64": 5}, "data_base64"),
+    }
+    body = json.dumps(data).encode()
+    ce = {"ce-specversion": "1.0", "ce-id": "bin-x", "ce-source": "/t", "ce-type": "t"}
+    binary = {
+        "no ce-id": {k: v for k, v in ce.items() if k != "ce-id"},
+        "no ce-source": {k: v for k, v in ce.items() if k != "ce-source"},
+        "no ce-type": {k: v for k, v in ce.items() if k != "ce-type"},
+        "ce-specversion 0.3": ce | {"ce-specversion": "0.3"},
+    }
+    before = await published(client)
+    async with httpx.AsyncClient(base_url=bridge) as c:
+        for name, (event, attribute) in structured.items():
+            raw = json.dumps(event).encode()
+            r = await c.post("/events/tuning.cancel.requested", content=raw,
+                             headers={**github(raw), "content-type": "application/cloudevents+json"})
+            assert r.status_code == 422, (name, r.text)
+            assert attribute in r.json()["detail"][0]["msg"], (name, r.text)
+        for name, headers in binary.items():
+            r = await c.post("/events/tuning.cancel.requested", content=body, headers={**github(body), **headers})
+            assert r.status_code == 422, (name, r.text)
+            assert "ce-" in r.json()["detail"][0]["msg"], (name, r.text)
+    assert await published(client) == before
+
+
+async def test_sse_for_an_unknown_job_is_404(http) -> None:
+    started = time.monotonic()
+    r = await http.get(f"/api/v1/tuning/job-never-{uuid.uuid4().hex[:8]}/events")
+    assert r.status_code == 404 and "not found" in r.json()["detail"]
+    assert time.monotonic() - started < 15
+
+
+async def test_tokens_only_in_the_header_and_query_strings_never_logged(env, tmp_path: Path) -> None:
+    log = tmp_path / "access.log"
+    with serve_bridge(env, log, {"CODETUNE_BRIDGE_TOKEN": TOKEN}, log_level="info") as url:
+        await wait_until(f"{url}/readyz")
+        async with httpx.AsyncClient(base_url=url) as c:
+            for query in (f"token={TOKEN}", f"access_token={TOKEN}"):
+                r = await c.get(f"/api/v1/tuning/?{query}")
+                assert r.status_code == 401, r.text
+            r = await c.get("/api/v1/tuning/?limit=1", headers=AUTH)
+            assert r.status_code == 200
+        await asyncio.sleep(0.5)
+    text = log.read_text()
+    assert "GET /api/v1/tuning/ HTTP/1.1" in text  # the access log is on: paths, without queries
+    assert TOKEN not in text and "limit=1" not in text

@@ -20,7 +20,7 @@ BODY = b'{"job_id": "job-123"}'
 
 
 def test_an_unpadded_whsec_secret_is_accepted_like_the_reference_library() -> None:
-    key = b"codetune-key-1234"  # 17 bytes: base64 ends in "=="
+    key = b"codetune-key-1234"  # 17 bytes: base64 ends in "="
     padded = "whsec_" + base64.b64encode(key).decode()
     unpadded = padded.rstrip("=")
     assert unpadded != padded and standard_key(unpadded) == standard_key(padded) == key
