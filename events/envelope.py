@@ -12,6 +12,7 @@ Incoming messages may be any of:
 from __future__ import annotations
 
 import base64
+import binascii
 import json
 import uuid
 from dataclasses import dataclass
@@ -79,22 +80,58 @@ def parse_json(body: bytes | str) -> Any:
         raise InvalidPayloadError(f"invalid JSON: {e.msg} at line {e.lineno} column {e.colno}") from e
 
 
+def _decode_data_base64(value: Any) -> Any:
+    if not isinstance(value, str):
+        raise InvalidPayloadError(f"data_base64: must be a base64 string, not {type(value).__name__}")
+    try:
+        raw = base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError) as e:
+        raise InvalidPayloadError(f"data_base64: not valid base64 ({e})") from e
+    try:
+        return parse_json(raw)
+    except InvalidPayloadError as e:
+        raise InvalidPayloadError(f"data_base64: {e.message}") from e
+
+
+def _require_attributes(attrs: dict[str, Any], prefix: str, mode: str) -> None:
+    """CloudEvents required attributes: `id`, `source`, `type` non-empty strings, specversion "1.0"."""
+    for name in ("id", "source", "type", "specversion"):
+        value = attrs.get(prefix + name)
+        if not isinstance(value, str) or not value.strip():
+            raise InvalidPayloadError(f"CloudEvents ({mode}): {prefix}{name} is required (a non-empty string)")
+    if attrs[prefix + "specversion"] != SPECVERSION:
+        raise InvalidPayloadError(
+            f"CloudEvents ({mode}): {prefix}specversion must be {SPECVERSION!r}, "
+            f"not {attrs[prefix + 'specversion']!r}"
+        )
+
+
 def unwrap(body: bytes | str, headers: dict[str, str] | None = None) -> tuple[Any, EventMeta]:
-    """Return `(data, meta)` for any accepted message shape."""
+    """Return `(data, meta)` for any accepted message shape; raise `InvalidPayloadError` otherwise.
+
+    One rule for every consumer (stages and the bridge): a structured CloudEvent (a JSON object with
+    `specversion`) and a binary one (any `ce-*` header) must carry `id`, `source`, `type` as non-empty
+    strings and specversion "1.0"; `data_base64` must be base64 of JSON. Bare JSON with no `ce-*`
+    headers is accepted as is.
+    """
     data = parse_json(body)
-    if isinstance(data, dict) and "specversion" in data and ("data" in data or "data_base64" in data):
+    if isinstance(data, dict) and "specversion" in data:
+        _require_attributes(data, "", "structured")
         if "data_base64" in data:
-            data_value = parse_json(base64.b64decode(data["data_base64"]))
-        else:
+            if "data" in data:
+                raise InvalidPayloadError("CloudEvents (structured): both data and data_base64 given")
+            data_value = _decode_data_base64(data["data_base64"])
+        elif "data" in data:
             data_value = data["data"]
+        else:
+            raise InvalidPayloadError("CloudEvents (structured): no data or data_base64")
         return data_value, EventMeta(
-            id=str(data.get("id")) if data.get("id") is not None else None,
-            source=data.get("source"),
-            type=data.get("type"),
-            time=data.get("time"),
-            structured=True,
+            id=data["id"], source=data["source"], type=data["type"],
+            time=data.get("time") if isinstance(data.get("time"), str) else None, structured=True,
         )
     h = {k.lower(): v for k, v in (headers or {}).items()}
+    if any(k.startswith("ce-") for k in h):
+        _require_attributes(h, "ce-", "binary")
     return data, EventMeta(
         id=h.get("ce-id") or h.get("nats-msg-id"), source=h.get("ce-source"), type=h.get("ce-type"),
         time=h.get("ce-time"),

@@ -16,6 +16,8 @@ Handlers that report domain failures themselves (e.g. `dataset.failed` with line
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -86,8 +88,40 @@ async def cloudevents_decoder(msg: NatsMessage, original: Any) -> Any:
     return data
 
 
-def _failure_payload(subject: str, body: bytes, error: ErrorInfo) -> Payload | None:
-    """The `*.failed` event for an unusable message, when its body still names the id it concerns."""
+_ID_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.:/@")
+
+
+def _valid_id(value: Any) -> bool:
+    """An id a `*.failed` event may name: a short, safe string (no traversal, no control characters)."""
+    return (
+        isinstance(value, str) and 0 < len(value) <= 200 and set(value) <= _ID_CHARS
+        and ".." not in value and not value.startswith("/")
+    )
+
+
+async def _nothing_depends_on(ids: dict[str, Any]) -> bool:
+    """True when no valid record exists for these ids and nothing waits on them (a `*.failed` is harmless)."""
+    from storage.documents import BaseModel as BaseModelDoc
+    from storage.documents import Dataset, TuningJob
+
+    if "job_id" in ids:
+        return await TuningJob.find_one({"job_id": ids["job_id"]}) is None
+    if "dataset_id" in ids:
+        dataset_id = ids["dataset_id"]
+        if await Dataset.find_one({"dataset_id": dataset_id}) is not None:
+            return False
+        return await TuningJob.find_one({"waiting_for": f"dataset:{dataset_id}"}) is None
+    if "repo_id" in ids:
+        revision = ids.get("revision", "main")
+        if await BaseModelDoc.find_one({"repo_id": ids["repo_id"], "revision": revision}) is not None:
+            return False
+        return await TuningJob.find_one({"waiting_for": f"model:{ids['repo_id']}@{revision}"}) is None
+    return False
+
+
+async def _failure_payload(subject: str, body: bytes, error: ErrorInfo) -> Payload | None:
+    """The `*.failed` event for an unusable message: only when its body names a valid id that no valid
+    record has and nothing waits on, so a malformed message never changes valid work."""
     try:
         spec = s.spec_for(subject)
         fail_subject = getattr(spec.payload, "failure_subject", None)
@@ -98,8 +132,13 @@ def _failure_payload(subject: str, body: bytes, error: ErrorInfo) -> Payload | N
             return None
         model = s.payload_for(fail_subject)
         ids = {k: data[k] for k in ("job_id", "dataset_id", "repo_id", "revision", "name") if k in data}
-        return model.model_validate({**ids, "error": error.model_dump()})  # type: ignore[return-value]
-    except (KeyError, CodeTuneError, ValidationError):
+        if not ids or not all(_valid_id(v) for v in ids.values()):
+            return None
+        failure = model.model_validate({**ids, "error": error.model_dump()})
+        if not await _nothing_depends_on(ids):
+            return None
+        return failure  # type: ignore[return-value]
+    except Exception:  # the database unreachable or an odd body: emit nothing rather than fail valid work
         return None
 
 
@@ -142,7 +181,7 @@ class FailurePolicy(BaseMiddleware):
             if not permanent:
                 why = ErrorInfo(code=why.code, message=f"gave up after {md.num_delivered} deliveries: {why.message}")
                 log.exception("giving up on %s", msg.raw_message.subject, exc_info=exc)
-            await dead_letter(self.context.get("emitter"), msg, why)
+            await dead_letter(self.context.get("emitter"), msg, why, self.context.get("store"))
             await msg.reject()  # JetStream TERM: never redelivered
             return
         delay = RETRY_DELAYS_S[min(md.num_delivered - 1, len(RETRY_DELAYS_S) - 1)]
@@ -151,17 +190,59 @@ class FailurePolicy(BaseMiddleware):
         await msg.nack(delay=delay)
 
 
-async def dead_letter(emitter: Emitter, msg: NatsMessage, reason: ErrorInfo) -> None:
+_HEADER_LIMIT = 4096  # bytes of headers kept in a letter, in all
+_BODY_PREFIX = 4096  # bytes of body kept in a letter whose body went to the bucket
+_LETTER_MARGIN = 8192  # room for the letter's own fields and headers under the server's max payload
+
+
+def _bounded_headers(headers: dict[str, str]) -> dict[str, str]:
+    out: dict[str, str] = {}
+    used = 0
+    for k, v in headers.items():
+        if k.lower() == "authorization":
+            continue
+        k, v = str(k)[:128], str(v)[:512]
+        used += len(k) + len(v)
+        if used > _HEADER_LIMIT:
+            break
+        out[k] = v
+    return out
+
+
+def _max_payload(emitter: Emitter) -> int:
+    try:
+        return int(emitter.client.nc.max_payload) or 1024 * 1024
+    except Exception:
+        return 1024 * 1024
+
+
+async def dead_letter(emitter: Emitter, msg: NatsMessage, reason: ErrorInfo, store: ObjectStore | None = None) -> None:
+    """Publish `dlq.<subject>`; a body that would not fit the server's max payload goes to the bucket
+    (`dlq/<stream>-<seq>`) and the letter keeps its key, size, sha256 and a bounded prefix."""
     raw = msg.raw_message
     md = raw.metadata
-    headers = {k: v for k, v in (msg.headers or {}).items() if k.lower() not in {"authorization"}}
+    body: bytes = msg.body or b""
+    headers = _bounded_headers(dict(msg.headers or {}))
+    text = body_text(body)
+    extra: dict[str, Any] = {"body_size": len(body), "body_sha256": hashlib.sha256(body).hexdigest()}
+    room = _max_payload(emitter) - _LETTER_MARGIN - len(reason.model_dump_json())
+    if len(json.dumps(text)) > room:
+        key = f"dlq/{md.stream}-{md.sequence.stream}"
+        if store is not None:
+            try:
+                await store.put_bytes(key, body)
+                extra["body_key"] = key
+            except Exception:
+                log.exception("could not store the dead-lettered body of %s in the bucket", raw.subject)
+        text = body_text(body[:_BODY_PREFIX])
+        extra["body_truncated"] = True
     letter = DeadLetter(
-        subject=raw.subject, reason=reason, body=body_text(msg.body), headers=headers,
-        num_delivered=md.num_delivered, stream_seq=md.sequence.stream, at=datetime.now(UTC),
+        subject=raw.subject, reason=reason, body=text, headers=headers,
+        num_delivered=md.num_delivered, stream_seq=md.sequence.stream, at=datetime.now(UTC), **extra,
     )
     dlq_id = derived_id(f"{md.stream}-{md.sequence.stream}", "dlq")
     await emitter.client.publish(letter, subject=s.dead_letter_subject(raw.subject), event_id=dlq_id)
-    failure = _failure_payload(raw.subject, msg.body, reason)
+    failure = await _failure_payload(raw.subject, body, reason)
     if failure is not None:
         with contextlib.suppress(Exception):
             await emitter.client.publish(failure, event_id=derived_id(dlq_id, "failure"))
