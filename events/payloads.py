@@ -390,3 +390,7 @@ class DeadLetter(Payload):
     num_delivered: int = 1
     stream_seq: int | None = None
     at: datetime
+    body_key: str | None = Field(None, description="bucket key of the full body when it did not fit the letter")
+    body_size: int | None = Field(None, description="size in bytes of the original body")
+    body_sha256: str | None = Field(None, description="sha256 (hex) of the original body")
+    body_truncated: bool = Field(False, description="`body` is only a bounded prefix of the original")
