@@ -1,0 +1,110 @@
+"""Poison matrix on the real stack: every bad body is dead-lettered once, never redelivered, changes nothing."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+from typing import Any
+
+import nats
+import pytest
+
+from events import subjects as sj
+from events.client import connect_options
+from events.streams import DEAD_LETTERS
+
+pytestmark = pytest.mark.usefixtures("workers")
+
+# the subjects the in-process stages (`workers` fixture) consume
+SUBJECTS = [sj.DATASET_UPLOADED, sj.MODEL_PULL_REQUESTED, sj.TUNING_COMPLETED, sj.MODEL_EXPORTED]
+
+
+def _ce(**over: Any) -> bytes:
+    ce = {"specversion": "1.0", "id": "ce-1", "source": "tests", "type": "io.codetune.x.v1", **over}
+    return json.dumps(ce).encode()
+
+
+BODIES: dict[str, tuple[bytes, str]] = {
+    "not-json": (b"{not json", "invalid JSON"),
+    "array": (b"[1, 2, 3]", "payload"),
+    "wrong-schema": (b'{"hello": "world"}', "Field required"),
+    "empty": (b"", "empty body"),
+    "long-id": (json.dumps({"job_id": "j" * 10_000, "dataset_id": "d" * 10_000}).encode(), ""),
+    "bad-base64": (_ce(data_base64="!!! not base64"), "data_base64"),
+    "base64-number": (_ce(data_base64=5), "data_base64"),
+    "base64-not-json": (_ce(data_base64=base64.b64encode(b"\xff\xfe").decode()), "data_base64"),
+    "ce-missing-id": (json.dumps({"specversion": "1.0", "source": "s", "type": "t", "data": {}}).encode(), "id"),
+}
+
+
+async def _raw(settings: Any) -> Any:
+    return await nats.connect(**connect_options(settings, "admin"))
+
+
+async def test_poison_matrix(settings, client, workers, uid) -> None:
+    nc = await _raw(settings)
+    js = nc.jetstream()
+    near_max = b"\xff" * (nc.max_payload - 512)  # non-UTF-8, a few hundred bytes under the limit
+    cases: dict[int, tuple[str, str, str]] = {}
+    try:
+        sub = await nc.subscribe(f"{sj.DEAD_LETTER}.>")
+        for subject in SUBJECTS:
+            for name, (body, expect) in {**BODIES, "near-max": (near_max, "not UTF-8")}.items():
+                ack = await js.publish(subject, body, headers={"Nats-Msg-Id": f"{uid}-{subject}-{name}"})
+                cases[ack.seq] = (subject, name, expect)
+        letters: dict[int, dict[str, Any]] = {}
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 60
+        while len(letters) < len(cases) and loop.time() < deadline:
+            try:
+                m = await sub.next_msg(timeout=max(0.1, deadline - loop.time()))
+            except TimeoutError:
+                break
+            assert len(m.data) <= nc.max_payload
+            d = json.loads(m.data)
+            if d.get("stream_seq") in cases:
+                assert d["stream_seq"] not in letters, f"two dead letters for {cases[d['stream_seq']]}"
+                letters[d["stream_seq"]] = d
+        missing = [cases[s] for s in cases if s not in letters]
+        assert not missing, f"not dead-lettered: {missing}"
+        for seq, d in letters.items():
+            subject, name, expect = cases[seq]
+            assert d["subject"] == subject
+            assert d["reason"]["code"] == "invalid_payload", (subject, name, d["reason"])
+            assert expect in d["reason"]["message"], (subject, name, d["reason"])
+            assert d["num_delivered"] == 1, (subject, name)
+            if name == "near-max":
+                assert d["body_truncated"] and d["body_size"] == len(near_max)
+                key = d["body_key"]
+                assert key and await workers_store(settings).get_bytes(key) == near_max
+        # nothing redelivered; the dead letters are kept
+        assert (await client.js.stream_info(DEAD_LETTERS.name)).state.messages >= len(cases)
+    finally:
+        await nc.close()
+
+
+def workers_store(settings: Any) -> Any:
+    from storage.objects import ObjectStore
+
+    return ObjectStore(settings)
+
+
+async def test_malformed_upload_does_not_fail_a_waiting_job(settings, client, workers, store, uid) -> None:
+    from storage.documents import TuningJob
+
+    ds = f"ds-{uid}"
+    job = TuningJob(job_id=f"job-{uid}", base_model="tiny/model", dataset_id=ds, waiting_for=[f"dataset:{ds}"])
+    await job.insert()
+    async with client.subscribe([sj.DATASET_FAILED]) as q:
+        await client.publish_raw(sj.DATASET_UPLOADED, json.dumps({"dataset_id": ds, "key": 5}).encode())
+        with pytest.raises(TimeoutError):
+            await client.wait_for(q, lambda _, d: d.get("dataset_id") == ds, 5)
+    again = await TuningJob.find_one({"job_id": f"job-{uid}"})
+    assert again is not None and again.status == "validating" and again.error is None
+    # the valid upload afterwards still validates
+    key = f"datasets/{ds}/raw.txt"
+    await store.put_bytes(key, b"one\ntwo\n")
+    async with client.subscribe([sj.DATASET_VALIDATED]) as q:
+        await client.publish_raw(sj.DATASET_UPLOADED, json.dumps({"dataset_id": ds, "key": key, "name": "raw.txt"}).encode())
+        await client.wait_for(q, lambda _, d: d.get("dataset_id") == ds, 30)
