@@ -521,27 +521,82 @@ def saved_import(
 
 
 @dlq_app.command("list")
-def dlq_list(limit: int = 20) -> None:
-    """Show the latest dead-lettered messages with their reasons."""
-    run(_dlq(get_settings(), limit))
+def dlq_list(
+    limit: int = typer.Option(20, help="how many letters to show (latest first)"),
+    subject: str = typer.Option("", help="only letters for this original subject (NATS wildcards allowed)"),
+) -> None:
+    """Show the latest dead-lettered messages: stream sequence, time, subject, deliveries and reason."""
+    run(_dlq(get_settings(), limit, subject))
 
 
-async def _dlq(s: Settings, limit: int) -> None:
+async def _dlq(s: Settings, limit: int, subject: str = "") -> None:
+    from events import subjects as sj
+    from events.streams import DEAD_LETTERS
+
+    wanted = sj.dead_letter_subject(subject) if subject else f"{sj.DEAD_LETTER}.>"
+    async with client(s) as c:
+        info = await c.js.stream_info(DEAD_LETTERS.name, subjects_filter=wanted)
+        total = sum((info.state.subjects or {}).values()) if subject else info.state.messages
+        table = Table("seq", "at", "subject", "delivered", "stream seq", "code", "reason")
+        shown = 0
+        seq = info.state.last_seq
+        while shown < limit and seq >= max(info.state.first_seq, 1):
+            with contextlib.suppress(Exception):
+                m = await c.js.get_msg(DEAD_LETTERS.name, seq)
+                if subject and not _subject_matches(wanted, m.subject or ""):
+                    raise LookupError
+                d = json.loads(m.data or b"{}")
+                table.add_row(str(seq), str(d.get("at", ""))[:19], d.get("subject", ""),
+                              str(d.get("num_delivered", "")), str(d.get("stream_seq", "")),
+                              d["reason"]["code"], d["reason"]["message"][:80])
+                shown += 1
+            seq -= 1
+        console.print(table)
+        if total > shown:
+            console.print(f"{total - shown} more not shown (of {total}); use --limit or --subject")
+
+
+def _subject_matches(pattern: str, subject: str) -> bool:
+    p, t = pattern.split("."), subject.split(".")
+    for i, tok in enumerate(p):
+        if tok == ">":
+            return len(t) > i
+        if i >= len(t) or (tok != "*" and tok != t[i]):
+            return False
+    return len(p) == len(t)
+
+
+@dlq_app.command("show")
+def dlq_show(seq: int) -> None:
+    """Print one dead letter in full (the body decoded where it is text)."""
+    run(_dlq_show(get_settings(), seq))
+
+
+async def _dlq_show(s: Settings, seq: int) -> None:
+    import base64
+
     from events.streams import DEAD_LETTERS
 
     async with client(s) as c:
-        info = await c.js.stream_info(DEAD_LETTERS.name)
-        last = info.state.last_seq
-        table = Table("seq", "subject", "code", "reason", "body")
-        for seq in range(last, max(info.state.first_seq, last - limit + 1) - 1, -1):
-            if seq <= 0:
-                break
-            with contextlib.suppress(Exception):
-                m = await c.js.get_msg(DEAD_LETTERS.name, seq)
-                d = json.loads(m.data or b"{}")
-                table.add_row(str(seq), d.get("subject", ""), d["reason"]["code"], d["reason"]["message"][:80],
-                              d.get("body", "")[:40])
-        console.print(table)
+        try:
+            m = await c.js.get_msg(DEAD_LETTERS.name, seq)
+        except Exception as e:
+            console.print(f"no dead letter with sequence {seq}: {e}")
+            raise typer.Exit(1) from e
+        d = json.loads(m.data or b"{}")
+        body = d.pop("body", "")
+        console.print_json(json.dumps(d, default=str))
+        if isinstance(body, str) and body.startswith("b64:"):
+            raw = base64.b64decode(body[4:])
+            try:
+                body = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                body = f"<{len(raw)} bytes, not text> {body[:200]}"
+        console.print("body" + (" (a prefix)" if d.get("body_truncated") else "") + ":", markup=False)
+        console.print(body, markup=False, highlight=False)
+        if d.get("body_key"):
+            console.print(f"the full body ({d.get('body_size')} bytes, sha256 {d.get('body_sha256')}) is in the "
+                          f"bucket at {d['body_key']}", markup=False)
 
 
 # ------------------------------------------------------------------ demo

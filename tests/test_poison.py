@@ -106,5 +106,31 @@ async def test_malformed_upload_does_not_fail_a_waiting_job(settings, client, wo
     key = f"datasets/{ds}/raw.txt"
     await store.put_bytes(key, b"one\ntwo\n")
     async with client.subscribe([sj.DATASET_VALIDATED]) as q:
-        await client.publish_raw(sj.DATASET_UPLOADED, json.dumps({"dataset_id": ds, "key": key, "name": "raw.txt"}).encode())
+        valid = {"dataset_id": ds, "key": key, "name": "raw.txt"}
+        await client.publish_raw(sj.DATASET_UPLOADED, json.dumps(valid).encode())
         await client.wait_for(q, lambda _, d: d.get("dataset_id") == ds, 30)
+
+
+async def test_dlq_list_and_show(settings, client, workers, uid, capsys) -> None:
+    from infra import cli
+    from infra.cli import _dlq, _dlq_show
+
+    cli.console.width = 250
+    body = json.dumps({"dataset_id": f"ds-{uid}", "key": 5, "name": "x"}).encode()
+    async with client.subscribe([f"{sj.DEAD_LETTER}.{sj.DATASET_UPLOADED}"]) as q:
+        await client.publish_raw(sj.MODEL_PULL_REQUESTED, b"[]")
+        ack = await client.publish_raw(sj.DATASET_UPLOADED, body)
+        await client.wait_for(q, lambda _, d: d.get("stream_seq") == ack.seq, 15)
+    await asyncio.sleep(1)
+    info = await client.js.stream_info(DEAD_LETTERS.name)
+    await _dlq(settings, 1, sj.DATASET_UPLOADED)
+    out = capsys.readouterr().out
+    assert "dataset.uploaded" in out and "invalid_payload" in out
+    await _dlq(settings, 1, "")
+    assert "more not shown" in capsys.readouterr().out
+    seq = info.state.last_seq
+    while json.loads((await client.js.get_msg(DEAD_LETTERS.name, seq)).data).get("stream_seq") != ack.seq:
+        seq -= 1
+    await _dlq_show(settings, seq)
+    out = capsys.readouterr().out
+    assert f"ds-{uid}" in out and "key" in out
