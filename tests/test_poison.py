@@ -12,12 +12,23 @@ import pytest
 
 from events import subjects as sj
 from events.client import connect_options
-from events.streams import DEAD_LETTERS
+from events.streams import CONSUMERS, DEAD_LETTERS
 
-pytestmark = pytest.mark.usefixtures("workers")
+pytestmark = pytest.mark.usefixtures("workers", "tuning_worker")
 
-# the subjects the in-process stages (`workers` fixture) consume
-SUBJECTS = [sj.DATASET_UPLOADED, sj.MODEL_PULL_REQUESTED, sj.TUNING_COMPLETED, sj.MODEL_EXPORTED]
+# every subject a stage consumes, commands and facts alike (one home: the durable consumers)
+SUBJECTS = [c.subject for c in CONSUMERS]
+# the object-key field of each consumed payload that has one, and the id field it names
+KEY_FIELDS = {
+    sj.DATASET_UPLOADED: ("dataset_id", "key"), sj.DATASET_VALIDATED: ("dataset_id", "key"),
+    sj.MODEL_PULLED: ("repo_id", "prefix"), sj.TUNING_COMPLETED: ("job_id", "adapter_key"),
+    sj.MODEL_EXPORTED: ("job_id", "model_key"),
+}
+UNSAFE_KEYS = {
+    "key-absolute": ("/etc/hostname", "absolute key"),
+    "key-dotdot": ("../../etc/hostname", "unsafe key part '..'"),
+    "key-nul": ("datasets/a\x00b/x.jsonl", "unsafe key part"),
+}
 
 
 def _ce(**over: Any) -> bytes:
@@ -50,7 +61,13 @@ async def test_poison_matrix(settings, client, workers, uid) -> None:
     try:
         sub = await nc.subscribe(f"{sj.DEAD_LETTER}.>")
         for subject in SUBJECTS:
-            for name, (body, expect) in {**BODIES, "near-max": (near_max, "not UTF-8")}.items():
+            bodies = {**BODIES, "near-max": (near_max, "not UTF-8")}
+            if subject in KEY_FIELDS:
+                id_field, key_field = KEY_FIELDS[subject]
+                for name, (key, expect) in UNSAFE_KEYS.items():
+                    body = json.dumps({id_field: f"poison-{uid}", key_field: key}).encode()
+                    bodies[name] = (body, f"{key_field}: Value error, unsafe key: {expect}")
+            for name, (body, expect) in bodies.items():
                 ack = await js.publish(subject, body, headers={"Nats-Msg-Id": f"{uid}-{subject}-{name}"})
                 cases[ack.seq] = (subject, name, expect)
         letters: dict[int, dict[str, Any]] = {}
@@ -80,6 +97,16 @@ async def test_poison_matrix(settings, client, workers, uid) -> None:
                 assert key and await workers_store(settings).get_bytes(key) == near_max
         # nothing redelivered; the dead letters are kept
         assert (await client.js.stream_info(DEAD_LETTERS.name)).state.messages >= len(cases)
+        # no document was created for any id a bad body named
+        from storage.documents import BaseModel, Dataset, TuningJob
+
+        poison = f"poison-{uid}"
+        assert await TuningJob.find_one({"job_id": poison}) is None
+        assert await Dataset.find_one({"dataset_id": poison}) is None
+        assert await BaseModel.find_one({"repo_id": poison}) is None
+        # the stages are alive: a redelivery would have shown up as a second letter within the wait
+        print(f"poison matrix: {len(cases)} sent, {len(letters)} dead-lettered, 0 redelivered, "
+              f"{len(cases) - len(letters)} lost")
     finally:
         await nc.close()
 
