@@ -119,23 +119,28 @@ def workers_store(settings: Any) -> Any:
 
 async def test_malformed_upload_does_not_fail_a_waiting_job(settings, client, workers, store, uid) -> None:
     from storage.documents import TuningJob
+    from tests.conftest import TINY_REPO
 
     ds = f"ds-{uid}"
-    job = TuningJob(job_id=f"job-{uid}", base_model="tiny/model", dataset_id=ds, waiting_for=[f"dataset:{ds}"])
+    job = TuningJob(job_id=f"job-{uid}", base_model=TINY_REPO, dataset_id=ds, status="waiting",
+                    hyperparameters={"max_steps": 2, "validation_split": 0}, waiting_for=[f"dataset:{ds}"])
     await job.insert()
     async with client.subscribe([sj.DATASET_FAILED]) as q:
         await client.publish_raw(sj.DATASET_UPLOADED, json.dumps({"dataset_id": ds, "key": 5}).encode())
         with pytest.raises(TimeoutError):
             await client.wait_for(q, lambda _, d: d.get("dataset_id") == ds, 5)
     again = await TuningJob.find_one({"job_id": f"job-{uid}"})
-    assert again is not None and again.status == "validating" and again.error is None
-    # the valid upload afterwards still validates
+    assert again is not None and again.status == "waiting" and again.error is None
+    # the valid upload afterwards still validates, and the waiting job resumes and trains to the end
     key = f"datasets/{ds}/raw.txt"
-    await store.put_bytes(key, b"one\ntwo\n")
-    async with client.subscribe([sj.DATASET_VALIDATED]) as q:
+    await store.put_bytes(key, "".join(f"line {i} of the poison test\n" for i in range(40)).encode())
+    async with client.subscribe([sj.DATASET_VALIDATED, sj.TUNING_COMPLETED, sj.TUNING_FAILED]) as q:
         valid = {"dataset_id": ds, "key": key, "name": "raw.txt"}
         await client.publish_raw(sj.DATASET_UPLOADED, json.dumps(valid).encode())
-        await client.wait_for(q, lambda _, d: d.get("dataset_id") == ds, 30)
+        await client.wait_for(q, lambda subj, d: subj == sj.DATASET_VALIDATED and d.get("dataset_id") == ds, 30)
+        _, done = await client.wait_for(q, lambda _, d: d.get("job_id") == f"job-{uid}", 180)
+    final = await TuningJob.find_one({"job_id": f"job-{uid}"})
+    assert final is not None and final.status == "succeeded", (final and final.error, done)
 
 
 async def test_dlq_list_and_show(settings, client, workers, uid, capsys) -> None:
