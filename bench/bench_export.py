@@ -2,7 +2,7 @@
 
 Run (≈1 minute on 2 idle CPU cores):
 
-    /work/main/.venv/bin/python bench/bench_export.py            # --hidden 256 --layers 4 --repeats 5
+    .venv/bin/python bench/bench_export.py            # --hidden 256 --layers 4 --repeats 5
 
 Both sides convert the same checkpoint — a `build_tiny_llama` Llama (random weights) and a LoRA adapter
 (r=8 on q/k/v/o) — with the same converter scripts, the same Python and the same arguments, f16:

@@ -2,7 +2,7 @@
 
 Run (≈2 minutes on 2 idle CPU cores):
 
-    /work/main/.venv/bin/python bench/bench_tuning.py      # --rows 1024 --repeat 2 --hidden 256 --layers 4
+    .venv/bin/python bench/bench_tuning.py      # --rows 1024 --repeat 2 --hidden 256 --layers 4
 
 Both runs see the same base model (a `build_tiny_llama` Llama, hidden 256, 4 layers, random weights),
 the same chat data tokenized by the same code (`handlers.tuning.data`, assistant-only labels), the same
