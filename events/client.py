@@ -165,6 +165,19 @@ class CodeTuneClient:
                 with contextlib.suppress(Exception):
                     await sub.unsubscribe()
 
+    async def publish_and_wait(
+        self,
+        payload: BaseModel,
+        answers: Iterable[str],
+        match: Callable[[str, Any], bool],
+        timeout: float = 60.0,
+    ) -> tuple[str, BaseModel]:
+        """Publish a command and wait for its answer (the first event on `answers` that `match` accepts);
+        subscribed before publishing, so a fast answer is never missed. TimeoutError after `timeout`."""
+        async with self.subscribe(answers, accept=match) as queue:
+            await self.publish(payload)
+            return await self.wait_for(queue, match, timeout)
+
     async def wait_for(
         self,
         queue: asyncio.Queue[tuple[str, Any]],

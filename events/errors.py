@@ -76,6 +76,12 @@ class GatedRepoError(CodeTuneError):
     code = "model_gated"
 
 
+class HubRefusedError(CodeTuneError):
+    """The hub refused a push (bad or read-only token, a repo the token may not write, ...)."""
+
+    code = "hub_refused"
+
+
 class ExportError(CodeTuneError):
     code = "export_failed"
 

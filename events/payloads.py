@@ -163,6 +163,37 @@ class ModelPullFailed(Payload):
     error: ErrorInfo
 
 
+class ModelPushRequested(Command):
+    """Push a finished job's artifacts (peft adapter, GGUF files, Modelfile, a model card) to a hub repo.
+    The HF token is the models stage's setting, never part of the command."""
+
+    job_id: Id
+    repo_id: RepoId = Field(description="the hub repo to push to, with its namespace: 'user/name'")
+    private: bool = True
+    failure_subject: ClassVar[str | None] = "model.push.failed"
+
+    @field_validator("repo_id")
+    @classmethod
+    def _namespaced(cls, v: str) -> str:
+        if "/" not in v:
+            raise ValueError("needs a namespace: 'user/name'")
+        return v
+
+
+class ModelPushed(Payload):
+    job_id: Id
+    repo_id: RepoId
+    private: bool
+    commit_url: str | None = Field(None, max_length=2048)
+    files: list[Annotated[str, Field(max_length=1024)]] = Field(default_factory=list, max_length=10_000)
+
+
+class ModelPushFailed(Payload):
+    job_id: Id
+    repo_id: RepoId
+    error: ErrorInfo
+
+
 # --------------------------------------------------------------------------- tuning
 
 

@@ -81,6 +81,8 @@ class Consumer:
 
 DATASETS_UPLOADED = Consumer("datasets-uploaded", s.DATASET_UPLOADED)
 MODELS_PULL = Consumer("models-pull", s.MODEL_PULL_REQUESTED, ack_wait_s=60.0)
+# A push uploads GGUFs (hundreds of MB): the handler heartbeats (in_progress) while it runs.
+MODELS_PUSH = Consumer("models-push", s.MODEL_PUSH_REQUESTED, ack_wait_s=60.0, max_deliver=4)
 # Training is long: the handler heartbeats (in_progress) every ack_wait/4 while it runs. A worker that
 # dies stops heartbeating; after ack_wait the job is redelivered and resumes from its last checkpoint.
 TUNING_REQUESTED = Consumer("tuning-requested", s.TUNING_REQUESTED, ack_wait_s=20.0, max_deliver=6)
@@ -95,6 +97,7 @@ SERVING_ON_EXPORTED = Consumer("serving-on-exported", s.MODEL_EXPORTED, ack_wait
 CONSUMERS: tuple[Consumer, ...] = (
     DATASETS_UPLOADED,
     MODELS_PULL,
+    MODELS_PUSH,
     TUNING_REQUESTED,
     TUNING_CANCEL,
     TUNING_ON_MODEL,

@@ -18,6 +18,9 @@ DATASET_FAILED = "dataset.failed"
 MODEL_PULL_REQUESTED = "model.pull.requested"
 MODEL_PULLED = "model.pulled"
 MODEL_PULL_FAILED = "model.pull.failed"
+MODEL_PUSH_REQUESTED = "model.push.requested"
+MODEL_PUSHED = "model.pushed"
+MODEL_PUSH_FAILED = "model.push.failed"
 TUNING_REQUESTED = "tuning.requested"
 TUNING_PROGRESS = "tuning.progress"  # + ".<job_id>"
 TUNING_CANCEL_REQUESTED = "tuning.cancel.requested"
@@ -71,6 +74,12 @@ CONTRACT: tuple[SubjectSpec, ...] = (
                 "base model is in the bucket under its commit sha"),
     SubjectSpec(MODEL_PULL_FAILED, p.ModelPullFailed, "fact", "models", "tuning (waiting jobs)",
                 "the hub's reason (missing, gated, ...)"),
+    SubjectSpec(MODEL_PUSH_REQUESTED, p.ModelPushRequested, "command", "CLI (pipeline --push), bridge", "models",
+                "push a finished job's adapter, GGUFs, Modelfile and model card to a hub repo"),
+    SubjectSpec(MODEL_PUSHED, p.ModelPushed, "fact", "models", "CLI, bridge, anyone",
+                "the job's artifacts are in the hub repo (commit url, files)"),
+    SubjectSpec(MODEL_PUSH_FAILED, p.ModelPushFailed, "fact", "models", "CLI, bridge, anyone",
+                "the reason (no token, job not exported, hub refused, ...)"),
     SubjectSpec(TUNING_REQUESTED, p.TuningRequested, "command",
                 "CLI, bridge, user-model import, tuning (a waiting job once ready)", "tuning",
                 "a job spec: base model, dataset, typed hyperparameters"),

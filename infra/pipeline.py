@@ -2,12 +2,12 @@
 
 It replaces the seed's `scripts/hf_ollama_pipeline.py`, but drives the stages through events instead of
 calling them: run it against workers anywhere (`codetune worker`), or let `codetune demo` run the stages
-in-process. The HF token comes from the environment (settings), never from an argument.
+in-process. `--push ME/REPO` publishes `model.push.requested` and waits for the models stage's answer: the
+HF token is the models stage's setting (environment), never an argument nor part of an event.
 """
 
 from __future__ import annotations
 
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +18,8 @@ from events.payloads import (
     ExportOptions,
     Hyperparameters,
     ModelPullRequested,
+    ModelPushed,
+    ModelPushRequested,
     OllamaChatRequest,
     TuningRequested,
 )
@@ -84,53 +86,23 @@ async def run_pipeline(settings: Settings, repo_id: str, dataset: Path, name: st
         answer = reply["message"]["content"]
         console.print(f"[bold]you[/bold]: {prompt}\n[bold]{name}[/bold]: {answer}")
 
-    result: dict[str, Any] = {"dataset_id": dataset_id, "job_id": job.job_id, "metrics": done.metrics.model_dump(),
-                              "exported": exported.model_dump(), "answer": answer}
-    if push:
-        console.rule("[bold]push")
-        result["pushed"] = await push_to_hub(settings, push, exported, done)
+        result: dict[str, Any] = {"dataset_id": dataset_id, "job_id": job.job_id,
+                                  "metrics": done.metrics.model_dump(), "exported": exported.model_dump(),
+                                  "answer": answer}
+        if push:
+            console.rule("[bold]push")
+            result["pushed"] = (await request_push(c, job.job_id, push, timeout=timeout)).commit_url
     return result
 
 
-def model_card(exported: Any, done: Any) -> str:
-    m = done.metrics
-    return "\n".join([
-        "---", f"base_model: {done.base_model}", "library_name: peft", "tags: [codetune, lora, gguf, ollama]", "---",
-        f"# {exported.name}", "",
-        f"LoRA fine-tune of [{done.base_model}](https://huggingface.co/{done.base_model}) (commit `{done.sha}`) "
-        "made with CodeTune.", "",
-        f"- steps: {m.steps}, epochs: {m.epochs:.2f}, tokens: {m.tokens}",
-        f"- loss: {m.first_loss} → {m.train_loss}; eval loss: {m.eval_loss}",
-        f"- export: {exported.mode}; Ollama stop tokens: {exported.stop}", "",
-        "Files: `adapter/` (peft), GGUF file(s) and a `Modelfile` for `ollama create`.", "",
-    ])
-
-
-async def push_to_hub(settings: Settings, repo: str, exported: Any, done: Any) -> str:
-    """Upload adapter, GGUF(s), Modelfile and a model card to a (private) hub repo; token from settings."""
-    import asyncio
-
-    from huggingface_hub import HfApi
-
-    from storage.objects import ObjectStore
-
-    if settings.hf_token is None:
-        raise PipelineError("--push needs HUGGINGFACE_TOKEN (or HF_TOKEN) in the environment")
-    store = ObjectStore(settings)
-    with tempfile.TemporaryDirectory() as tmp:
-        root = Path(tmp)
-        await store.download_prefix(done.adapter_key, root / "adapter")
-        for key in filter(None, [exported.model_key, exported.adapter_key, exported.modelfile_key]):
-            await store.download(key, root / Path(key).name)
-        (root / "README.md").write_text(model_card(exported, done))
-        api = HfApi(endpoint=settings.hf_endpoint, token=settings.hf_token.get_secret_value())
-
-        def upload() -> str:
-            api.create_repo(repo, private=True, exist_ok=True)
-            info = api.upload_folder(repo_id=repo, folder_path=str(root),
-                                     commit_message=f"CodeTune {done.job_id}")
-            return str(getattr(info, "commit_url", repo))
-
-        url = await asyncio.to_thread(upload)
-    console.print(f"[green]pushed[/green] to {repo}: {url}")
-    return url
+async def request_push(c: Any, job_id: str, repo_id: str, private: bool = True,
+                       timeout: float = 3600) -> ModelPushed:
+    """`model.push.requested` for a finished job, answered by the models stage (which holds the HF token)."""
+    subject, answer = await c.publish_and_wait(
+        ModelPushRequested(job_id=job_id, repo_id=repo_id, private=private), [sj.MODEL_PUSHED, sj.MODEL_PUSH_FAILED],
+        lambda _, d: d.get("job_id") == job_id and d.get("repo_id") == repo_id, timeout)
+    if subject != sj.MODEL_PUSHED:
+        raise PipelineError(f"push failed: {answer.error.code}: {answer.error.message}")  # type: ignore[attr-defined]
+    assert isinstance(answer, ModelPushed)
+    console.print(f"[green]pushed[/green] to {repo_id}: {answer.commit_url or repo_id} ({len(answer.files)} files)")
+    return answer

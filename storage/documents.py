@@ -82,6 +82,22 @@ class BaseModel(Timestamped):
         ]
 
 
+class HubPush(Timestamped):
+    """A job's artifacts pushed to a hub repo by the models stage (one per job + repo)."""
+
+    job_id: str
+    repo_id: str
+    private: bool = True
+    status: Literal["pushing", "pushed", "failed"] = "pushing"
+    commit_url: str | None = None
+    files: list[str] = Field(default_factory=list)
+    error: ErrorDoc | None = None
+
+    class Settings:
+        name = "hub_pushes"
+        indexes = [IndexModel([("job_id", pymongo.ASCENDING), ("repo_id", pymongo.ASCENDING)], unique=True)]
+
+
 class TuningJob(Timestamped):
     job_id: str
     base_model: str
@@ -157,6 +173,20 @@ class UserModel(Timestamped):
         ]
 
 
+class ClientSettings(Timestamped):
+    """The bridge's `/api/v1/settings`: the original web client's non-secret preferences (one document).
+    Never a token: secrets come from the environment."""
+
+    key: str = "default"
+    local_model_dir: str | None = None
+    dataset_dir: str | None = None
+    hf_user: str | None = None
+
+    class Settings:
+        name = "client_settings"
+        indexes = [IndexModel([("key", pymongo.ASCENDING)], unique=True)]
+
+
 class ServedModel(Timestamped):
     """A model created in Ollama by the serving stage."""
 
@@ -175,4 +205,4 @@ class ServedModel(Timestamped):
         ]
 
 
-DOCUMENTS: list[type[Document]] = [Dataset, BaseModel, TuningJob, UserModel, ServedModel]
+DOCUMENTS: list[type[Document]] = [Dataset, BaseModel, HubPush, TuningJob, UserModel, ServedModel, ClientSettings]

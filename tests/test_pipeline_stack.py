@@ -101,26 +101,39 @@ async def test_request_reply_errors_are_answered_not_dropped(client) -> None:
         await client.request(sj.OLLAMA_CHAT, {"messages": []})
 
 
-async def test_pipeline_command_end_to_end_with_push(settings, tmp_path) -> None:
-    """`codetune pipeline`'s code: every stage through events, one chat, then a push to a hub stand-in."""
+async def test_pipeline_command_end_to_end_with_push(settings, client, monkeypatch, tmp_path) -> None:
+    """`codetune pipeline`'s code: every stage through events, one chat, then `--push`: the pipeline publishes
+    `model.push.requested` and the models stage (which alone holds the HF token) pushes to a hub stand-in."""
     from pydantic import SecretStr
 
     from events.payloads import ExportOptions, Hyperparameters
     from infra.pipeline import run_pipeline
     from infra.tinymodel import toy_dataset
+    from storage.documents import HubPush
     from tests.hub_standin import serve_hub
 
     data = toy_dataset(tmp_path / "alpaca.jsonl", "alpaca", rows=24)
     name = f"pipe-{uuid.uuid4().hex[:6]}"
+    repo = f"me/tiny-finetune-{uuid.uuid4().hex[:6]}"
     with serve_hub("hf_test_token_123") as (url, hub):
-        s = settings.model_copy(update={"hf_endpoint": url, "hf_token": SecretStr("hf_test_token_123")})
-        result = await run_pipeline(s, TINY_REPO, data, name, Hyperparameters(max_steps=6, learning_rate=1e-2,
-                                    eval_steps=3, save_steps=3, max_seq_len=128), ExportOptions(),
-                                    "What is the capital of Peru?", push="me/tiny-finetune")
+        # the in-process models stage (`workers`) reads this settings object: only it gets the token
+        monkeypatch.setattr(settings, "hf_endpoint", url)
+        monkeypatch.setattr(settings, "hf_token", SecretStr("hf_test_token_123"))
+        pipeline_settings = settings.model_copy(update={"hf_token": None})
+        async with client.subscribe([sj.MODEL_PUSH_REQUESTED]) as q:
+            result = await run_pipeline(pipeline_settings, TINY_REPO, data, name, Hyperparameters(
+                max_steps=6, learning_rate=1e-2, eval_steps=3, save_steps=3, max_seq_len=128), ExportOptions(),
+                "What is the capital of Peru?", push=repo)
+            _, command = await client.wait_for(q, lambda _, d: d.get("repo_id") == repo, 5)
     assert isinstance(result["answer"], str) and result["metrics"]["steps"] == 6
-    files = hub.repos["me/tiny-finetune"]["files"]
+    assert command.job_id == result["job_id"] and command.private is True
+    files = hub.repos[repo]["files"]
     assert {"README.md", "Modelfile", "adapter-f16.gguf", "model-f16.gguf"} <= set(files)
     assert any(f.startswith("adapter/") and f.endswith("adapter_model.safetensors") for f in files)
     assert b"base_model: codetune-test/tiny-llama" in files["README.md"]
-    assert hub.repos["me/tiny-finetune"]["private"] is True
+    assert b"<|im_end|>" in files["README.md"]  # the stop tokens, read from the job's Modelfile
+    assert hub.repos[repo]["private"] is True
     assert all(b"hf_test_token_123" not in v for v in files.values() if isinstance(v, bytes))
+    record = await HubPush.find_one(HubPush.job_id == result["job_id"], HubPush.repo_id == repo)
+    assert record.status == "pushed" and "hf_test_token_123" not in record.model_dump_json()
+    assert result["pushed"] == record.commit_url
