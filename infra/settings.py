@@ -9,10 +9,11 @@ from __future__ import annotations
 import json
 from functools import lru_cache
 from pathlib import Path
+from typing import Annotated, Any
 from urllib.parse import urlsplit
 
-from pydantic import AliasChoices, Field, SecretStr, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 
 class Settings(BaseSettings):
@@ -59,6 +60,9 @@ class Settings(BaseSettings):
     hf_endpoint: str | None = Field(None, validation_alias=AliasChoices("CODETUNE_HF_ENDPOINT", "HF_ENDPOINT"))
     hf_cache_dir: Path | None = Field(None, validation_alias=AliasChoices("CODETUNE_HF_CACHE_DIR", "HF_HUB_CACHE"))
     hf_offline: bool = Field(False, validation_alias=AliasChoices("CODETUNE_HF_OFFLINE", "HF_HUB_OFFLINE"))
+    # the namespace a push goes to when its repo name has none (`my-model` → `<hf_user>/my-model`)
+    hf_user: str | None = Field(None, validation_alias=AliasChoices("CODETUNE_HF_USER", "HF_USER"))
+    hub_timeout_s: float = Field(3.0, gt=0, description="hub search (GET /api/v1/models/): give up after this")
 
     # --- Ollama
     ollama_host: str = Field(
@@ -75,6 +79,11 @@ class Settings(BaseSettings):
     webhook_secret: SecretStr | None = None
     webhook_max_bytes: int = 1_048_576
     webhook_tolerance_s: int = 300
+    # Browser origins allowed by CORS: comma-separated (`*` for any, empty for none). Unset: the loopback
+    # origins (http(s)://localhost|127.0.0.1|[::1], any port) when no bridge token is set, none otherwise.
+    cors_origins: Annotated[list[str] | None, NoDecode] = None
+    # the Ollama model `POST /api/v1/assistant/chat` talks to when the request names none
+    assistant_model: str | None = None
 
     # --- Local stack (loopback only)
     home: Path = Path(".codetune")
@@ -88,6 +97,13 @@ class Settings(BaseSettings):
     # --- Pipeline behaviour
     dataset_max_line_errors: int = 20
     work_dir: Path | None = None
+
+    @field_validator("cors_origins", mode="before")
+    @classmethod
+    def _origins(cls, v: Any) -> Any:
+        if isinstance(v, str):
+            return [o.strip().rstrip("/") for o in v.split(",") if o.strip()]
+        return v
 
     @model_validator(mode="after")
     def _stack_nats_passwords(self) -> Settings:

@@ -1,6 +1,8 @@
-"""A Hugging Face Hub STAND-IN for push tests (NOT the hub): the few endpoints `HfApi.create_repo` and
-`upload_folder` use when every file is committed inline ("regular" upload mode), with bearer-token checks.
-It records what was committed so tests can assert on the files a push produced."""
+"""A Hugging Face Hub STAND-IN for push and search tests (NOT the hub): the few endpoints `HfApi.create_repo`
+and `upload_folder` use when every file is committed inline ("regular" upload mode), with bearer-token
+checks, and `GET /api/models` (what `HfApi.list_models` calls) over a small catalogue filtered by
+`pipeline_tag` and `search` and cut at `limit`. It records what was committed and how often it was searched
+so tests can assert on them."""
 
 from __future__ import annotations
 
@@ -18,6 +20,17 @@ class HubStandin:
         self.token = token
         self.repos: dict[str, dict[str, Any]] = {}
         self.commits: list[dict[str, Any]] = []
+        self.searches = 0
+        self.catalogue: list[dict[str, Any]] = [
+            {"id": "HuggingFaceTB/SmolLM2-135M-Instruct", "downloads": 900_000, "pipeline_tag": "text-generation",
+             "tags": ["transformers", "safetensors", "llama", "text-generation"]},
+            {"id": "Qwen/Qwen2.5-0.5B-Instruct", "downloads": 700_000, "pipeline_tag": "text-generation",
+             "tags": ["transformers", "qwen2", "text-generation"]},
+            {"id": "codetune-test/tiny-llama", "downloads": 3, "pipeline_tag": "text-generation",
+             "tags": ["llama", "text-generation"]},
+            {"id": "openai/whisper-tiny", "downloads": 800_000, "pipeline_tag": "automatic-speech-recognition",
+             "tags": ["whisper"]},
+        ]
 
 
 def _handler(hub: HubStandin, base: list[str]) -> type[BaseHTTPRequestHandler]:
@@ -32,6 +45,20 @@ def _handler(hub: HubStandin, base: list[str]) -> type[BaseHTTPRequestHandler]:
             self.send_header("Content-Length", str(len(body)))
             self.end_headers()
             self.wfile.write(body)
+
+        def do_GET(self) -> None:
+            from urllib.parse import parse_qs, urlsplit
+
+            url = urlsplit(self.path)
+            if url.path.rstrip("/") != "/api/models":
+                self._send(404, {"error": f"stand-in: no route {self.path}"})
+                return
+            hub.searches += 1
+            q = {k: v[0] for k, v in parse_qs(url.query).items()}
+            rows = [m for m in hub.catalogue if not q.get("pipeline_tag") or m["pipeline_tag"] == q["pipeline_tag"]]
+            rows = [m for m in rows if q.get("search", "").lower() in m["id"].lower()]
+            rows.sort(key=lambda m: -m["downloads"])
+            self._send(200, [{**m, "modelId": m["id"]} for m in rows[: int(q.get("limit") or 1000)]])
 
         def do_POST(self) -> None:
             if self.headers.get("Authorization") != f"Bearer {hub.token}":

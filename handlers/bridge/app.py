@@ -1,9 +1,11 @@
 """The bridge's FastAPI app: routers per concern, connections in the lifespan, errors as `{"detail": ...}`.
 
 Routers and their guards:
-- `health` (liveness/readiness) and `docs` (/docs, /openapi.json, /asyncapi, /asyncapi.json): public;
+- `root` (`GET /`), `health` (liveness/readiness) and `docs` (/docs, /openapi.json, /asyncapi,
+  /asyncapi.json): public; `WS /ws` (in `root`) checks the bearer token on its handshake;
 - `webhooks` (`POST /events/{subject}`): HMAC signature (or the bearer token when no webhook secret);
 - the seed's `/api/v1/...` routes: bearer token.
+Browser origins: CORS with `CODETUNE_CORS_ORIGINS` and an Origin guard (`origins.py`).
 JSON bodies are limited to `webhook_max_bytes` while they are read (413); the multipart upload is not
 limited (it streams to S3 in constant memory).
 """
@@ -14,17 +16,32 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
 
 from handlers.bridge import errors
 from handlers.bridge.auth import Authenticated, secret
 from handlers.bridge.limits import BodyLimit
-from handlers.bridge.routes import datasets, docs, health, models, ollama, tuning, user_models, webhooks
+from handlers.bridge.origins import OriginGuard, Origins, cors_options
+from handlers.bridge.routes import (
+    assistant,
+    datasets,
+    docs,
+    health,
+    models,
+    ollama,
+    root,
+    settings_route,
+    tuning,
+    user_models,
+    webhooks,
+)
 from handlers.bridge.services import Services
 from handlers.bridge.signatures import standard_key
 from infra.settings import Settings, get_settings
 
 VERSION = "0.1.0"
-API_ROUTERS = (datasets.router, models.router, tuning.router, ollama.router, user_models.router)
+API_ROUTERS = (datasets.router, models.router, tuning.router, ollama.router, user_models.router, assistant.router,
+               settings_route.router)
 UPLOAD_PATH = "/api/v1/datasets/upload"  # multipart: streamed to S3 in constant memory, not size-limited
 
 
@@ -63,6 +80,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     errors.install(app)
     app.add_middleware(BodyLimit, max_bytes=settings.webhook_max_bytes, exempt=(UPLOAD_PATH,))
+    app.add_middleware(CORSMiddleware, **cors_options(settings))
+    app.add_middleware(OriginGuard, origins=Origins(settings))  # outermost: a refused origin reaches nothing
+    app.include_router(root.router)  # GET / (public) and WS /ws (checks the token itself)
     app.include_router(health.router)
     app.include_router(docs.router)
     app.include_router(webhooks.router)

@@ -4,14 +4,21 @@ Replies are `OllamaReply {ok, result, error}`. No responder → 503 (the serving
 no answer in time → 504, `ok: false` → 404 for a missing model, 400 for a request Ollama refused, 503 when
 Ollama is unreachable, 502 otherwise.
 
-`POST /api/v1/ollama/create` (the seed's "create from a Modelfile") maps onto `ollama.create`: `FROM`
-names a GGUF in the bucket (`gguf_path` is its key, as `local_path`/`path` are everywhere in this API) or a
-model Ollama already has. Fine-tunes normally need none of this: the export → serving pipeline creates
-them with a template translated from the tokenizer.
+`POST /api/v1/ollama/create` (the seed's "create from a Modelfile") maps onto `ollama.create`. The original's
+`modelfile` was a path to a file on the server; here it is either the Modelfile's text (it has a newline or
+starts with a Modelfile instruction) or the bucket key of a Modelfile (e.g. a job's
+`jobs/<job_id>/export/Modelfile`), read from the bucket by the bridge (at most 64 KiB, UTF-8); a bare GGUF
+file name in such a Modelfile's `FROM`/`ADAPTER` is resolved next to it. A local filesystem path
+(`/…`, `~…`, `./…`, `../…`, `C:`, `file:`) is refused with 422 and nothing is read; a key with no object
+is 404. The answer says which it was: `modelfile_source` "text" | "bucket_key" (+ `modelfile_key`).
+`FROM` names a GGUF in the bucket (`gguf_path` is its key, as `local_path`/`path` are everywhere in this
+API) or a model Ollama already has. Fine-tunes normally need none of this: the export → serving pipeline
+creates them with a template translated from the tokenizer.
 """
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import nats.errors
@@ -20,10 +27,12 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from events import subjects as s
 from events.client import CodeTuneClient
-from events.errors import CodeTuneError
+from events.errors import CodeTuneError, UnsafeKeyError
 from events.payloads import ChatMessage, OllamaChatRequest, OllamaCreateRequest, OllamaListRequest, OllamaModelRef
-from handlers.bridge.errors import field_errors, invalid
-from handlers.bridge.services import ClientDep
+from handlers.bridge.errors import field_errors, invalid, invalid_field
+from handlers.bridge.services import ClientDep, StoreDep
+from storage.keys import check_key
+from storage.objects import ObjectStore
 
 router = APIRouter(prefix="/api/v1/ollama", tags=["ollama"])
 
@@ -45,8 +54,47 @@ class ChatBody(BaseModel):
 class CreateBody(BaseModel):
     model_config = ConfigDict(extra="ignore")
     name: str = Field(min_length=1)
-    modelfile: str = Field(min_length=4)
+    modelfile: str = Field(min_length=4, max_length=65_536,
+                           description="the Modelfile's text, or the bucket key of a Modelfile (never a server path)")
     gguf_path: str | None = Field(None, description="bucket key of the GGUF that FROM refers to")
+
+
+MODELFILE_MAX = 65_536
+_INSTRUCTION = re.compile(r"^\s*(#|(FROM|ADAPTER|TEMPLATE|PARAMETER|SYSTEM|LICENSE|MESSAGE|REQUIRES)\s)", re.I)
+_LOCAL_PATH = re.compile(r"^(/|~|\.{1,2}(/|\\)|[A-Za-z]:[\\/]|\\|file:)", re.I)
+_GGUF_LINE = re.compile(r"^(\s*(?:FROM|ADAPTER)\s+)([A-Za-z0-9._-]+\.gguf)\s*$", re.I | re.M)
+
+
+def modelfile_source(value: str) -> str:
+    """"text" or "bucket_key"; 422 for a local filesystem path or a key the bucket's rule refuses."""
+    if "\n" in value.strip() or _INSTRUCTION.match(value):
+        return "text"
+    candidate = value.strip()
+    if _LOCAL_PATH.match(candidate) or "\\" in candidate:
+        raise invalid_field(["body", "modelfile"], "a local filesystem path is never read: give the Modelfile's "
+                            "text, or the bucket key of a Modelfile (e.g. jobs/<job_id>/export/Modelfile)")
+    try:
+        check_key(candidate)
+    except UnsafeKeyError as e:
+        raise invalid_field(["body", "modelfile"], f"neither Modelfile text nor a bucket key: {e.message}") from None
+    return "bucket_key"
+
+
+async def read_modelfile(store: ObjectStore, key: str) -> str:
+    """A Modelfile from the bucket; bare GGUF names in FROM/ADAPTER resolve next to it."""
+    try:
+        size = (await store.stat(key)).size
+    except Exception:
+        raise HTTPException(404, f"no Modelfile in the bucket at {key!r}") from None
+    if size > MODELFILE_MAX:
+        raise invalid_field(["body", "modelfile"], f"the Modelfile at {key!r} is {size} bytes "
+                            f"(at most {MODELFILE_MAX})")
+    try:
+        text = (await store.get_bytes(key)).decode()
+    except UnicodeDecodeError:
+        raise invalid_field(["body", "modelfile"], f"the object at {key!r} is not a UTF-8 Modelfile") from None
+    folder = key.rsplit("/", 1)[0] + "/" if "/" in key else ""
+    return _GGUF_LINE.sub(lambda m: m.group(1) + folder + m.group(2), text)
 
 
 async def ask(client: CodeTuneClient, subject: str, payload: BaseModel) -> Any:
@@ -112,11 +160,14 @@ async def chat(body: ChatBody, client: ClientDep) -> dict[str, Any]:
 
 
 @router.post("/create")
-async def create_model(body: CreateBody, client: ClientDep) -> dict[str, Any]:
-    """Create a model from a Modelfile: `{status: "ok"}`."""
+async def create_model(body: CreateBody, client: ClientDep, store: StoreDep) -> dict[str, Any]:
+    """Create a model from a Modelfile (its text or its bucket key): `{status: "ok", modelfile_source}`."""
+    source = modelfile_source(body.modelfile)
+    key = body.modelfile.strip() if source == "bucket_key" else None
+    text = await read_modelfile(store, key) if key else body.modelfile
     try:
-        request = OllamaCreateRequest(name=body.name, modelfile=body.modelfile, gguf_key=body.gguf_path)
+        request = OllamaCreateRequest(name=body.name, modelfile=text, gguf_key=body.gguf_path)
     except ValidationError as e:
         raise invalid(field_errors(e)) from None
     result = await ask(client, s.OLLAMA_CREATE, request)
-    return {"status": "ok", "result": result}
+    return {"status": "ok", "modelfile_source": source, "modelfile_key": key, "result": result}

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterable
+from collections.abc import AsyncIterable, AsyncIterator
 from contextlib import AbstractAsyncContextManager
 from typing import Annotated, Any
 
@@ -31,7 +31,7 @@ from handlers.bridge.seed import (
     tuning_request,
     tuning_view,
 )
-from handlers.bridge.services import ClientDep, MongoDB, ServicesDep
+from handlers.bridge.services import ClientDep, MongoDB, Services, ServicesDep
 from storage.documents import TuningJob
 
 router = APIRouter(prefix="/api/v1/tuning", tags=["tuning"])
@@ -89,20 +89,47 @@ def job_events(client: CodeTuneClient, job_id: str) -> AbstractAsyncContextManag
                             with_ids=True)
 
 
-async def snapshot(services: ServicesDep, job_id: str) -> dict[str, Any]:
+async def snapshot(services: Services, job_id: str) -> dict[str, Any]:
     job = await TuningJob.find_one(TuningJob.job_id == job_id) if services.mongodb.ready.is_set() else None
     return progress_view(job) if job else {"task_id": job_id, "status": None, "job_status": None, "progress": 0.0}
 
 
-async def known_job(job_id: JobId) -> str:
-    """404 for a job the tuning stage has not recorded within `JOB_GRACE_S` (a just-created job's request
-    may still be on its way to the stage), instead of a stream of keep-alives that never ends."""
-    deadline = time.monotonic() + JOB_GRACE_S
+async def recorded(job_id: str, grace_s: float = JOB_GRACE_S) -> bool:
+    """Whether the job is recorded, waiting up to `grace_s` for a just-created one (its request may still
+    be on its way to the stage)."""
+    deadline = time.monotonic() + grace_s
     while await TuningJob.find_one(TuningJob.job_id == job_id) is None:
         if time.monotonic() >= deadline:
-            raise HTTPException(404, f"tuning job {job_id!r} not found")
+            return False
         await asyncio.sleep(0.2)
+    return True
+
+
+async def known_job(job_id: JobId) -> str:
+    """404 for a job the tuning stage has not recorded within `JOB_GRACE_S`, instead of a stream of
+    keep-alives that never ends."""
+    if not await recorded(job_id):
+        raise HTTPException(404, f"tuning job {job_id!r} not found")
     return job_id
+
+
+async def job_stream(services: Services, job_id: str) -> AsyncIterator[tuple[str, Any, str | None]]:
+    """One job's live events as `(kind, data, event id)`: `snapshot` first (once subscribed, so nothing after
+    it is missed), then `progress` (+ a `progress` fraction), ending with `completed` / `failed` /
+    `cancelled`; a finished job ends after its snapshot. Shared by the SSE route and `WS /ws`."""
+    async with job_events(services.client, job_id) as queue:
+        first = await snapshot(services, job_id)
+        yield "snapshot", first, None
+        if first.get("job_status") in TERMINAL:
+            return
+        while True:
+            subject, data, event_id = await queue.get()
+            if subject in TERMINAL_SUBJECTS:
+                yield TERMINAL_SUBJECTS[subject], data, event_id
+                return
+            if isinstance(data, dict) and data.get("max_steps"):
+                data = {**data, "progress": min(1.0, data.get("step", 0) / data["max_steps"])}
+            yield "progress", data, event_id
 
 
 @router.get("/{job_id}/events", response_class=EventSourceResponse, dependencies=[MongoDB],
@@ -110,16 +137,8 @@ async def known_job(job_id: JobId) -> str:
 async def stream_events(job_id: Annotated[str, Depends(known_job)], services: ServicesDep
                         ) -> AsyncIterable[ServerSentEvent]:
     """Server-Sent Events: the job's progress as it happens, until its terminal event."""
-    async with job_events(services.client, job_id) as queue:
-        first = await snapshot(services, job_id)
-        yield ServerSentEvent(event="snapshot", data=first, retry=3000)
-        if first.get("job_status") in TERMINAL:
-            return
-        while True:
-            subject, data, event_id = await queue.get()
-            if subject in TERMINAL_SUBJECTS:
-                yield ServerSentEvent(event=TERMINAL_SUBJECTS[subject], data=data, id=event_id)
-                return
-            if isinstance(data, dict) and data.get("max_steps"):
-                data = {**data, "progress": min(1.0, data.get("step", 0) / data["max_steps"])}
-            yield ServerSentEvent(event="progress", data=data, id=event_id)
+    async for kind, data, event_id in job_stream(services, job_id):
+        if kind == "snapshot":
+            yield ServerSentEvent(event=kind, data=data, retry=3000)
+        else:
+            yield ServerSentEvent(event=kind, data=data, id=event_id)
