@@ -12,7 +12,8 @@ Tuning parameters: the seed's worker read camelCase keys from a free-form dict. 
 | `trainingSteps` | `hyperparameters.max_steps`          |                                             |
 | `learningRate`  | `hyperparameters.learning_rate`      | seed default 5e-5 kept                      |
 | `quantization`  | `export`                             | see QUANTIZATION                            |
-| `push`          | —                                    | no hub-push stage: ignored (listed back)    |
+| `push`          | —                                    | ignored (listed back): push a finished job  |
+|                 |                                      | with `POST /api/v1/models/push`             |
 
 The seed's "quantization" presets were not llama.cpp types. They map to real ones:
 - `none` → GGUF `f16`, no quantization;
