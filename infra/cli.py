@@ -643,7 +643,8 @@ def pipeline(
     quantize: str | None = typer.Option(None, help="Ollama create-time quantization, e.g. q4_K_M"),
     system: str | None = typer.Option(None, help="SYSTEM prompt for the Modelfile"),
     prompt: str = typer.Option("Hello! Who are you?", help="the one chat message sent at the end"),
-    push: str | None = typer.Option(None, help="also push adapter, GGUF and Modelfile to this hub repo"),
+    push: str | None = typer.Option(None, help="then push adapter, GGUFs, Modelfile and a model card to this hub "
+                                    "repo (user/name) over model.push.requested, with the models stage's token"),
 ) -> None:
     """Upload, pull, tune, export, create the Ollama model and chat once (needs running workers)."""
     from events.payloads import ExportOptions, Hyperparameters

@@ -137,7 +137,8 @@ async def test_a_stage_user_publishes_only_its_own_facts(settings, client, uid) 
 
 def test_the_permission_model_follows_the_contract() -> None:
     assert natsauth.emits("client") == sorted(
-        [sj.DATASET_UPLOADED, sj.MODEL_PULL_REQUESTED, sj.TUNING_REQUESTED, sj.TUNING_CANCEL_REQUESTED,
+        [sj.DATASET_UPLOADED, sj.MODEL_PULL_REQUESTED, sj.MODEL_PUSH_REQUESTED, sj.TUNING_REQUESTED,
+         sj.TUNING_CANCEL_REQUESTED,
          sj.OLLAMA_MODELS, sj.OLLAMA_PULL, sj.OLLAMA_SHOW, sj.OLLAMA_DELETE, sj.OLLAMA_CHAT, sj.OLLAMA_CREATE])
     assert natsauth.emits("export") == sorted([sj.MODEL_EXPORTED, sj.MODEL_EXPORT_FAILED, "dlq.>"])
     assert sj.MODEL_EXPORTED not in natsauth.permissions("client")["publish"]["allow"]
