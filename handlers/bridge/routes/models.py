@@ -32,7 +32,6 @@ from events.payloads import ModelPullRequested, ModelPushRequested
 from handlers.bridge.errors import field_errors, invalid, invalid_field
 from handlers.bridge.seed import JOB_ID_PATTERN
 from handlers.bridge.services import ClientDep, MongoDB, SettingsDep
-from handlers.models.service import search_hub
 from infra.settings import Settings
 from storage.documents import BaseModel as BaseModelDoc
 from storage.documents import ClientSettings, TuningJob, UserModel
@@ -69,6 +68,8 @@ async def hub_models(settings: Settings, limit: int, search: str | None) -> tupl
     hit = _cache.get(key)
     if hit and time.monotonic() - hit[0] < CACHE_S:
         return hit[1], hit[2] or ""
+    from handlers.models.service import search_hub  # lazily: huggingface_hub costs ~0.2 s at bridge start
+
     models: list[dict[str, Any]] | None = None
     why = ""
     try:
