@@ -21,7 +21,7 @@ app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__)
 stack_app = typer.Typer(no_args_is_help=True, help="The embedded local stack (NATS, MongoDB-wire, S3).")
 dataset_app = typer.Typer(no_args_is_help=True, help="Upload and list training datasets.")
 dlq_app = typer.Typer(no_args_is_help=True, help="Inspect dead-lettered messages.")
-model_app = typer.Typer(no_args_is_help=True, help="Pull base models from the Hugging Face hub.")
+model_app = typer.Typer(no_args_is_help=True, help="Pull base models from the Hugging Face hub; push fine-tunes to it.")
 job_app = typer.Typer(no_args_is_help=True, help="Inspect and cancel tuning jobs.")
 saved_app = typer.Typer(no_args_is_help=True, help="Saved models: keep a finished job under a name; re-tune it.")
 app.add_typer(stack_app, name="stack")
@@ -268,6 +268,33 @@ def model_pull(
             fail(f"{answer.error.code}: {answer.error.message}")
 
     run(go())
+
+
+@model_app.command("push")
+def model_push(
+    job_id: str,
+    repo_id: str = typer.Argument(..., help="the hub repo, user/name"),
+    public: bool = typer.Option(False, help="create the repo public (default: private)"),
+    timeout: float = typer.Option(3600.0),
+) -> None:
+    """Push a finished job's adapter, GGUFs, Modelfile and a model card to a hub repo: publishes
+    `model.push.requested` and waits for the models stage (whose HUGGINGFACE_TOKEN is used; never an argument)."""
+    from events.payloads import ModelPushRequested
+    from infra.pipeline import PipelineError, request_push
+
+    try:
+        ModelPushRequested(job_id=job_id, repo_id=repo_id, private=not public)
+    except ValueError as e:
+        fail(str(e))
+
+    async def go() -> None:
+        async with client(get_settings()) as c:
+            await request_push(c, job_id, repo_id, private=not public, timeout=timeout)
+
+    try:
+        run(go())
+    except PipelineError as e:
+        fail(str(e))
 
 
 @model_app.command("list")

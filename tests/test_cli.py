@@ -59,6 +59,13 @@ async def test_cancel_of_unknown_job_is_harmless_and_bad_repo_is_refused(env) ->
     assert r.returncode == 1 and "org/name" in r.stdout
 
 
+async def test_model_push_is_answered_by_the_models_stage(env) -> None:
+    r = await codetune(env, "model", "push", "ftjob-never-ran", "me/some-repo")
+    assert r.returncode == 1 and "job_not_found" in r.stdout, r.stdout + r.stderr
+    r = await codetune(env, "model", "push", "ftjob-never-ran", "no-namespace")
+    assert r.returncode == 1 and "user/name" in r.stdout
+
+
 async def test_save_a_finished_job_list_it_and_import_it_with_overrides(env, client, tmp_path) -> None:
     from events import subjects as sj
     from infra.tinymodel import toy_dataset
