@@ -384,6 +384,9 @@ async def test_cors_without_a_token_allows_loopback_origins(env, client, tmp_pat
             r = await c.post("/api/v1/models/pull", json={"repo_id": "evil/model"},
                              headers={"Origin": "https://evil.example"})  # a cross-site "simple" POST
             assert r.status_code == 403
+            rebound = {"Host": "evil.example:8080", "Origin": "http://evil.example:8080"}  # DNS rebinding
+            r = await c.post("/api/v1/models/pull", json={"repo_id": "evil/model"}, headers=rebound)
+            assert r.status_code == 401 and "loopback host" in r.json()["detail"]
             assert (await client.js.stream_info("CODETUNE")).state.messages == before
 
 

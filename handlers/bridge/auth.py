@@ -3,7 +3,9 @@
 Choice for an unset `CODETUNE_BRIDGE_TOKEN`: development mode on loopback only. `python -m
 handlers.bridge` refuses to start on a non-loopback host without a token (`check_binding`), and as a
 second line, a request that arrives on a non-loopback server address is refused when no token is set
-(covers `uvicorn --host 0.0.0.0 --factory ...`, which bypasses the entry point).
+(covers `uvicorn --host 0.0.0.0 --factory ...`, which bypasses the entry point), and so is one whose
+`Host` is not a loopback name (a page on a domain that resolves to 127.0.0.1: DNS rebinding, which the
+Origin guard's same-origin rule alone would let through).
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import hmac
 import ipaddress
 from typing import Annotated
+from urllib.parse import urlsplit
 
 from fastapi import Depends, HTTPException, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
@@ -55,6 +58,10 @@ def check_token(request: Request, settings: Settings, credentials: HTTPAuthoriza
         if not is_loopback(str(server[0])):
             raise HTTPException(401, "the bridge has no CODETUNE_BRIDGE_TOKEN and only serves loopback",
                                 headers=CHALLENGE)
+        host = urlsplit("//" + request.headers.get("host", "127.0.0.1")).hostname or ""
+        if not is_loopback(host):  # a page whose own name resolves to 127.0.0.1 (DNS rebinding)
+            raise HTTPException(401, f"the bridge has no CODETUNE_BRIDGE_TOKEN and only answers loopback host "
+                                f"names, not {host[:100]!r}", headers=CHALLENGE)
         return
     if credentials is None:
         raise HTTPException(401, "missing bearer token (Authorization: Bearer <token>)", headers=CHALLENGE)
