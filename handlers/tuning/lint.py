@@ -10,8 +10,8 @@ are tokenized once) and measures, per job:
 - rows with no trainable token after templating and truncation (skipped by training);
 - exact-duplicate rows, and validation rows identical to a training row (the eval loss flatters the tune).
 
-`Estimator` turns the speed of the first `ESTIMATE_STEPS` optimizer steps of the real run into an estimate
-of the whole run (tokens times the measured tokens/s): no extra warm-up steps are spent.
+`Estimator` turns the speed of the first optimizer steps of the real run (the first one, a warm-up, left
+out) into an estimate of the whole run (tokens times the measured tokens/s): no extra steps are spent.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ import json
 import logging
 import math
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -165,7 +166,12 @@ def lint_text(lint: DatasetLint) -> str:
 
 
 class Estimator:
-    """Made once per run, at the `ESTIMATE_STEPS`-th step of this session (see the module docstring)."""
+    """Made once per run from the speed of this session's steps 2 to 1 + `ESTIMATE_STEPS`.
+
+    The first step of a session is left out (lazy initialisation and allocator warm-up make it slow), and
+    the speed is wall-clock tokens/s between two steps, so an eval or checkpoint in between counts too.
+    A run too short for that is estimated from the recipe's own tokens/s at its last step.
+    """
 
     def __init__(self, train: list[D.Example], batch_size: int, accum: int, start_step: int) -> None:
         self.epoch_tokens = D.real_tokens(train)
@@ -173,19 +179,33 @@ class Estimator:
         self.accum = accum
         self.start_step = start_step
         self.done = False
+        self._first: tuple[int, int, float] | None = None  # (step, tokens, time) after the warm-up step
 
-    def observe(self, info: Any) -> TrainEstimate | None:
+    def observe(self, info: Any, now: float | None = None) -> TrainEstimate | None:
         """The estimate when `info` (a recipe StepInfo) completes the measured steps, else None."""
-        measured = info.step - self.start_step
-        if self.done or measured < min(ESTIMATE_STEPS, info.max_steps - self.start_step) or measured <= 0:
+        if self.done:
             return None
-        if not info.tokens_per_s or not math.isfinite(info.tokens_per_s):
+        now = time.perf_counter() if now is None else now
+        if self._first is None or info.step == self._first[0]:
+            if self._first is None:
+                self._first = (info.step, info.tokens, now)
+            if info.step < info.max_steps or not info.tokens_per_s:
+                return None
+            return self._make(info.tokens_per_s, info.step - self.start_step, info.max_steps)
+        step0, tokens0, t0 = self._first
+        if info.step - step0 < ESTIMATE_STEPS and info.step < info.max_steps:
+            return None
+        if now <= t0 or info.tokens <= tokens0:
+            return None
+        return self._make((info.tokens - tokens0) / (now - t0), info.step - step0, info.max_steps)
+
+    def _make(self, tokens_per_s: float, measured: int, max_steps: int) -> TrainEstimate | None:
+        if not math.isfinite(tokens_per_s) or tokens_per_s <= 0:
             return None
         self.done = True
-        steps_left = info.max_steps - self.start_step
-        tokens = round(self.epoch_tokens * steps_left * self.accum / self.batches)
-        return TrainEstimate(tokens=tokens, tokens_per_s=round(info.tokens_per_s, 2),
-                             seconds=round(tokens / info.tokens_per_s, 2), measured_steps=measured)
+        tokens = round(self.epoch_tokens * (max_steps - self.start_step) * self.accum / self.batches)
+        return TrainEstimate(tokens=tokens, tokens_per_s=round(tokens_per_s, 2),
+                             seconds=round(tokens / tokens_per_s, 2), measured_steps=measured)
 
 
 def estimate_summary(e: TrainEstimate) -> str:
