@@ -84,3 +84,19 @@ def test_a_one_step_run_is_estimated_from_its_own_speed() -> None:
     est = Estimator([D.Example([1] * 10, [1] * 10)], batch_size=1, accum=1, start_step=0)
     e = est.observe(_Step(1, 1, 10, 5.0), now=1.0)
     assert e is not None and e.measured_steps == 1 and e.seconds == pytest.approx(2.0)
+
+
+def test_an_empty_alpaca_output_is_a_warning_in_both_stages(tok: Any, tmp_path: Path) -> None:
+    from handlers.datasets.validate import validate_bytes
+
+    rows = [{"instruction": "Say hi", "output": "hi"}, {"instruction": "Say nothing", "output": ""},
+            {"instruction": "Say hi", "output": "hi"}]
+    body = "".join(json.dumps(r) + "\n" for r in rows)
+    report = validate_bytes([body.encode()])
+    assert report.ok and {(w.code, tuple(w.lines)) for w in report.profile.warnings} == {
+        ("no_trainable_tokens", (2,)), ("duplicate_rows", (3,))}
+    path = tmp_path / "a.jsonl"
+    path.write_text(body)
+    lint, train, val = prepare_with_lint(tok, path, "alpaca", 64, 0.0, 1, False)
+    assert (lint.no_trainable, lint.duplicates, len(train), val) == (1, 1, 2, [])
+    assert [ex.lines for ex in train] == [[1], [3]]
