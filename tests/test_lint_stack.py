@@ -80,6 +80,7 @@ async def test_the_profile_warns_about_duplicates_and_empty_answers(crafted) -> 
 async def test_the_job_lints_with_its_tokenizer_and_estimates_before_it_ends(client, crafted) -> None:
     dataset_id, rows, _ = crafted
     req = TuningRequested(job_id=f"ftjob-{uuid.uuid4().hex[:12]}", base_model=TINY_REPO, dataset_id=dataset_id,
+                          export=None,  # no export: nothing left running in the background for later tests
                           hyperparameters={"max_steps": 12, "learning_rate": 1e-2, "batch_size": 4,
                                            "eval_steps": 6, "save_steps": 6, "lora_r": 8, "seed": SEED,
                                            "validation_split": SPLIT, "max_seq_len": MAX_SEQ_LEN})

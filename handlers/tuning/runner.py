@@ -73,16 +73,17 @@ class _Hooks:
                                    self.job.checkpoint_step or 0)
         log.info("job %s: %s", self.job.job_id, lint_summary(lint))
         try:
-            self._submit(self._note(lint_summary(lint), dataset_lint=lint.model_dump())).result(timeout=60)
+            self._submit(self._note(lint_summary(lint), self.job.checkpoint_step or 0, self.job.max_steps,
+                                    dataset_lint=lint.model_dump())).result(timeout=60)
         except Exception as e:  # the lint is advice: a slow database must not fail the training
             log.warning("lint of %s not stored: %s", self.job.job_id, e)
         return train, val
 
-    async def _note(self, message: str, **fields: Any) -> None:
-        """Store `fields` on the job and announce `message` as a progress event."""
+    async def _note(self, message: str, step: int, max_steps: int, **fields: Any) -> None:
+        """Store `fields` on the job and announce `message` as a progress event (at `step`)."""
         await jobs.update(self.job.job_id, **fields)
-        await self.ctx.publish(TuningProgress(job_id=self.job.job_id, status="running", step=self.job.step,
-                                              max_steps=self.job.max_steps, message=message))
+        await self.ctx.publish(TuningProgress(job_id=self.job.job_id, status="running", step=step,
+                                              max_steps=max_steps, message=message))
 
     def _submit(self, coro: Awaitable[Any]) -> Any:
         return asyncio.run_coroutine_threadsafe(coro, self.loop)  # type: ignore[arg-type]
@@ -91,7 +92,8 @@ class _Hooks:
         estimate = self.estimator.observe(info) if self.estimator else None
         if estimate is not None:
             log.info("job %s: %s", self.job.job_id, estimate_summary(estimate))
-            self._submit(self._note(estimate_summary(estimate), estimate=estimate.model_dump()))
+            self._submit(self._note(estimate_summary(estimate), info.step, info.max_steps,
+                                    estimate=estimate.model_dump()))
         now = time.monotonic()
         final = info.step >= info.max_steps
         if info.eval_loss is None and not final and now - self._last < PROGRESS_EVERY_S:
