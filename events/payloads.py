@@ -100,6 +100,49 @@ class LineError(BaseModel):
     message: str
 
 
+class LintWarning(BaseModel):
+    """Something in the data that trains badly but is not an error (the dataset stays usable)."""
+
+    code: Literal["duplicate_rows", "empty_assistant_turns", "no_trainable_tokens", "truncated_rows",
+                  "train_eval_overlap"]
+    count: int = Field(description="rows concerned")
+    message: str
+    lines: list[int] = Field(default_factory=list, description="1-based lines of the first ones (at most 20)")
+
+
+class LengthBucket(BaseModel):
+    upto: int | None = Field(description="rows of at most this many tokens (above the previous bucket); "
+                                         "None: longer than max_seq_len")
+    rows: int
+
+
+class DatasetLint(BaseModel):
+    """The dataset as the job's model sees it: token lengths with its tokenizer, after its chat template."""
+
+    rows: int
+    max_seq_len: int
+    tokens: int = Field(description="tokens of all rows before truncation")
+    max_tokens: int
+    histogram: list[LengthBucket]
+    truncated: int = Field(description="rows longer than max_seq_len (cut at max_seq_len)")
+    no_trainable: int = Field(description="rows with no trainable token after templating and truncation "
+                                          "(skipped)")
+    duplicates: int = Field(description="rows identical to an earlier row")
+    train_eval_overlap: int = Field(description="validation rows identical to a training row")
+    train_rows: int
+    eval_rows: int
+    warnings: list[LintWarning] = Field(default_factory=list)
+
+
+class TrainEstimate(BaseModel):
+    """How long training should take: its tokens at the speed of its first optimizer steps."""
+
+    tokens: int = Field(description="tokens the whole run processes (all steps)")
+    tokens_per_s: float = Field(description="measured over the first `measured_steps` steps of this run")
+    seconds: float = Field(description="tokens / tokens_per_s: the estimated training time")
+    measured_steps: int
+
+
 class DatasetProfile(BaseModel):
     format: DatasetFormat
     rows: int
@@ -111,6 +154,8 @@ class DatasetProfile(BaseModel):
     mean_chars: float
     roles: dict[str, int] = Field(default_factory=dict, description="chat only: messages per role")
     sha256: str
+    warnings: list[LintWarning] = Field(default_factory=list, description="duplicates, rows with nothing to "
+                                                                          "train on, empty assistant turns")
 
 
 class DatasetUploaded(Payload):

@@ -404,6 +404,8 @@ async def follow_job(c: Any, q: Any, job_id: str, timeout: float) -> tuple[str, 
                        tps=f"{ev.tokens_per_s:.0f}" if ev.tokens_per_s else "-")
             if ev.message and ev.status == "waiting":
                 bar.console.print(f"[yellow]{ev.message}[/yellow]")
+            elif ev.message and ev.message.startswith(("dataset lint:", "estimate:")):
+                bar.console.print(ev.message)
     if subject == sj.TUNING_COMPLETED:
         m = ev.metrics
         console.print(f"[green]succeeded[/green] {job_id}: {m.steps} steps, loss {m.first_loss:.3f} → "
@@ -434,9 +436,17 @@ def job_show(job_id: str, as_json: bool = typer.Option(False, "--json")) -> None
     if as_json:
         print(json.dumps(data, default=str, indent=2))
         return
+    from handlers.tuning.lint import estimate_summary, lint_text
+
     table = Table("field", "value", show_header=False)
     for k, v in data.items():
-        if v not in (None, [], {}):
+        if k == "dataset_lint" and doc.dataset_lint is not None:
+            table.add_row(k, lint_text(doc.dataset_lint))
+        elif k == "estimate" and doc.estimate is not None:
+            actual = (doc.metrics or {}).get("duration_s")
+            table.add_row(k, estimate_summary(doc.estimate)[len("estimate: "):]
+                          + (f"; actual run {actual:.0f} s" if actual else ""))
+        elif v not in (None, [], {}):
             table.add_row(k, json.dumps(v, default=str) if isinstance(v, dict | list) else str(v))
     console.print(table)
 

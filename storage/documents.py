@@ -15,6 +15,8 @@ from pydantic import BaseModel as Model
 from pydantic import Field
 from pymongo import IndexModel, ReturnDocument
 
+from events.payloads import DatasetLint, TrainEstimate
+
 
 def now() -> datetime:
     return datetime.now(UTC)
@@ -124,6 +126,8 @@ class TuningJob(Timestamped):
     adapter_key: str | None = None
     plot_key: str | None = None
     metrics: dict[str, Any] | None = None
+    dataset_lint: DatasetLint | None = Field(None, description="the data as the job's tokenizer sees it")
+    estimate: TrainEstimate | None = Field(None, description="training time from the first steps' speed")
     artifacts: dict[str, Any] = Field(default_factory=dict)
     attempts: int = 0
     outcome_sent: bool = Field(False, description="the terminal outcome event was published")

@@ -41,10 +41,15 @@ async def test_upload_pull_tune_show_and_list(env, tmp_path) -> None:
                     "--no-export", "--wait")
     assert tune.returncode == 0, tune.stdout + tune.stderr
     assert "succeeded" in tune.stdout and "12/12" in tune.stdout
+    assert "dataset lint: 32 rows" in tune.stdout and "estimate: ~" in tune.stdout  # printed while it ran
     job_id = tune.stdout.split("job ")[1].split()[0]
     show = await codetune(env, "job", "show", job_id, "--json")
     doc = json.loads(show.stdout)
     assert doc["status"] == "succeeded" and doc["progress"] == 1.0 and doc["metrics"]["steps"] == 12
+    assert doc["dataset_lint"]["rows"] == 32 and doc["estimate"]["seconds"] > 0
+    table = (await codetune(env, "job", "show", job_id)).stdout
+    assert "tokens per row:" in table and "tok/s, measured over the first 3 steps" in table
+    assert "actual run" in table
     assert job_id in (await codetune(env, "job", "list")).stdout
 
 

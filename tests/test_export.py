@@ -333,7 +333,9 @@ def test_zephyr_uses_the_stock_text_and_qwen_keeps_its_default_system() -> None:
     assert chat_format_from_jinja(ZEPHYR_JINJA).template == STOCK_TEMPLATES["zephyr"]
     qwen = chat_format_from_jinja(QWEN_JINJA, bos_token=None, eos_token="<|im_end|>")
     assert not qwen.stock  # the stock chatml template would drop the default system prompt
-    assert qwen.template.startswith("{{- if not .System }}<|im_start|>system\nYou are a helpful assistant.")
+    # an empty system message is a system turn for this template: the default shows only with no system message
+    assert qwen.template.startswith('{{- if or (not .Messages) (not (eq (index $.Messages 0).Role "system")) }}'
+                                    "<|im_start|>system\nYou are a helpful assistant.")
     assert qwen.stop == ["<|im_end|>", "<|im_start|>"]
 
 

@@ -165,7 +165,7 @@ def test_bad_rows_are_named_by_line(tmp_path: Path) -> None:
     assert err.value.code == "invalid_dataset"
 
     chat = _write(tmp_path, "c.jsonl", [{"messages": [{"role": "user", "content": "hi"}]}])
-    with pytest.raises(DatasetFormatError, match="line 1: no non-empty assistant"):
+    with pytest.raises(DatasetFormatError, match="line 1: no assistant message"):
         D.read_rows(chat, "chat")
     binary = tmp_path / "b.txt"
     binary.write_bytes(b"fine\n\xff\xfe oops\n")

@@ -18,7 +18,7 @@ from collections.abc import AsyncIterable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from events.payloads import DatasetFormat, DatasetProfile, LineError
+from events.payloads import DatasetFormat, DatasetProfile, LineError, LintWarning
 
 CHAT_ROLES = {"system", "user", "assistant", "tool"}
 MAX_LINE_CHARS = 1_000_000
@@ -51,23 +51,40 @@ def json_object(line: str) -> dict[str, Any]:
     return obj
 
 
-def check_text(line: str) -> tuple[int, Counter[str]]:
-    return len(line), Counter()
+@dataclass
+class RowInfo:
+    """What profiling and lint need from one valid row."""
+
+    chars: int
+    roles: Counter[str] = field(default_factory=Counter)
+    key: str = ""  # canonical text: equal keys are exact duplicates
+    empty_turns: int = 0  # assistant turns with no content
+    trainable: bool = True  # there is assistant (or plain) text to learn from
 
 
-def check_alpaca(line: str) -> tuple[int, Counter[str]]:
+def _canonical(obj: dict[str, Any]) -> str:
+    return json.dumps(obj, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+
+
+def check_text(line: str) -> RowInfo:
+    return RowInfo(len(line), key=line)
+
+
+def check_alpaca(line: str) -> RowInfo:
     obj = json_object(line)
-    chars = sum(len(str_field(obj, k, required=k != "input")) for k in ("instruction", "input", "output"))
-    return chars, Counter()
+    chars = sum(len(str_field(obj, k, required=k == "instruction")) for k in ("instruction", "input", "output"))
+    if "output" not in obj:
+        raise LineProblem("missing required key 'output'")
+    return RowInfo(chars, key=_canonical(obj), trainable=bool(obj["output"].strip()))
 
 
-def check_chat(line: str) -> tuple[int, Counter[str]]:
+def check_chat(line: str) -> RowInfo:
     obj = json_object(line)
     messages = obj.get("messages")
     if not isinstance(messages, list) or not messages:
         raise LineProblem("'messages' must be a non-empty list")
     roles: Counter[str] = Counter()
-    chars = 0
+    chars = empty = 0
     for i, m in enumerate(messages):
         if not isinstance(m, dict):
             raise LineProblem(f"messages[{i}] must be an object")
@@ -80,12 +97,23 @@ def check_chat(line: str) -> tuple[int, Counter[str]]:
         if not isinstance(content, str):
             raise LineProblem(f"messages[{i}].content must be a string")
         if role == "assistant" and not content.strip():
-            raise LineProblem(f"messages[{i}]: assistant content is empty")
+            empty += 1
         roles[role] += 1
         chars += len(content)
     if not roles["assistant"]:
         raise LineProblem("no assistant message: nothing to learn from this example")
-    return chars, roles
+    return RowInfo(chars, roles, _canonical(obj), empty, trainable=empty < roles["assistant"])
+
+
+MAX_WARNING_LINES = 20
+
+
+def lint_warning(code: str, lines: list[int], message: str) -> LintWarning | None:
+    """A warning for `lines` (None when there are none); `{n}` in `message` becomes their count."""
+    if not lines:
+        return None
+    return LintWarning(code=code, count=len(lines), message=message.format(n=len(lines)),  # type: ignore[arg-type]
+                       lines=lines[:MAX_WARNING_LINES])
 
 
 CHECKERS = {"text": check_text, "alpaca": check_alpaca, "chat": check_chat}
@@ -143,6 +171,10 @@ class DatasetValidator:
     _errors: list[LineError] = field(default_factory=list)
     _sizes: list[int] = field(default_factory=list)
     _roles: Counter[str] = field(default_factory=Counter)
+    _seen: set[bytes] = field(default_factory=set)
+    _dups: list[int] = field(default_factory=list)
+    _empty_turns: list[int] = field(default_factory=list)
+    _untrainable: list[int] = field(default_factory=list)
     _bytes: int = 0
     _sha: Any = field(default_factory=hashlib.sha256)
 
@@ -171,19 +203,38 @@ class DatasetValidator:
             self._error(f"line is longer than {MAX_LINE_CHARS} characters")
             return
         try:
-            chars, roles = CHECKERS[self._fmt](line)  # type: ignore[index]
+            info = CHECKERS[self._fmt](line)  # type: ignore[index]
         except LineProblem as e:
             self._error(str(e))
             return
         self._lines += 1
-        self._sizes.append(chars)
-        self._roles.update(roles)
+        self._sizes.append(info.chars)
+        self._roles.update(info.roles)
+        digest = hashlib.blake2b(info.key.encode(), digest_size=16).digest()
+        if digest in self._seen:
+            self._dups.append(self._line_no)
+        self._seen.add(digest)
+        if not info.trainable:
+            self._untrainable.append(self._line_no)
+        elif info.empty_turns:
+            self._empty_turns.append(self._line_no)
 
     def _error(self, message: str) -> None:
         self._lines += 1
         self._invalid += 1
         if len(self._errors) < self.max_errors:
             self._errors.append(LineError(line=self._line_no, message=message))
+
+    def warnings(self) -> list[LintWarning]:
+        found = [
+            lint_warning("duplicate_rows", self._dups, "{n} row(s) repeat an earlier row exactly: they weigh "
+                         "more in training and can land in both the training and the validation split"),
+            lint_warning("no_trainable_tokens", self._untrainable, "{n} row(s) have no assistant text to learn "
+                         "from (every assistant turn or output is empty): training skips them"),
+            lint_warning("empty_assistant_turns", self._empty_turns, "{n} row(s) have an empty assistant turn: "
+                         "the model learns to answer those prompts with nothing"),
+        ]
+        return [w for w in found if w is not None]
 
     def finish(self) -> Report:
         if self._buf:
@@ -197,6 +248,7 @@ class DatasetValidator:
                 format=self._fmt, rows=valid, bytes=self._bytes, chars=chars,
                 tokens_estimate=(chars + 3) // 4, min_chars=min(self._sizes), max_chars=max(self._sizes),
                 mean_chars=round(chars / valid, 2), roles=dict(self._roles), sha256=self._sha.hexdigest(),
+                warnings=self.warnings(),
             )
         return Report(self._fmt, profile, self._errors, self._invalid, self._lines)
 

@@ -25,11 +25,13 @@ add BOS when tokenizing, so keeping it would double it.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import re
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -413,21 +415,84 @@ def _sprint(*args: Any) -> str:
     return out
 
 
+_VERB_RE = re.compile(r"%([-+# 0]*)(\*|\d+)?(?:\.(\*|\d*))?([a-zA-Z%])")
+
+
+def _format_one(verb: str, flags: str, v: Any, prec: int | None) -> str:
+    """One Go fmt verb applied to `v` (no width: the caller pads)."""
+    if verb in "sv":
+        text = _go_str(v)
+        return text[:prec] if prec is not None and verb == "s" else text
+    if verb == "q":
+        return json.dumps(_go_str(v), ensure_ascii=False)
+    if verb == "t":
+        return _go_str(v) if isinstance(v, bool) else f"%!t({_go_type(v)}={_go_str(v)})"
+    if verb == "c" and isinstance(v, int) and not isinstance(v, bool):
+        return chr(v)
+    if verb in "dxXob" and isinstance(v, int) and not isinstance(v, bool):
+        sign = "+" if "+" in flags and v >= 0 else (" " if " " in flags and v >= 0 else "")
+        digits = {"d": "d", "x": "x", "X": "X", "o": "o", "b": "b"}[verb]
+        body = format(abs(v), digits)
+        prefix = {"x": "0x", "X": "0X", "o": "0", "b": "0b"}.get(verb, "") if "#" in flags else ""
+        return ("-" if v < 0 else sign) + prefix + body
+    if verb in "feEgG" and isinstance(v, (int, float)) and not isinstance(v, bool):
+        spec = ("+" if "+" in flags else "") + (f".{prec}" if prec is not None else (".6" if verb in "feE"
+                                                                                    else "")) + verb
+        return format(float(v), spec)
+    return f"%!{verb}({_go_type(v)}={_go_str(v)})"
+
+
 def _printf(fmt: str, *args: Any) -> str:
+    """Go's fmt.Sprintf for the verbs templates use: %s %v %q %d %x %X %o %b %c %t %f %e %g and %%,
+    with flags (- + # space 0), width and precision, either of them `*` (taken from the arguments)."""
     it = iter(args)
+    missing = object()
 
     def sub(m: re.Match[str]) -> str:
-        verb = m.group(1)
+        flags, width_s, prec_s, verb = m.groups()
         if verb == "%":
             return "%"
-        v = next(it, None)
-        if verb == "q":
-            return json.dumps(_go_str(v), ensure_ascii=False)
-        if verb == "d":
-            return str(int(v or 0))
-        return _go_str(v)
+        width: int | None = None
+        prec: int | None = None
+        bad = ""
+        if width_s == "*":
+            w = next(it, missing)
+            if isinstance(w, int) and not isinstance(w, bool):
+                width = w
+                if width < 0:
+                    flags, width = flags + "-", -width
+            else:
+                bad += "%!(BADWIDTH)"
+        elif width_s:
+            width = int(width_s)
+        if prec_s == "*":
+            pv = next(it, missing)
+            if isinstance(pv, int) and not isinstance(pv, bool):
+                prec = max(pv, 0)
+            else:
+                bad += "%!(BADPREC)"
+        elif prec_s is not None:
+            prec = int(prec_s or 0)
+        v = next(it, missing)
+        if v is missing:
+            return f"{bad}%!{verb}(MISSING)"
+        text = bad + _format_one(verb, flags, v, prec)
+        if width is not None and len(text) < width:
+            pad = width - len(text)
+            if "-" in flags:
+                text += " " * pad
+            elif "0" in flags and verb in "dxXobfeEgG" and not isinstance(v, str):
+                sign = text[0] if text[:1] in "+- " else ""
+                text = sign + "0" * pad + text[len(sign):]
+            else:
+                text = " " * pad + text
+        return text
 
-    return re.sub(r"%([%svdq])", sub, fmt)
+    out = _VERB_RE.sub(sub, fmt)
+    extra = list(it)
+    if extra:
+        out += "%!(EXTRA " + ", ".join(f"{_go_type(x)}={_go_str(x)}" for x in extra) + ")"
+    return out
 
 
 def _index(v: Any, *keys: Any) -> Any:
@@ -850,6 +915,8 @@ _CHECKS: tuple[tuple[tuple[str, str], ...], ...] = (
     (("system", "You are a terse assistant."), ("user", "What is the capital of France?"),
      ("assistant", "Paris."), ("user", "And of Spain?"), ("assistant", "Madrid."),
      ("user", "Thanks! Which one is bigger?")),
+    (("system", ""), ("user", "Hello, how are you?")),  # an empty system message is still a system message
+    (("system", ""), ("user", "Hello, how are you?"), ("assistant", "Fine."), ("user", "What is 2+2?")),
 )
 
 
@@ -873,37 +940,53 @@ class _Parts:
     gen: str  # generation prompt
     system_mode: str
     sep: str = "\n\n"  # system/user separator in the merged modes
+    empty_system: str | None = None  # text before the first user turn when the system message is empty
 
 
 def recover_chat_format(render: RenderFn, *, bos_token: str | None = None, eos_token: str | None = None,
-                        add_bos: bool = True, special_tokens: Iterable[str] = ()) -> ChatFormat:
-    """Recover an Ollama TEMPLATE + stop list from `render` (a chat-template renderer); see module doc."""
+                        add_bos: bool = True, special_tokens: Iterable[str] = (),
+                        now: datetime | None = None) -> ChatFormat:
+    """Recover an Ollama TEMPLATE + stop list from `render` (a chat-template renderer); see module doc.
+
+    `now`: the instant every render sees as the current time (default: the time of the call), so a chat
+    template that prints today's date renders the same date throughout recovery and verification.
+    """
     specials = sorted({t for t in special_tokens if t}, key=len, reverse=True)
     r = _Renderer(render, bos_token if add_bos else None)
-    parts = _recover_parts(r)
-    full = r(_markers("u1", "a1", "u2"), True)
-    family = _recognise(full, parts)
-    notes: list[str] = []
-    if parts.system_mode == "unsupported":
-        notes.append("the chat template rejects system messages; the TEMPLATE merges them into the first "
-                     "user turn (blank-line separated)")
-    candidates = []
-    if family and family in STOCK_TEMPLATES:
-        candidates.append((STOCK_TEMPLATES[family], True))
-    candidates.append((emit_template(parts), False))
-    errors = []
-    for text, stock in candidates:
-        problem = _verify(text, r, check_system=parts.system_mode != "unsupported")
-        if problem is None:
-            stop = _stops(parts, eos_token, specials)
-            return ChatFormat(text, stop, family, stock, parts.system_mode, tuple(notes))
-        errors.append(problem)
-        if stock:
-            log.info("Ollama's stock %s template differs from this tokenizer's rendering: %s", family, problem)
+    now = now or datetime.now()
+    with pinned_clock(now):
+        parts = _recover_parts(r)
+        full = r(_markers("u1", "a1", "u2"), True)
+        family = _recognise(full, parts)
+        notes = _edge_notes(r, now)
+        if parts.system_mode == "unsupported":
+            notes.append("the chat template rejects system messages; the TEMPLATE merges them into the first "
+                         "user turn (blank-line separated)")
+        candidates = []
+        if family and family in STOCK_TEMPLATES:
+            candidates.append((STOCK_TEMPLATES[family], True))
+        modes = EMPTY_SYSTEM_MODES if parts.system_mode == "turn" else ("absent", "present")
+        candidates += [(emit_template(parts, empty_system=m), False) for m in modes
+                       if m != "literal" or parts.empty_system is not None]
+        errors = []
+        for text, stock in candidates:
+            problem = _verify(text, r, check_system=parts.system_mode != "unsupported")
+            if problem is None:
+                stop, dropped = _reasoning_safe_stops(r, _stops(parts, eos_token, specials), specials)
+                if dropped:
+                    notes.append(f"left {', '.join(dropped)} out of the stop list: the model emits "
+                                 f"{'it' if len(dropped) == 1 else 'them'} between its reasoning and its answer, "
+                                 "so stopping there would cut the answer off")
+                return ChatFormat(text, stop, family, stock, parts.system_mode, tuple(notes))
+            errors.append(problem)
+            if stock:
+                log.info("Ollama's stock %s template differs from this tokenizer's rendering: %s", family,
+                         problem)
     raise ExportError(f"cannot translate the chat template to an Ollama TEMPLATE: {errors[-1]}")
 
 
-def chat_format_for_tokenizer(tokenizer: Any, chat_template: str | None = None) -> ChatFormat:
+def chat_format_for_tokenizer(tokenizer: Any, chat_template: str | None = None, *, now: datetime | None = None
+                              ) -> ChatFormat:
     """`recover_chat_format` for a transformers tokenizer (its own template unless one is given)."""
     template = chat_template or getattr(tokenizer, "chat_template", None)
     if not template:
@@ -918,11 +1001,12 @@ def chat_format_for_tokenizer(tokenizer: Any, chat_template: str | None = None) 
     bos = getattr(tokenizer, "bos_token", None)
     return recover_chat_format(
         render, bos_token=bos, eos_token=getattr(tokenizer, "eos_token", None),
-        add_bos=_adds_bos(tokenizer), special_tokens=_tokenizer_specials(tokenizer))
+        add_bos=_adds_bos(tokenizer), special_tokens=_tokenizer_specials(tokenizer), now=now)
 
 
 def chat_format_from_jinja(chat_template: str, *, bos_token: str | None = "<s>", eos_token: str | None = "</s>",
-                           add_bos: bool = True, special_tokens: Iterable[str] = ()) -> ChatFormat:
+                           add_bos: bool = True, special_tokens: Iterable[str] = (), now: datetime | None = None
+                           ) -> ChatFormat:
     """`recover_chat_format` for a bare jinja chat template, rendered like transformers renders it."""
     from transformers.utils.chat_template_utils import render_jinja_template
 
@@ -932,7 +1016,7 @@ def chat_format_from_jinja(chat_template: str, *, bos_token: str | None = "<s>",
         return texts[0]
 
     return recover_chat_format(render, bos_token=bos_token, eos_token=eos_token, add_bos=add_bos,
-                               special_tokens=[*special_tokens, *(t for t in (bos_token, eos_token) if t)])
+                               special_tokens=[*special_tokens, *(t for t in (bos_token, eos_token) if t)], now=now)
 
 
 def ollama_template(tokenizer_dir: Path) -> tuple[str, list[str]]:
@@ -944,6 +1028,8 @@ def ollama_template(tokenizer_dir: Path) -> tuple[str, list[str]]:
     except (OSError, ValueError) as e:
         raise ExportError(f"cannot load the tokenizer in {tokenizer_dir}: {e}") from e
     fmt = chat_format_for_tokenizer(tokenizer)
+    for note in fmt.notes:
+        log.warning("Ollama TEMPLATE for %s: %s", Path(tokenizer_dir).name, note)
     return fmt.template, fmt.stop
 
 
@@ -1022,6 +1108,10 @@ def _recover_system(r: _Renderer, parts: _Parts) -> None:
     except _RenderRejected:
         parts.system_mode = "unsupported"
         return
+    with contextlib.suppress(_RenderRejected, ExportError):
+        before, _ = _split(r([{"role": "system", "content": ""}, *_markers("u1")], True), ["u1"])
+        if before.endswith(pre_u):
+            parts.empty_system = before[:len(before) - len(pre_u)]
     head_s, x_su, _ = _split(text, ["s", "u1"])
     if x_su.endswith(pre_u) and not (pre_u and head_s.endswith(pre_u)):
         parts.pre["system"] = head_s
@@ -1084,27 +1174,47 @@ def _uniform(parts: _Parts, roles: Sequence[str]) -> tuple[str, str] | None:
     return shapes.pop() if len(shapes) == 1 else None
 
 
-def emit_template(parts: _Parts) -> str:
+EMPTY_SYSTEM_MODES = ("absent", "present", "silent", "literal")
+# How a chat template treats a system message with empty content. Ollama's `.System` is the joined text
+# of the system messages, so it is empty both when there is none and when there is an empty one:
+# - absent:  the chat template skips it (`{% if system_message %}`): the TEMPLATE skips empty system turns
+#            and shows the no-system preamble when `.System` is empty;
+# - present: it renders an empty system turn: the TEMPLATE decides by the first message's role instead;
+# - silent:  it renders neither the system turn nor the no-system preamble;
+# - literal: it renders some other text (recovered as `_Parts.empty_system`), which the TEMPLATE emits.
+_FIRST_IS_SYSTEM = '(eq (index $.Messages 0).Role "system")'
+
+
+def emit_template(parts: _Parts, empty_system: str = "absent") -> str:
     """The Go template for recovered parts (literal text never followed/preceded by trim markers)."""
     turn = parts.system_mode == "turn"
+    by_role = empty_system in ("present", "silent", "literal")  # "is there a system message": the first's role
+    skip_empty = empty_system in ("absent", "silent", "literal")  # system turns with no content: not rendered
+    instead = f"{{{{ else }}}}{_lit(parts.empty_system or '')}" if empty_system == "literal" else ""
     roles = ["system", "user", "assistant"] if turn else ["user", "assistant"]
     head = ""
     if parts.head:
-        head = f"{{{{- if not .System }}}}{_lit(parts.head)}{{{{ end }}}}" if turn else _lit(parts.head)
+        cond = f"or (not .Messages) (not {_FIRST_IS_SYSTEM})" if by_role else "not .System"
+        head = f"{{{{- if {cond} }}}}{_lit(parts.head)}{{{{ end }}}}" if turn else _lit(parts.head)
     shape = _uniform(parts, roles) if turn else None
     if shape:
         a, b = shape
         body = (f"{_lit(a)}{{{{ .Role }}}}{_lit(b)}{{{{ .Content }}}}{_lit(parts.post['user'])}")
+        if skip_empty:
+            body = f'{{{{ if or .Content (ne .Role "system") }}}}{body}{instead}{{{{ end }}}}'
         return f"{head}{{{{- range .Messages }}}}{body}{{{{ end }}}}{_lit(parts.gen)}"
     branches = []
     for i, role in enumerate(roles):
         kw = "if" if i == 0 else "else if"
         content = "{{ .Content }}"
         if role == "user" and not turn:
-            content = f"{{{{ if and $.System {_merge_condition(parts.system_mode)} }}}}{{{{ $.System }}}}" \
+            has_system = _FIRST_IS_SYSTEM if empty_system == "present" else "$.System"
+            content = f"{{{{ if and {has_system} {_merge_condition(parts.system_mode)} }}}}{{{{ $.System }}}}" \
                       f"{_lit(parts.sep)}{{{{ end }}}}{{{{ .Content }}}}"
-        branches.append(f'{{{{ {kw} eq .Role "{role}" }}}}{_lit(parts.pre[role])}{content}'
-                        f"{_lit(parts.post[role])}")
+        turn_text = f"{_lit(parts.pre[role])}{content}{_lit(parts.post[role])}"
+        if role == "system" and skip_empty:
+            turn_text = f"{{{{ if .Content }}}}{turn_text}{instead}{{{{ end }}}}"
+        branches.append(f'{{{{ {kw} eq .Role "{role}" }}}}{turn_text}')
     loop = "{{- range $i, $_ := .Messages }}" if not turn else "{{- range .Messages }}"
     return f"{head}{loop}{''.join(branches)}{{{{ end }}}}{{{{ end }}}}{_lit(parts.gen)}"
 
@@ -1140,6 +1250,80 @@ def _verify(template: str, r: _Renderer, *, check_system: bool) -> str | None:
             return (f"{roles} conversation differs at char {at}: tokenizer gives "
                     f"{expected[max(0, at - 30):at + 30]!r}, TEMPLATE gives {got[max(0, at - 30):at + 30]!r}")
     return None
+
+
+@contextlib.contextmanager
+def pinned_clock(now: datetime) -> Iterator[None]:
+    """Make transformers' `strftime_now` (the chat templates' only clock) return `now` meanwhile."""
+    from transformers.utils import chat_template_utils as ctu
+
+    real = ctu.datetime
+
+    class _Pinned(real):  # type: ignore[valid-type,misc]
+        @classmethod
+        def now(cls, tz: Any = None) -> datetime:
+            return now if tz is None else now.astimezone(tz)
+
+    ctu.datetime = _Pinned  # type: ignore[misc]
+    try:
+        yield
+    finally:
+        ctu.datetime = real  # type: ignore[misc]
+
+
+_OTHER_DAY = datetime(2001, 2, 3, 4, 5, 6)
+_PADDED = "\n  {}  \n"
+
+
+def _edge_notes(r: _Renderer, now: datetime) -> list[str]:
+    """What the TEMPLATE cannot do like the chat template, said once at export (Ollama's template
+    functions are Go's text/template builtins plus `json`: no clock and no string functions)."""
+    notes: list[str] = []
+    convs = []
+    for keys in (("u1", "a1", "u2"), ("s", "u1", "a1", "u2")):
+        with contextlib.suppress(_RenderRejected):
+            convs.append((_markers(*keys), r(_markers(*keys), True)))
+    if not convs:
+        return notes
+    with pinned_clock(_OTHER_DAY):
+        moved = [r(conv, True) != text for conv, text in convs]
+    if any(moved):
+        notes.append(f"the chat template prints the current date; Ollama templates have no date function, so "
+                     f"the TEMPLATE carries the export date ({now:%Y-%m-%d}): export again to move it")
+    conv = convs[-1][0]
+    padded = [{**m, "content": _PADDED.format(m["content"])} for m in conv]
+    try:
+        text = r(padded, True)
+    except _RenderRejected:
+        return notes
+    trimmed = [m["content"].strip() for m in padded if m["content"] not in text and m["content"].strip() in text]
+    if trimmed:
+        notes.append("the chat template trims whitespace around message contents; Ollama templates have no "
+                     "string functions, so the TEMPLATE keeps it: send messages without leading or trailing "
+                     "whitespace to get the prompt the model was trained on")
+    return notes
+
+
+def _reasoning_safe_stops(r: _Renderer, stops: list[str], specials: Sequence[str]) -> tuple[list[str], list[str]]:
+    """Stops without the tokens that separate a reasoning section from the answer, plus the tokens that end
+    an answer given after reasoning (gpt-oss: `<|end|>` ends the analysis, `<|return|>` the answer).
+
+    Returns (stops, dropped). Templates that do not render a reasoning field leave `stops` as they are.
+    """
+    think = "QxTHINKxQ"
+    messages = [*_markers("u1"), {**_markers("a1")[0], "reasoning_content": think}]
+    try:
+        text = r(messages, False)
+    except _RenderRejected:
+        return stops, []
+    a1 = _MK["a1"]
+    if text.count(think) != 1 or text.count(a1) != 1 or text.index(think) > text.index(a1):
+        return stops, []
+    between = set(_specials_in(text[text.index(think) + len(think):text.index(a1)], specials))
+    ends = [t for t in _specials_in(text[text.index(a1) + len(a1):], specials) if t not in between]
+    dropped = [t for t in stops if t in between]
+    kept = [t for t in stops if t not in between]
+    return list(dict.fromkeys([*ends, *kept])), dropped
 
 
 def _stops(parts: _Parts, eos: str | None, specials: Sequence[str]) -> list[str]:

@@ -109,7 +109,9 @@ def alpaca_messages(obj: dict[str, Any]) -> Messages:
     """Alpaca record → a user/assistant chat (the input, if any, follows the instruction)."""
     instruction = _string(obj, "instruction", required=True)
     extra = _string(obj, "input", required=False)
-    output = _string(obj, "output", required=True)
+    if "output" not in obj:
+        raise _RowProblem("missing required key 'output'")
+    output = _string(obj, "output", required=False)  # empty: nothing to learn, dropped by tokenize_rows
     prompt = f"{instruction}\n\n{extra}" if extra.strip() else instruction
     return [{"role": "user", "content": prompt}, {"role": "assistant", "content": output}]
 
@@ -128,9 +130,16 @@ def chat_messages(obj: dict[str, Any]) -> Messages:
         if not isinstance(content, str):
             raise _RowProblem(f"messages[{i}].content must be a string")
         out.append({"role": role, "content": content})
-    if not any(m["role"] == "assistant" and m["content"].strip() for m in out):
-        raise _RowProblem("no non-empty assistant message: nothing to learn from this row")
-    return out
+    if not any(m["role"] == "assistant" for m in out):
+        raise _RowProblem("no assistant message: nothing to learn from this row")
+    return out  # all assistant turns empty: valid, but dropped by tokenize_rows (nothing to learn)
+
+
+def has_answer(row: Row) -> bool:
+    """Whether the row has text to learn from (plain text, or a non-empty assistant turn)."""
+    if row.messages is None:
+        return bool((row.text or "").strip())
+    return any(m["role"] == "assistant" and m["content"].strip() for m in row.messages)
 
 
 def _parse(fmt: str, line: str) -> Row:
@@ -279,6 +288,9 @@ def tokenize_rows(
     examples: list[Example] = []
     dropped: list[LineError] = []
     for row in rows:
+        if not has_answer(row):
+            dropped.append(LineError(line=row.line, message="no assistant text to learn from"))
+            continue
         try:
             if row.text is not None:
                 ex = tokenize_text(tokenizer, row.text, max_seq_len)

@@ -488,11 +488,13 @@ def train(
     out_dir: Path,
     hooks: TrainHooks,
     resume_dir: Path | None = None,
+    prepare: Any = None,
 ) -> TrainResult:
     """Fine-tune `base_dir` with LoRA on `dataset_path`; the adapter ends up in `out_dir/adapter`.
 
     `resume_dir`: a checkpoint directory (or a folder holding `checkpoints/step-N`): training continues
-    at its step with its data position, optimizer, scheduler and RNG states. Raises `DatasetFormatError`
+    at its step with its data position, optimizer, scheduler and RNG states. `prepare`: stands in for
+    `data.prepare` (same signature and result; the tuning stage's lint wraps it). Raises `DatasetFormatError`
     for unusable data, `HyperparameterError`/`InvalidInputError` for settings or a foreign checkpoint.
     """
     from transformers import AutoTokenizer
@@ -506,8 +508,8 @@ def train(
 
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    train_set, val = D.prepare(tokenizer, Path(dataset_path), fmt, hp.max_seq_len, hp.validation_split,
-                               hp.seed, hp.packing)
+    train_set, val = (prepare or D.prepare)(tokenizer, Path(dataset_path), fmt, hp.max_seq_len,
+                                            hp.validation_split, hp.seed, hp.packing)
     _check(hp, val)
     plan = _make_plan(hp, len(train_set))
     model = _load_model(Path(base_dir), hp, device, dtype)

@@ -31,6 +31,7 @@ from events.payloads import (
     TuningProgress,
 )
 from handlers.tuning import jobs
+from handlers.tuning.lint import Estimator, estimate_summary, lint_summary, prepare_with_lint
 from storage import keys
 from storage.documents import BaseModel, Dataset, TuningJob
 from storage.objects import ObjectStore
@@ -57,16 +58,42 @@ class RunContext:
 class _Hooks:
     """TrainHooks bridging the training thread to the event loop."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, job: TuningJob, ctx: RunContext) -> None:
-        self.loop, self.job, self.ctx = loop, job, ctx
+    def __init__(self, loop: asyncio.AbstractEventLoop, job: TuningJob, ctx: RunContext, hp: Hyperparameters
+                 ) -> None:
+        self.loop, self.job, self.ctx, self.hp = loop, job, ctx, hp
         self.cancel = threading.Event()
         self.infra_error: BaseException | None = None
         self._last = 0.0
+        self.estimator: Estimator | None = None
+
+    def prepare(self, tokenizer: Any, *args: Any) -> tuple[list[Any], list[Any]]:
+        """`data.prepare` for the recipe, plus the dataset lint, stored on the job before training."""
+        lint, train, val = prepare_with_lint(tokenizer, *args)
+        self.estimator = Estimator(train, self.hp.batch_size, self.hp.gradient_accumulation_steps,
+                                   self.job.checkpoint_step or 0)
+        log.info("job %s: %s", self.job.job_id, lint_summary(lint))
+        try:
+            self._submit(self._note(lint_summary(lint), self.job.checkpoint_step or 0, self.job.max_steps,
+                                    dataset_lint=lint.model_dump())).result(timeout=60)
+        except Exception as e:  # the lint is advice: a slow database must not fail the training
+            log.warning("lint of %s not stored: %s", self.job.job_id, e)
+        return train, val
+
+    async def _note(self, message: str, step: int, max_steps: int, **fields: Any) -> None:
+        """Store `fields` on the job and announce `message` as a progress event (at `step`)."""
+        await jobs.update(self.job.job_id, **fields)
+        await self.ctx.publish(TuningProgress(job_id=self.job.job_id, status="running", step=step,
+                                              max_steps=max_steps, message=message))
 
     def _submit(self, coro: Awaitable[Any]) -> Any:
         return asyncio.run_coroutine_threadsafe(coro, self.loop)  # type: ignore[arg-type]
 
     def on_step(self, info: Any) -> None:
+        estimate = self.estimator.observe(info) if self.estimator else None
+        if estimate is not None:
+            log.info("job %s: %s", self.job.job_id, estimate_summary(estimate))
+            self._submit(self._note(estimate_summary(estimate), info.step, info.max_steps,
+                                    estimate=estimate.model_dump()))
         now = time.monotonic()
         final = info.step >= info.max_steps
         if info.eval_loss is None and not final and now - self._last < PROGRESS_EVERY_S:
@@ -143,11 +170,11 @@ async def run(job: TuningJob, model: BaseModel, dataset: Dataset, ctx: RunContex
                                      max_steps=job.max_steps, message="resumed" if resume_dir else "started"))
 
     loop = asyncio.get_running_loop()
-    hooks = _Hooks(loop, job, ctx)
+    hooks = _Hooks(loop, job, ctx, hp)
     beat = asyncio.create_task(_heartbeat(job, hooks, ctx))
     try:
         result = await asyncio.to_thread(recipe.train, base_dir, data_path, dataset.format or "text", hp,
-                                         work / "out", hooks, resume_dir)
+                                         work / "out", hooks, resume_dir, hooks.prepare)
     except CodeTuneError as e:
         return await _failed(job, ErrorInfo(code=e.code, message=e.message))
     except Exception as e:
