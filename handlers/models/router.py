@@ -5,11 +5,18 @@ published; a missing or gated repo is answered with `model.pull.failed` (the hub
 hub/S3 outages are retried with backoff, then dead-lettered.
 """
 
-from faststream.nats import NatsMessage
 
 from events.payloads import ModelPullRequested
 from events.streams import MODELS_PULL
-from handlers.common import EmitterDep, SettingsDep, StoreDep, incoming, jetstream_subscriber, pipeline_router
+from handlers.common import (
+    EmitterDep,
+    MessageDep,
+    SettingsDep,
+    StoreDep,
+    incoming,
+    jetstream_subscriber,
+    pipeline_router,
+)
 from handlers.models.service import pull
 
 router = pipeline_router()
@@ -17,7 +24,7 @@ router = pipeline_router()
 
 @router.subscriber(**jetstream_subscriber(MODELS_PULL), title="models:model.pull.requested")
 async def on_pull_requested(
-    event: ModelPullRequested, msg: NatsMessage, store: StoreDep, settings: SettingsDep, emitter: EmitterDep
+    event: ModelPullRequested, msg: MessageDep, store: StoreDep, settings: SettingsDep, emitter: EmitterDep
 ) -> None:
     answer = await pull(event, store, settings)
     await emitter.emit(answer, incoming(msg))
