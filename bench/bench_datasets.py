@@ -15,16 +15,17 @@ temporary folder on free loopback ports (`tests.conftest.stack_env`), provisions
     consumer created with the project's settings (`events.streams.Consumer(...).config()`: explicit ack,
     ack_wait 30 s, max_deliver 5, max_ack_pending 1000), re-publishes the body to the output subject with
     `js.publish` (awaiting the PubAck, as `Emitter` -> `CodeTuneClient` does) and acks:
-    - faststream: a `handlers.common.pipeline_router()` subscriber with `jetstream_subscriber()`'s arguments
-      (PullSub(batch_size, timeout=1), AckPolicy.MANUAL with FailurePolicy acking after the handler, the
-      CloudEvents decoder) on the bench stream; the handler takes a pydantic body, `msg: NatsMessage` and
-      `EmitterDep` like the stage handlers, on a `NatsBroker` configured as `build_app` does (access log
-      on, at INFO; written to a file here).
-      faststream-nolog: the same with the access log off (`logger=None`; `log_level` only sets the level
-      the access lines are written AT). faststream-actx: also off, and the two Context() parameters
-      resolved by a Context subclass with `async def use` (fast_depends runs a sync `use`, i.e. every
-      Context()/NatsMessage parameter, through `anyio.to_thread.run_sync`: a worker-thread round trip per
-      parameter per message). faststream-noctx (not in the default rows): no Context parameters at all.
+    - faststream: a stage handler as the stages have it: a `handlers.common.pipeline_router()` subscriber
+      with `jetstream_subscriber()`'s arguments (PullSub(batch_size, timeout=1), AckPolicy.MANUAL with
+      FailurePolicy acking after the handler, the CloudEvents decoder) on the bench stream; the handler
+      takes a pydantic body, `msg: MessageDep` and `services: ServicesDep` (context values resolved by an
+      `async def use`, handlers.common.Injected) and calls `incoming(msg)`, on a `NatsBroker` configured as
+      `build_app` does (access lines at DEBUG, dropped at the worker's INFO).
+      faststream-before: the handler as the stages had it: FastStream's `NatsMessage` and a `Context()`
+      EmitterDep, whose sync `use` fast_depends runs through `anyio.to_thread.run_sync` (a worker-thread
+      round trip per parameter per message), and access lines at INFO (written to a file here).
+      faststream-noctx: no context parameter at all and the access log off (`logger=None`): FastStream's
+      own floor for a hop.
     - raw: nats-py `pull_subscribe_bind` + `fetch(batch_size, timeout=1)`; each message re-published, then
       acked; a batch's messages are handled concurrently, as FastStream does.
     The bench publishes with nats-py `publish_async`, the publish time (`perf_counter_ns`) in the body, and
@@ -84,8 +85,8 @@ IN = "bench.hop.in"
 OUT = "bench.hop.out"
 PAD = "x" * 120  # ~200-byte bodies, the size of a pipeline event
 MB = 1_000_000
-# side[-variant]:batch_size. faststream-nolog: access log off; faststream-noctx: also no Context() params.
-HOPS = "raw:1,faststream:1,raw:100,faststream:100,faststream-nolog:1,faststream-actx:1"
+# side[-variant]:batch_size. faststream: a stage handler now; -before: as it was; -noctx: no context params.
+HOPS = "raw:1,faststream:1,raw:100,faststream:100,faststream-before:1,faststream-noctx:1"
 
 
 def _cpu_s() -> float:
@@ -111,20 +112,29 @@ async def _serve_until_term(ctl: Path) -> None:
 
 
 async def _faststream_worker(tag: str, batch: int, ctl: Path, variant: str = "") -> None:
-    """variant "": as build_app (access log on); "nolog": `logger=None`; with the access log off also,
-    "actx": the handler's Context() params resolved by an `async def use` (no worker thread), "noctx": none."""
+    """variant "": a stage handler as the stages have it (handlers.common: the message and the services as
+    two context parameters resolved in the loop, `incoming(msg)`; build_app's access lines at DEBUG);
+    "before": as the stages had it before (FastStream's `NatsMessage` and `EmitterDep` as sync Context
+    parameters, access lines at INFO); "noctx": no context parameter at all, access log off (the floor)."""
     import logging
     from typing import Annotated
 
-    from faststream import FastStream
-    from faststream._internal.context import Context  # the class (faststream.Context is a factory)
+    from faststream import Context, FastStream
     from faststream.nats import JStream, NatsBroker, NatsMessage
-    from faststream.nats.message import NatsMessage as RawNatsMessage  # NatsMessage = Annotated[this, Context]
     from pydantic import BaseModel
 
     from events.client import CodeTuneClient, connect_options
-    from handlers.common import Emitter, EmitterDep, jetstream_subscriber, pipeline_router
+    from handlers.common import (
+        Emitter,
+        MessageDep,
+        Services,
+        ServicesDep,
+        incoming,
+        jetstream_subscriber,
+        pipeline_router,
+    )
     from infra.settings import Settings
+    from storage.objects import ObjectStore
 
     settings = Settings(_env_file=None)
     consumer = _consumer(tag)
@@ -141,25 +151,22 @@ async def _faststream_worker(tag: str, batch: int, ctl: Path, variant: str = "")
 
     emitters: list[Emitter] = []
 
-    class AsyncContext(Context):
-        """fast_depends runs a sync `use` through anyio.to_thread (one thread round trip per parameter)."""
-
-        async def use(self, /, **kwargs: Any) -> dict[str, Any]:  # type: ignore[override]
-            return super().use(**kwargs)
-
     if variant == "noctx":
         @router.subscriber(**kw, title=f"bench:{tag}")
         async def hop_noctx(event: HopEvent) -> None:
             await emitters[0].client.publish_raw(out_subject, event.model_dump_json().encode())
-    elif variant == "actx":
+    elif variant == "before":
+        SyncEmitterDep = Annotated[Emitter, Context("emitter")]
+
         @router.subscriber(**kw, title=f"bench:{tag}")
-        async def hop_actx(event: HopEvent, msg: Annotated[RawNatsMessage, AsyncContext("message")],
-                           emitter: Annotated[Emitter, AsyncContext("emitter")]) -> None:
+        async def hop_before(event: HopEvent, msg: NatsMessage, emitter: SyncEmitterDep) -> None:
+            incoming(msg)
             await emitter.client.publish_raw(out_subject, msg.body)
     else:
         @router.subscriber(**kw, title=f"bench:{tag}")
-        async def hop(event: HopEvent, msg: NatsMessage, emitter: EmitterDep) -> None:
-            await emitter.client.publish_raw(out_subject, msg.body)
+        async def hop(event: HopEvent, msg: MessageDep, services: ServicesDep) -> None:
+            incoming(msg)
+            await services.emitter.client.publish_raw(out_subject, msg.body)
 
     opts = connect_options(settings, "admin")
     servers = opts.pop("servers")
@@ -168,9 +175,11 @@ async def _faststream_worker(tag: str, batch: int, ctl: Path, variant: str = "")
         from faststream.security import SASLPlaintext
 
         opts["security"] = SASLPlaintext(opts.pop("user"), opts.pop("password", ""))
-    if variant:
-        opts["logger"] = None  # `log_level` only sets the level access lines are logged AT; None turns them off
-    broker = NatsBroker(servers, graceful_timeout=30.0, log_level=logging.INFO, **opts)  # as build_app
+    if variant == "noctx":
+        opts["logger"] = None  # no access log at all
+    # as build_app (the default access_log_level: DEBUG) and as the worker before (INFO)
+    level = logging.INFO if variant == "before" else logging.DEBUG
+    broker = NatsBroker(servers, graceful_timeout=30.0, log_level=level, **opts)
     broker.include_router(router)
     app = FastStream(broker)
 
@@ -179,6 +188,7 @@ async def _faststream_worker(tag: str, batch: int, ctl: Path, variant: str = "")
         await broker.connect()
         emitters.append(Emitter(CodeTuneClient(broker.connection, source="codetune/bench")))
         app.context.set_global("emitter", emitters[0])
+        app.context.set_global("services", Services(settings, ObjectStore(settings), emitters[0]))
 
     await app.start()
     cpu0 = _cpu_s()
