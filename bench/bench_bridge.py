@@ -22,7 +22,9 @@ drives it over loopback with httpx. Everything is stopped and deleted at the end
     - floor:     `GET /healthz` through the same client and server: the HTTP stack alone (no NATS).
     Latency = request sent → answer (202 / PubAck) received; req/s = requests / wall time of the run. Each
     run is checked: exactly `--requests` new messages in the stream. CPU ms/req = user+sys CPU of the bridge
-    process and of this (load-generating) process over the run, divided by the requests.
+    process, of this (load-generating) process and of the stack's nats-server over the run, divided by the
+    requests. "vs /healthz req/s" is the issue's ratio (target: a signed webhook >= 0.6x the floor).
+    `--only webhooks` skips (b); `BENCH_PROFILE=PATH` writes a cProfile of each bridge process.
 (b) Upload: a `--size-mb` MB (10^6 bytes) text dataset written to the temp folder, POSTed as multipart
     (httpx streams the file) to `POST /api/v1/datasets/upload` of a FRESH bridge process; MB/s over the
     request's wall time; the bridge process's RSS polled every 10 ms (psutil) and its kernel peak
@@ -81,7 +83,9 @@ def bridge_process(env: dict[str, str], log: Path) -> Iterator[tuple[str, psutil
     penv = {**{k: v for k, v in os.environ.items() if not k.startswith("CODETUNE_")}, **env,
             "CODETUNE_BRIDGE_PORT": str(port), "CODETUNE_BRIDGE_TOKEN": TOKEN, "CODETUNE_WEBHOOK_SECRET": SECRET}
     with open(log, "ab") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "handlers.bridge", "--log-level", "warning"], cwd=ROOT,
+        prof = os.environ.get("BENCH_PROFILE")  # a cProfile output path for the bridge process
+        pre = ["-m", "cProfile", "-o", f"{prof}.{log.stem}"] if prof else []
+        proc = subprocess.Popen([sys.executable, *pre, "-m", "handlers.bridge", "--log-level", "warning"], cwd=ROOT,
                                 env=penv, stdout=out, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
@@ -201,8 +205,17 @@ def cpu_s(proc: psutil.Process | None) -> float:
     return t.user + t.system
 
 
-async def webhooks(url: str, bridge: psutil.Process, client: CodeTuneClient, n: int, concurrency: int
-                   ) -> list[dict[str, Any]]:
+def nats_server(home: Path) -> psutil.Process | None:
+    """The stack's nats-server (its config lives under the stack's home)."""
+    for p in psutil.process_iter(["name", "cmdline"]):
+        cmd = " ".join(p.info["cmdline"] or [])
+        if "nats-server" in cmd and str(home) in cmd:
+            return p
+    return None
+
+
+async def webhooks(url: str, bridge: psutil.Process, client: CodeTuneClient, n: int, concurrency: int,
+                   nats: psutil.Process | None = None) -> list[dict[str, Any]]:
     rows = []
 
     async def standard(conn: RawHTTP | None, i: int) -> None:
@@ -236,16 +249,18 @@ async def webhooks(url: str, bridge: psutil.Process, client: CodeTuneClient, n: 
         ("bridge, Standard Webhooks + receipt", standard, bridge), ("bridge, GitHub signature", github, bridge),
         ("bridge GET /healthz (HTTP floor)", floor, bridge), ("nats-py js.publish (direct)", direct, None),
     ):
-        before, cpu_server, cpu_client = await stored(client), cpu_s(server), cpu_s(me)
+        before, cpu_server, cpu_client, cpu_nats = await stored(client), cpu_s(server), cpu_s(me), cpu_s(nats)
         wall, lat = await run_load(url, n, concurrency, one, http=server is not None)
         cpu_server, cpu_client = cpu_s(server) - cpu_server, cpu_s(me) - cpu_client
+        cpu_nats = cpu_s(nats) - cpu_nats
         published = await stored(client) - before
         assert published == (0 if one is floor else n), f"{name}: {published} new messages, not {n}"
         q = statistics.quantiles(lat, n=100)
         rows.append({"row": name, "req/s": n / wall, "p50 ms": statistics.median(lat) * 1e3,
                      "p99 ms": q[98] * 1e3, "max ms": max(lat) * 1e3,
                      "bridge CPU ms/req": cpu_server / n * 1e3 if server else "-",
-                     "client CPU ms/req": cpu_client / n * 1e3})
+                     "client CPU ms/req": cpu_client / n * 1e3,
+                     "nats-server CPU ms/req": cpu_nats / n * 1e3 if nats else "-"})
     return rows
 
 
@@ -292,14 +307,18 @@ async def main_async(args: argparse.Namespace, env: dict[str, str], settings: Se
     try:
         await provision(client.js)
         with bridge_process(env, tmp / "bridge-a.log") as (url, bridge):
-            rows = await webhooks(url, bridge, client, args.requests, args.concurrency)
-        direct = rows[-1]
+            rows = await webhooks(url, bridge, client, args.requests, args.concurrency, nats_server(tmp))
+        direct, floor = rows[-1], rows[-2]
         for r in rows:
             r["vs direct req/s"] = f"{r['req/s'] / direct['req/s']:.2f}x"
             r["vs direct p99"] = f"{r['p99 ms'] / direct['p99 ms']:.2f}x"
+            r["vs /healthz req/s"] = f"{r['req/s'] / floor['req/s']:.2f}x"
         print(f"\n(a) {args.requests} webhooks into JetStream, concurrency {args.concurrency}, loopback")
         print(table(rows))
+        print("target: a signed webhook >= 0.60x the /healthz floor's req/s")
 
+        if args.only == "webhooks":
+            return
         size = args.size_mb * 1_000_000
         data = tmp / "big.txt"
         write_dataset(data, size)
@@ -333,6 +352,7 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--size-mb", type=int, default=500)
     parser.add_argument("--quick", action="store_true", help="--requests 500 --size-mb 100")
+    parser.add_argument("--only", choices=["webhooks"], help="(a) only: no upload")
     args = parser.parse_args()
     if args.quick:
         args.requests, args.size_mb = 500, 100

@@ -15,16 +15,17 @@ temporary folder on free loopback ports (`tests.conftest.stack_env`), provisions
     consumer created with the project's settings (`events.streams.Consumer(...).config()`: explicit ack,
     ack_wait 30 s, max_deliver 5, max_ack_pending 1000), re-publishes the body to the output subject with
     `js.publish` (awaiting the PubAck, as `Emitter` -> `CodeTuneClient` does) and acks:
-    - faststream: a `handlers.common.pipeline_router()` subscriber with `jetstream_subscriber()`'s arguments
-      (PullSub(batch_size, timeout=1), AckPolicy.MANUAL with FailurePolicy acking after the handler, the
-      CloudEvents decoder) on the bench stream; the handler takes a pydantic body, `msg: NatsMessage` and
-      `EmitterDep` like the stage handlers, on a `NatsBroker` configured as `build_app` does (access log
-      on, at INFO; written to a file here).
-      faststream-nolog: the same with the access log off (`logger=None`; `log_level` only sets the level
-      the access lines are written AT). faststream-actx: also off, and the two Context() parameters
-      resolved by a Context subclass with `async def use` (fast_depends runs a sync `use`, i.e. every
-      Context()/NatsMessage parameter, through `anyio.to_thread.run_sync`: a worker-thread round trip per
-      parameter per message). faststream-noctx (not in the default rows): no Context parameters at all.
+    - faststream: a stage handler as the stages have it: a `handlers.common.pipeline_router()` subscriber
+      with `jetstream_subscriber()`'s arguments (PullSub(batch_size, timeout=1), AckPolicy.MANUAL with
+      FailurePolicy acking after the handler, the CloudEvents decoder) on the bench stream; the handler
+      takes a pydantic body, `msg: MessageDep` and `services: ServicesDep` (context values resolved by an
+      `async def use`, handlers.common.Injected) and calls `incoming(msg)`, on a `NatsBroker` configured as
+      `build_app` does (access lines at DEBUG, dropped at the worker's INFO).
+      faststream-before: the handler as the stages had it: FastStream's `NatsMessage` and a `Context()`
+      EmitterDep, whose sync `use` fast_depends runs through `anyio.to_thread.run_sync` (a worker-thread
+      round trip per parameter per message), and access lines at INFO (written to a file here).
+      faststream-noctx: no context parameter at all and the access log off (`logger=None`): FastStream's
+      own floor for a hop.
     - raw: nats-py `pull_subscribe_bind` + `fetch(batch_size, timeout=1)`; each message re-published, then
       acked; a batch's messages are handled concurrently, as FastStream does.
     The bench publishes with nats-py `publish_async`, the publish time (`perf_counter_ns`) in the body, and
@@ -84,8 +85,8 @@ IN = "bench.hop.in"
 OUT = "bench.hop.out"
 PAD = "x" * 120  # ~200-byte bodies, the size of a pipeline event
 MB = 1_000_000
-# side[-variant]:batch_size. faststream-nolog: access log off; faststream-noctx: also no Context() params.
-HOPS = "raw:1,faststream:1,raw:100,faststream:100,faststream-nolog:1,faststream-actx:1"
+# side[-variant]:batch_size. faststream: a stage handler now; -before: as it was; -noctx: no context params.
+HOPS = "raw:1,faststream:1,raw:100,faststream:100,faststream-before:1,faststream-noctx:1"
 
 
 def _cpu_s() -> float:
@@ -111,20 +112,29 @@ async def _serve_until_term(ctl: Path) -> None:
 
 
 async def _faststream_worker(tag: str, batch: int, ctl: Path, variant: str = "") -> None:
-    """variant "": as build_app (access log on); "nolog": `logger=None`; with the access log off also,
-    "actx": the handler's Context() params resolved by an `async def use` (no worker thread), "noctx": none."""
+    """variant "": a stage handler as the stages have it (handlers.common: the message and the services as
+    two context parameters resolved in the loop, `incoming(msg)`; build_app's access lines at DEBUG);
+    "before": as the stages had it before (FastStream's `NatsMessage` and `EmitterDep` as sync Context
+    parameters, access lines at INFO); "noctx": no context parameter at all, access log off (the floor)."""
     import logging
     from typing import Annotated
 
-    from faststream import FastStream
-    from faststream._internal.context import Context  # the class (faststream.Context is a factory)
+    from faststream import Context, FastStream
     from faststream.nats import JStream, NatsBroker, NatsMessage
-    from faststream.nats.message import NatsMessage as RawNatsMessage  # NatsMessage = Annotated[this, Context]
     from pydantic import BaseModel
 
     from events.client import CodeTuneClient, connect_options
-    from handlers.common import Emitter, EmitterDep, jetstream_subscriber, pipeline_router
+    from handlers.common import (
+        Emitter,
+        MessageDep,
+        Services,
+        ServicesDep,
+        incoming,
+        jetstream_subscriber,
+        pipeline_router,
+    )
     from infra.settings import Settings
+    from storage.objects import ObjectStore
 
     settings = Settings(_env_file=None)
     consumer = _consumer(tag)
@@ -141,32 +151,35 @@ async def _faststream_worker(tag: str, batch: int, ctl: Path, variant: str = "")
 
     emitters: list[Emitter] = []
 
-    class AsyncContext(Context):
-        """fast_depends runs a sync `use` through anyio.to_thread (one thread round trip per parameter)."""
-
-        async def use(self, /, **kwargs: Any) -> dict[str, Any]:  # type: ignore[override]
-            return super().use(**kwargs)
-
     if variant == "noctx":
         @router.subscriber(**kw, title=f"bench:{tag}")
         async def hop_noctx(event: HopEvent) -> None:
             await emitters[0].client.publish_raw(out_subject, event.model_dump_json().encode())
-    elif variant == "actx":
+    elif variant == "before":
+        SyncEmitterDep = Annotated[Emitter, Context("emitter")]
+
         @router.subscriber(**kw, title=f"bench:{tag}")
-        async def hop_actx(event: HopEvent, msg: Annotated[RawNatsMessage, AsyncContext("message")],
-                           emitter: Annotated[Emitter, AsyncContext("emitter")]) -> None:
+        async def hop_before(event: HopEvent, msg: NatsMessage, emitter: SyncEmitterDep) -> None:
+            incoming(msg)
             await emitter.client.publish_raw(out_subject, msg.body)
     else:
         @router.subscriber(**kw, title=f"bench:{tag}")
-        async def hop(event: HopEvent, msg: NatsMessage, emitter: EmitterDep) -> None:
-            await emitter.client.publish_raw(out_subject, msg.body)
+        async def hop(event: HopEvent, msg: MessageDep, services: ServicesDep) -> None:
+            incoming(msg)
+            await services.emitter.client.publish_raw(out_subject, msg.body)
 
-    opts = connect_options(settings)
+    opts = connect_options(settings, "admin")
     servers = opts.pop("servers")
     opts.pop("name")
-    if variant:
-        opts["logger"] = None  # `log_level` only sets the level access lines are logged AT; None turns them off
-    broker = NatsBroker(servers, graceful_timeout=30.0, log_level=logging.INFO, **opts)  # as build_app
+    if "user" in opts:  # as build_app: FastStream takes user/password as a security object
+        from faststream.security import SASLPlaintext
+
+        opts["security"] = SASLPlaintext(opts.pop("user"), opts.pop("password", ""))
+    if variant == "noctx":
+        opts["logger"] = None  # no access log at all
+    # as build_app (the default access_log_level: DEBUG) and as the worker before (INFO)
+    level = logging.INFO if variant == "before" else logging.DEBUG
+    broker = NatsBroker(servers, graceful_timeout=30.0, log_level=level, **opts)
     broker.include_router(router)
     app = FastStream(broker)
 
@@ -175,6 +188,7 @@ async def _faststream_worker(tag: str, batch: int, ctl: Path, variant: str = "")
         await broker.connect()
         emitters.append(Emitter(CodeTuneClient(broker.connection, source="codetune/bench")))
         app.context.set_global("emitter", emitters[0])
+        app.context.set_global("services", Services(settings, ObjectStore(settings), emitters[0]))
 
     await app.start()
     cpu0 = _cpu_s()
@@ -193,7 +207,7 @@ async def _raw_worker(tag: str, batch: int, ctl: Path) -> None:
     settings = Settings(_env_file=None)
     consumer = _consumer(tag)
     out_subject = f"{OUT}.{tag}"
-    nc = await nats.connect(**connect_options(settings))
+    nc = await nats.connect(**connect_options(settings, "admin"))
     js = nc.jetstream()
     psub = await js.pull_subscribe_bind(consumer.durable, BENCH_STREAM)
 
@@ -389,7 +403,7 @@ async def bench_hop(env: dict[str, str], settings: Any, n: int, paced: int, rate
 
     from events.client import connect_options
 
-    nc = await nats.connect(**connect_options(settings))
+    nc = await nats.connect(**connect_options(settings, "admin"))
     js = nc.jetstream()
     await js.add_stream(StreamConfig(name=BENCH_STREAM, subjects=["bench.hop.>"], storage=StorageType.FILE))
     rows = []
@@ -549,6 +563,211 @@ def print_upload(rows: list[tuple[str, dict[str, float]]]) -> None:
           f"x{cli['mb'] / cli_small['mb']:.1f} the data)")
 
 
+# ====================================================================== driver: (c) the datasets stage at load
+
+
+def _stack_procs(home: Path) -> dict[str, Any]:
+    """The stack's server processes (found by their home folder on the command line)."""
+    import psutil
+
+    out: dict[str, Any] = {}
+    for p in psutil.process_iter(["cmdline"]):
+        cmd = " ".join(p.info["cmdline"] or [])
+        if str(home) not in cmd:
+            continue
+        for name in ("nats-server", "secantus", "weed"):
+            if name in cmd and name not in out:
+                out[name] = p
+    return out
+
+
+def _cpu_of(p: Any) -> float:
+    import psutil
+
+    with contextlib.suppress(psutil.Error):
+        t = p.cpu_times()
+        return t.user + t.system + getattr(t, "children_user", 0.0) + getattr(t, "children_system", 0.0)
+    return 0.0
+
+
+def _small_dataset(i: int) -> bytes:
+    return "".join(f"example {i}-{j}: def f(x): return x * {j}\n" for j in range(20)).encode()
+
+
+async def _phases(settings: Any, n: int) -> dict[str, float]:
+    """One validation's parts, each timed alone and in sequence in this process (ms per operation)."""
+    from events.client import CodeTuneClient
+    from events.payloads import DatasetValidated
+    from handlers.datasets.validate import validate_stream
+    from storage.db import init_db
+    from storage.documents import Dataset
+    from storage.objects import ObjectStore
+
+    store = ObjectStore(settings)
+    mongo = await init_db(settings)
+    out: dict[str, float] = {}
+    try:
+        async with await CodeTuneClient.connect(settings, source="codetune/bench", role="admin") as c:
+            t = time.perf_counter()
+            for i in range(n):
+                await store.get_bytes(f"bench/load/{i}.txt")
+            out["S3 get, one thread hop (ObjectStore.get_bytes)"] = (time.perf_counter() - t) / n * 1e3
+            t = time.perf_counter()
+            for i in range(n):
+                chunks = [c async for c in store.iter_chunks(f"bench/load/{i}.txt")]
+                del chunks
+            out["S3 get as the stage reads it (iter_chunks)"] = (time.perf_counter() - t) / n * 1e3
+            data = _small_dataset(0)
+
+            async def one() -> Any:
+                yield data
+
+            t = time.perf_counter()
+            for _ in range(n):
+                report = await validate_stream(one(), "auto", 20)
+            out["validate + profile (CPU only)"] = (time.perf_counter() - t) / n * 1e3
+            assert report.profile is not None
+            t = time.perf_counter()
+            for i in range(n):
+                await Dataset.upsert_by({"dataset_id": f"ds-phase-{i}"}, {
+                    "name": "x.txt", "key": "bench/load/0.txt", "format": "text", "status": "validated",
+                    "size": 1, "profile": report.profile.model_dump(), "line_errors": [], "error": None})
+            out["MongoDB upsert, document returned (find_one_and_update)"] = (time.perf_counter() - t) / n * 1e3
+            t = time.perf_counter()
+            for i in range(n):
+                await Dataset.upsert_by({"dataset_id": f"ds-phase-{i}"}, {
+                    "name": "x.txt", "key": "bench/load/0.txt", "format": "text", "status": "validated",
+                    "size": 1, "profile": report.profile.model_dump(), "line_errors": [], "error": None},
+                    returning=False)
+            out["MongoDB upsert as the stage writes it (update_one)"] = (time.perf_counter() - t) / n * 1e3
+            t = time.perf_counter()
+            for i in range(n):
+                await c.publish(DatasetValidated(dataset_id=f"ds-phase-{i}", key="bench/load/0.txt", name="x.txt",
+                                                 profile=report.profile))
+            out["publish + PubAck (CodeTuneClient.publish)"] = (time.perf_counter() - t) / n * 1e3
+    finally:
+        await mongo.close()
+    return out
+
+
+async def bench_load(env: dict[str, str], settings: Any, n: int, workers: int, tmp: Path,
+                     code_roots: list[tuple[str, Path]]) -> list[dict[str, Any]]:
+    """`workers` real `codetune worker datasets` processes; `n` `dataset.uploaded` events published at once;
+    events/s = n / (last answer - first publish). Once per code tree (this one, and e.g. main's)."""
+    from events.client import CodeTuneClient
+    from storage.objects import ObjectStore
+
+    store = ObjectStore(settings)
+    await store.ensure_bucket()
+    t0 = time.perf_counter()
+    sem = asyncio.Semaphore(8)
+
+    async def put(i: int) -> None:
+        async with sem:
+            await store.put_bytes(f"bench/load/{i}.txt", _small_dataset(i), "text/plain")
+
+    await asyncio.gather(*(put(i) for i in range(n)))
+    print(f"  {n} small datasets ({len(_small_dataset(0))} bytes each) in the bucket in "
+          f"{time.perf_counter() - t0:.1f}s", flush=True)
+    rows = []
+    async with await CodeTuneClient.connect(settings, source="codetune/bench", role="admin") as c:
+        for run, (label, root) in enumerate(code_roots):
+            rows.append(await _load_run(c, env, tmp, f"ds-load{run}-", label, root, n, workers))
+    return rows
+
+
+def _spawn_worker(root: Path, cenv: dict[str, str], logfile: Path, prof: str | None) -> subprocess.Popen[bytes]:
+    pre = ["-m", "cProfile", "-o", f"{prof}/{logfile.stem}.prof"] if prof else []  # BENCH_LOAD_PROFILE=DIR
+    with logfile.open("wb") as log:
+        return subprocess.Popen([sys.executable, *pre, "-m", "infra.cli", "worker", "datasets"], cwd=root,
+                                env=cenv, stdout=log, stderr=subprocess.STDOUT)
+
+
+async def _load_run(c: Any, env: dict[str, str], tmp: Path, prefix: str, label: str, root: Path, n: int,
+                    workers: int) -> dict[str, Any]:
+    import psutil
+
+    from events import subjects as sj
+    from events.payloads import DatasetUploaded
+
+    answers: dict[str, float] = {}
+    done = asyncio.Event()
+    failed = 0
+
+    async def cb(msg: Any) -> None:
+        nonlocal failed
+        ds = json.loads(msg.data).get("dataset_id", "")
+        if ds.startswith(prefix) and ds not in answers:
+            answers[ds] = time.perf_counter()
+            failed += msg.subject == sj.DATASET_FAILED
+            if len(answers) >= n:
+                done.set()
+
+    subs = [await c.nc.subscribe(subj, cb=cb) for subj in (sj.DATASET_VALIDATED, sj.DATASET_FAILED)]
+    cenv = _child_env(env)
+    cenv["PYTHONPATH"] = str(root) + os.pathsep + cenv["PYTHONPATH"]
+    logs = [tmp / f"{prefix}worker{w}.log" for w in range(workers)]
+    procs = [_spawn_worker(root, cenv, lf, os.environ.get("BENCH_LOAD_PROFILE")) for lf in logs]
+    try:
+        deadline = time.monotonic() + 90
+        while not all("ready" in lf.read_text(errors="replace") for lf in logs):
+            if time.monotonic() > deadline or any(p.poll() is not None for p in procs):
+                raise RuntimeError(f"{label}: datasets workers did not start: {logs[0].read_text()[-3000:]}")
+            await asyncio.sleep(0.1)
+        servers = _stack_procs(Path(env["CODETUNE_HOME"]))
+        wprocs = [psutil.Process(p.pid) for p in procs]
+        cpu0 = {k: _cpu_of(p) for k, p in servers.items()} | {"workers": sum(map(_cpu_of, wprocs))}
+        me0 = _cpu_s()
+        start = time.perf_counter()
+        sem = asyncio.Semaphore(64)  # the uploads of many clients at once: the publisher is not the limit
+
+        async def upload(i: int) -> None:
+            async with sem:
+                await c.publish(DatasetUploaded(dataset_id=f"{prefix}{i:05d}", key=f"bench/load/{i}.txt",
+                                                name=f"d{i}.txt"))
+
+        await asyncio.gather(*(upload(i) for i in range(n)))
+        published = time.perf_counter()
+        await asyncio.wait_for(done.wait(), 300)
+        wall = max(answers.values()) - start
+        cpu = {k: _cpu_of(p) - cpu0[k] for k, p in servers.items()}
+        cpu["workers"] = sum(map(_cpu_of, wprocs)) - cpu0["workers"]
+        cpu["bench (publisher)"] = _cpu_s() - me0
+    finally:
+        for p in procs:
+            p.terminate()
+        for p in procs:
+            try:
+                await asyncio.to_thread(p.wait, 40)
+            except subprocess.TimeoutExpired:
+                p.kill()
+        for sub in subs:
+            await sub.unsubscribe()
+    eps = n / wall
+    print(f"  {label}: {n} events, {workers} workers: {wall:.2f}s end to end, {eps:.0f} events/s "
+          f"(published in {published - start:.2f}s), {failed} dataset.failed", flush=True)
+    return {"label": label, "wall": wall, "eps": eps, "failed": failed,
+            "cpu_ms": {k: v / n * 1e3 for k, v in cpu.items()}}
+
+
+def print_load(rows: list[dict[str, Any]], phases: dict[str, float], n: int, workers: int) -> None:
+    print(f"\n(c) the datasets stage at load: {n} small dataset.uploaded published at once, {workers} "
+          f"`codetune worker datasets` processes; events/s = n / (last answer - first publish)")
+    keys = list(rows[0]["cpu_ms"])
+    print(f"{'code':<28}{'wall s':>8}{'events/s':>10}" + "".join(f"{k[:16]:>18}" for k in keys))
+    for r in rows:
+        print(f"{r['label']:<28}{r['wall']:>8.2f}{r['eps']:>10.0f}"
+              + "".join(f"{r['cpu_ms'].get(k, float('nan')):>15.2f} ms" for k in keys))
+    print("  (CPU ms per event of each process over the run; target: >= 200 events/s)")
+    if len(rows) > 1:
+        base = rows[-1]
+        for r in rows[:-1]:
+            print(f"{r['label']} / {base['label']}: events/s x{r['eps'] / base['eps']:.2f}")
+    print("one validation's parts, each alone and sequential in one process (ms per operation):")
+    for k, v in phases.items():
+        print(f"  {k:<48}{v:>7.2f} ms")
+
+
 # ====================================================================== main
 
 
@@ -560,7 +779,11 @@ def main() -> None:
     ap.add_argument("--rate", type=float, default=100.0, help="paced publish rate, messages/s")
     ap.add_argument("--hops", default=HOPS, help=f"side:batch_size list (default {HOPS})")
     ap.add_argument("--size-mb", type=int, default=500, help="size of the uploaded file, MB")
-    ap.add_argument("--only", choices=["hop", "upload"], help="run one part only")
+    ap.add_argument("--only", choices=["hop", "upload", "load"], help="run one part only")
+    ap.add_argument("--load-events", type=int, default=500, help="(c) dataset.uploaded events published at once")
+    ap.add_argument("--load-workers", type=int, default=2, help="(c) datasets worker processes")
+    ap.add_argument("--baseline-tree", help="(c) also run the workers from this checkout (e.g. an export of "
+                    "main), as the same-run baseline")
     ap.add_argument("--worker", choices=["faststream", "raw"], help=argparse.SUPPRESS)
     ap.add_argument("--tag", help=argparse.SUPPRESS)
     ap.add_argument("--batch", type=int, default=1, help=argparse.SUPPRESS)
@@ -589,12 +812,22 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="codetune-bench-") as d, local_stack(Path(d)) as (env, settings):
         tmp = Path(d)
         hop = asyncio.run(bench_hop(env, settings, a.events, a.paced, a.rate, configs, tmp)) \
-            if a.only != "upload" else []
-        up = bench_upload(env, settings, a.size_mb, tmp) if a.only != "hop" else []
+            if a.only in (None, "hop") else []
+        up = bench_upload(env, settings, a.size_mb, tmp) if a.only in (None, "upload") else []
+        load: list[dict[str, Any]] = []
+        phases: dict[str, float] = {}
+        if a.only in (None, "load"):
+            roots = [("this tree", ROOT)]
+            if a.baseline_tree:
+                roots.append((f"baseline {Path(a.baseline_tree).name}", Path(a.baseline_tree).resolve()))
+            load = asyncio.run(bench_load(env, settings, a.load_events, a.load_workers, tmp, roots))
+            phases = asyncio.run(_phases(settings, 100))
     if hop:
         print_hop(hop, a.events, a.paced, a.rate)
     if up:
         print_upload(up)
+    if load:
+        print_load(load, phases, a.load_events, a.load_workers)
     print(f"\ntotal {time.perf_counter() - t0:.0f}s on {os.cpu_count()} cores; 1-min load average "
           f"{load0:.1f} at start, {os.getloadavg()[0]:.1f} at end (above the core count: other work shared them)")
 

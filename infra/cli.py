@@ -150,7 +150,10 @@ def bridge(ctx: typer.Context) -> None:
 
 
 @app.command()
-def worker(stages: list[str] = typer.Argument(None, help="stages to run (default: all)")) -> None:
+def worker(
+    stages: list[str] = typer.Argument(None, help="stages to run (default: all)"),
+    access_log: bool = typer.Option(False, help="log a Received/Processed line per message (at INFO)"),
+) -> None:
     """Run stage handlers in this process. Start several to scale out: they share durable consumers."""
     import logging
 
@@ -158,7 +161,7 @@ def worker(stages: list[str] = typer.Argument(None, help="stages to run (default
     from handlers.app import build_app
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    application = build_app(stages or None)
+    application = build_app(stages or None, access_log_level=logging.INFO if access_log else logging.DEBUG)
     asyncio.run(application.run())
 
 

@@ -28,12 +28,16 @@ class Timestamped(Document):
 
     @classmethod
     async def upsert_by(cls, key: dict[str, Any], set_: dict[str, Any],
-                        on_insert: dict[str, Any] | None = None) -> Any:
-        """Atomic find_one_and_update(upsert=True); returns the document after the update."""
+                        on_insert: dict[str, Any] | None = None, *, returning: bool = True) -> Any:
+        """Atomic find_one_and_update(upsert=True); returns the document after the update (with
+        `returning=False`: an update_one(upsert=True), nothing read back or validated, returns None)."""
         coll = cls.get_pymongo_collection()
         set_ = {**set_, "updated_at": now()}
         insert = {"created_at": now(), **(on_insert or {})}
         insert = {k: v for k, v in insert.items() if k not in set_ and k not in key}
+        if not returning:
+            await coll.update_one(key, {"$set": set_, "$setOnInsert": insert}, upsert=True)
+            return None
         raw = await coll.find_one_and_update(
             key, {"$set": set_, "$setOnInsert": insert}, upsert=True, return_document=ReturnDocument.AFTER
         )

@@ -75,6 +75,18 @@ class _HashingReader(io.RawIOBase):
         return data
 
 
+def _read_some(it: Iterator[bytes], chunk: int) -> tuple[list[bytes], bool]:
+    """Chunks from `it` until they hold `chunk` bytes (False: more may follow) or it ends (True)."""
+    out: list[bytes] = []
+    size = 0
+    for data in it:
+        out.append(data)
+        size += len(data)
+        if size >= chunk:
+            return out, False
+    return out, True
+
+
 class ObjectStore:
     def __init__(self, settings: Any) -> None:
         self.bucket = settings.s3_bucket
@@ -154,13 +166,14 @@ class ObjectStore:
         return await asyncio.to_thread(lambda: b"".join(self.iter_sync(key)))
 
     async def iter_chunks(self, key: str, chunk: int = CHUNK) -> AsyncIterator[bytes]:
-        it = await asyncio.to_thread(self.iter_sync, key, chunk)
-        sentinel = object()
-        while True:
-            data = await asyncio.to_thread(next, it, sentinel)
-            if data is sentinel:
-                return
-            yield data  # type: ignore[misc]
+        """The object's bytes in chunks of about `chunk`, at most two chunks in memory. Each thread hop
+        reads until it has `chunk` bytes or the end: a small object is one hop (GET, body, end)."""
+        it = self.iter_sync(key, chunk)  # a generator: nothing is read until the first hop
+        done = False
+        while not done:
+            parts, done = await asyncio.to_thread(_read_some, it, chunk)
+            for data in parts:
+                yield data
 
     async def download(self, key: str, path: Path) -> int:
         return await asyncio.to_thread(self.download_sync, key, path)

@@ -8,6 +8,7 @@ like users do: through events, the CLI's functions, the bucket and MongoDB.
 
 from __future__ import annotations
 
+import logging
 import os
 import random
 import signal
@@ -181,7 +182,7 @@ async def workers(settings, db, client) -> AsyncIterator[object]:
     """The light stages running in-process on the real stack (tuning runs in worker processes)."""
     from handlers.app import build_app
 
-    app = build_app(["datasets", "models", "export", "serving"], settings)
+    app = build_app(["datasets", "models", "export", "serving"], settings, access_log_level=logging.INFO)
     await app.start()
     yield app
     await app.stop()

@@ -86,7 +86,7 @@ class _Count(logging.Handler):
 
 def _spawn_worker(env: dict[str, str], log: Path) -> subprocess.Popen:
     return subprocess.Popen(
-        [sys.executable, "-m", "infra.cli", "worker", "datasets"],
+        [sys.executable, "-m", "infra.cli", "worker", "datasets", "--access-log"],
         env={**os.environ, **env}, stdout=open(log, "wb"), stderr=subprocess.STDOUT,
     )
 

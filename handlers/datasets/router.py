@@ -2,21 +2,23 @@
 
 Ack policy: MANUAL via FailurePolicy — acked after the document is stored and the answer published;
 a missing object is retried with backoff (bounded), malformed messages are dead-lettered once.
-"""
 
-from faststream.nats import NatsMessage
+Concurrency: a validation mostly waits (S3 get, MongoDB write, publish), so each worker handles up to
+`MAX_WORKERS` uploads at once, each acked on its own when done (bench/bench_datasets.py --only load).
+"""
 
 from events.payloads import DatasetUploaded
 from events.streams import DATASETS_UPLOADED
-from handlers.common import EmitterDep, SettingsDep, StoreDep, incoming, jetstream_subscriber, pipeline_router
+from handlers.common import MessageDep, ServicesDep, incoming, jetstream_subscriber, pipeline_router
 from handlers.datasets.service import validate_upload
+
+MAX_WORKERS = 16
 
 router = pipeline_router()
 
 
-@router.subscriber(**jetstream_subscriber(DATASETS_UPLOADED), title="datasets:dataset.uploaded")
-async def on_dataset_uploaded(
-    event: DatasetUploaded, msg: NatsMessage, store: StoreDep, settings: SettingsDep, emitter: EmitterDep
-) -> None:
-    answer = await validate_upload(event, store, settings.dataset_max_line_errors)
-    await emitter.emit(answer, incoming(msg))
+@router.subscriber(**jetstream_subscriber(DATASETS_UPLOADED, batch_size=MAX_WORKERS, max_workers=MAX_WORKERS),
+                   title="datasets:dataset.uploaded")
+async def on_dataset_uploaded(event: DatasetUploaded, msg: MessageDep, services: ServicesDep) -> None:
+    answer = await validate_upload(event, services.store, services.settings.dataset_max_line_errors)
+    await services.emitter.emit(answer, incoming(msg))

@@ -42,6 +42,7 @@ async def validate_upload(event: DatasetUploaded, store: ObjectStore, max_errors
             {"dataset_id": event.dataset_id},
             {**common, "status": "validated", "size": report.profile.bytes,
              "profile": report.profile.model_dump(), "line_errors": [], "error": None},
+            returning=False,
         )
         return DatasetValidated(dataset_id=event.dataset_id, key=key, name=event.name, profile=report.profile)
     error = ErrorInfo(code="invalid_dataset", message=report.summary)
@@ -49,5 +50,6 @@ async def validate_upload(event: DatasetUploaded, store: ObjectStore, max_errors
         {"dataset_id": event.dataset_id},
         {**common, "status": "failed", "profile": report.profile.model_dump() if report.profile else None,
          "line_errors": [e.model_dump() for e in report.line_errors], "error": error.model_dump()},
+        returning=False,
     )
     return DatasetFailed(dataset_id=event.dataset_id, error=error, line_errors=report.line_errors)

@@ -8,11 +8,18 @@ nothing; a second `tuning.completed` for a job already exporting or exported is 
 (see handlers/export/service.py).
 """
 
-from faststream.nats import NatsMessage
 
 from events.payloads import TuningCompleted
 from events.streams import EXPORT_ON_COMPLETED
-from handlers.common import EmitterDep, SettingsDep, StoreDep, incoming, jetstream_subscriber, pipeline_router
+from handlers.common import (
+    EmitterDep,
+    MessageDep,
+    SettingsDep,
+    StoreDep,
+    incoming,
+    jetstream_subscriber,
+    pipeline_router,
+)
 from handlers.export.service import export
 
 router = pipeline_router()
@@ -20,7 +27,7 @@ router = pipeline_router()
 
 @router.subscriber(**jetstream_subscriber(EXPORT_ON_COMPLETED), title="export:tuning.completed")
 async def on_tuning_completed(
-    event: TuningCompleted, msg: NatsMessage, store: StoreDep, settings: SettingsDep, emitter: EmitterDep
+    event: TuningCompleted, msg: MessageDep, store: StoreDep, settings: SettingsDep, emitter: EmitterDep
 ) -> None:
     parent = incoming(msg)
     answer = await export(event, store, settings, redelivered=parent.num_delivered > 1)

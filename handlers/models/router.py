@@ -11,11 +11,17 @@ message (`in_progress`) while it uploads.
 import asyncio
 import contextlib
 
-from faststream.nats import NatsMessage
-
 from events.payloads import ModelPullRequested, ModelPushRequested
 from events.streams import MODELS_PULL, MODELS_PUSH
-from handlers.common import EmitterDep, SettingsDep, StoreDep, incoming, jetstream_subscriber, pipeline_router
+from handlers.common import (
+    EmitterDep,
+    MessageDep,
+    SettingsDep,
+    StoreDep,
+    incoming,
+    jetstream_subscriber,
+    pipeline_router,
+)
 from handlers.models.service import pull, push
 
 router = pipeline_router()
@@ -23,7 +29,7 @@ router = pipeline_router()
 
 @router.subscriber(**jetstream_subscriber(MODELS_PULL), title="models:model.pull.requested")
 async def on_pull_requested(
-    event: ModelPullRequested, msg: NatsMessage, store: StoreDep, settings: SettingsDep, emitter: EmitterDep
+    event: ModelPullRequested, msg: MessageDep, store: StoreDep, settings: SettingsDep, emitter: EmitterDep
 ) -> None:
     answer = await pull(event, store, settings)
     await emitter.emit(answer, incoming(msg))
@@ -31,7 +37,7 @@ async def on_pull_requested(
 
 @router.subscriber(**jetstream_subscriber(MODELS_PUSH), title="models:model.push.requested")
 async def on_push_requested(
-    event: ModelPushRequested, msg: NatsMessage, store: StoreDep, settings: SettingsDep, emitter: EmitterDep
+    event: ModelPushRequested, msg: MessageDep, store: StoreDep, settings: SettingsDep, emitter: EmitterDep
 ) -> None:
     async def heartbeat() -> None:
         while True:

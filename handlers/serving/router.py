@@ -11,7 +11,7 @@ published is acked and ignored (handlers/serving/service.py). Request-reply subj
 
 from typing import Any
 
-from faststream.nats import NatsMessage, NatsRouter
+from faststream.nats import NatsRouter
 
 from events import subjects as sj
 from events.payloads import (
@@ -25,6 +25,7 @@ from events.payloads import (
 from events.streams import SERVING_ON_EXPORTED
 from handlers.common import (
     EmitterDep,
+    MessageDep,
     SettingsDep,
     StoreDep,
     incoming,
@@ -42,7 +43,7 @@ QUEUE = "serving"
 
 @events.subscriber(**jetstream_subscriber(SERVING_ON_EXPORTED), title="serving:model.exported")
 async def on_model_exported(
-    event: ModelExported, msg: NatsMessage, store: StoreDep, settings: SettingsDep, emitter: EmitterDep
+    event: ModelExported, msg: MessageDep, store: StoreDep, settings: SettingsDep, emitter: EmitterDep
 ) -> None:
     parent = incoming(msg)
     answer = await publish(event, store, settings, redelivered=parent.num_delivered > 1)

@@ -8,7 +8,6 @@ Ack policies (all MANUAL via FailurePolicy):
   acked after the affected jobs are updated and their follow-up events published.
 """
 
-from faststream.nats import NatsMessage
 
 from events.payloads import (
     DatasetFailed,
@@ -27,7 +26,15 @@ from events.streams import (
     TUNING_ON_MODEL_FAILED,
     TUNING_REQUESTED,
 )
-from handlers.common import EmitterDep, SettingsDep, StoreDep, incoming, jetstream_subscriber, pipeline_router
+from handlers.common import (
+    EmitterDep,
+    MessageDep,
+    SettingsDep,
+    StoreDep,
+    incoming,
+    jetstream_subscriber,
+    pipeline_router,
+)
 from handlers.tuning import jobs
 from handlers.tuning.runner import RunContext
 from handlers.tuning.service import handle_request, request_cancel, resume_waiting
@@ -37,7 +44,7 @@ router = pipeline_router()
 
 @router.subscriber(**jetstream_subscriber(TUNING_REQUESTED), title="tuning:tuning.requested")
 async def on_tuning_requested(
-    event: TuningRequested, msg: NatsMessage, store: StoreDep, settings: SettingsDep, emitter: EmitterDep
+    event: TuningRequested, msg: MessageDep, store: StoreDep, settings: SettingsDep, emitter: EmitterDep
 ) -> None:
     parent = incoming(msg)
     emit = emitter.answering(parent)
@@ -51,27 +58,27 @@ async def on_tuning_requested(
 
 
 @router.subscriber(**jetstream_subscriber(TUNING_CANCEL), title="tuning:tuning.cancel.requested")
-async def on_cancel(event: TuningCancelRequested, msg: NatsMessage, emitter: EmitterDep) -> None:
+async def on_cancel(event: TuningCancelRequested, msg: MessageDep, emitter: EmitterDep) -> None:
     await request_cancel(event.job_id, emitter.answering(incoming(msg)))
 
 
 @router.subscriber(**jetstream_subscriber(TUNING_ON_MODEL), title="tuning:model.pulled")
-async def on_model_pulled(event: ModelPulled, msg: NatsMessage, emitter: EmitterDep) -> None:
+async def on_model_pulled(event: ModelPulled, msg: MessageDep, emitter: EmitterDep) -> None:
     await resume_waiting(jobs.model_key(event.repo_id, event.revision), emitter.answering(incoming(msg)))
 
 
 @router.subscriber(**jetstream_subscriber(TUNING_ON_MODEL_FAILED), title="tuning:model.pull.failed")
-async def on_model_failed(event: ModelPullFailed, msg: NatsMessage, emitter: EmitterDep) -> None:
+async def on_model_failed(event: ModelPullFailed, msg: MessageDep, emitter: EmitterDep) -> None:
     await resume_waiting(jobs.model_key(event.repo_id, event.revision), emitter.answering(incoming(msg)),
                          failure=event.error)
 
 
 @router.subscriber(**jetstream_subscriber(TUNING_ON_DATASET), title="tuning:dataset.validated")
-async def on_dataset_validated(event: DatasetValidated, msg: NatsMessage, emitter: EmitterDep) -> None:
+async def on_dataset_validated(event: DatasetValidated, msg: MessageDep, emitter: EmitterDep) -> None:
     await resume_waiting(jobs.dataset_key(event.dataset_id), emitter.answering(incoming(msg)))
 
 
 @router.subscriber(**jetstream_subscriber(TUNING_ON_DATASET_FAILED), title="tuning:dataset.failed")
-async def on_dataset_failed(event: DatasetFailed, msg: NatsMessage, emitter: EmitterDep) -> None:
+async def on_dataset_failed(event: DatasetFailed, msg: MessageDep, emitter: EmitterDep) -> None:
     failure = ErrorInfo(code="invalid_dataset", message=f"dataset {event.dataset_id}: {event.error.message}")
     await resume_waiting(jobs.dataset_key(event.dataset_id), emitter.answering(incoming(msg)), failure=failure)

@@ -31,10 +31,10 @@ from events import subjects as s
 from events.client import CodeTuneClient, Published
 from events.envelope import SPECVERSION, derived_id, new_event_id, parse_json, unwrap
 from events.errors import InvalidPayloadError
-from handlers.bridge.auth import Credentials, check_token, secret
+from handlers.bridge.auth import bearer, check_token, secret
 from handlers.bridge.errors import field_errors, invalid_field
 from handlers.bridge.receipts import fingerprint
-from handlers.bridge.services import ClientDep, ReceiptsDep, SettingsDep
+from handlers.bridge.services import Services
 from handlers.bridge.signatures import SignatureError, verify
 
 router = APIRouter(prefix="/events", tags=["webhooks"])
@@ -55,16 +55,22 @@ class Subject(StrEnum):
 
 @dataclass(frozen=True)
 class Webhook:
-    """An authenticated request: its raw body, headers and the sender's delivery id, if any."""
+    """An authenticated request: its raw body, headers, the sender's delivery id, if any, and the bridge's
+    connections (one dependency for the whole route: FastAPI solves each dependency per request)."""
 
     body: bytes
     headers: dict[str, str]
     delivery_id: str | None
+    services: Services
 
 
-async def authenticated_webhook(request: Request, settings: SettingsDep, credentials: Credentials) -> Webhook:
+async def authenticated_webhook(request: Request) -> Webhook:
+    """The route's only dependency (solved before the path parameter: an unsigned request is a 401 whatever
+    its subject). The bearer token is read here only when no webhook secret is set."""
+    services: Services = request.app.state.services
+    settings = services.settings
     body = await request.body()  # over webhook_max_bytes → 413 while reading (limits.BodyLimit)
-    headers = {k.lower(): v for k, v in request.headers.items()}
+    headers = dict(request.headers.items())  # Starlette's header names are lower-case already
     delivery_id = None
     webhook_secret = secret(settings.webhook_secret)
     if webhook_secret is not None:
@@ -73,8 +79,8 @@ async def authenticated_webhook(request: Request, settings: SettingsDep, credent
         except SignatureError as e:
             raise HTTPException(401, str(e)) from None
     else:
-        check_token(request, settings, credentials)
-    return Webhook(body, headers, delivery_id or headers.get("idempotency-key"))
+        check_token(request, settings, await bearer(request))
+    return Webhook(body, headers, delivery_id or headers.get("idempotency-key"), services)
 
 
 def decode(subject: str, hook: Webhook) -> tuple[BaseModel, str | None]:
@@ -151,9 +157,11 @@ WebhookDep = Annotated[Webhook, Depends(authenticated_webhook)]
 
 @router.post("/{subject}", status_code=202, response_model=Published, responses={
     401: {"description": "missing or bad signature / token"}, 409: {"description": "same key in flight"},
-    413: {"description": "body over webhook_max_bytes"}, 422: {"description": "bad payload (field errors)"}})
-async def receive_event(subject: Subject, hook: WebhookDep, client: ClientDep, receipts: ReceiptsDep) -> JSONResponse:
+    413: {"description": "body over webhook_max_bytes"}, 422: {"description": "bad payload (field errors)"}},
+    openapi_extra={"security": [{"HTTPBearer": []}]})  # the token, when no webhook secret is set
+async def receive_event(subject: Subject, hook: WebhookDep) -> JSONResponse:
     """Publish the webhook's payload on `subject` (plain JSON or CloudEvents; signed)."""
+    client, receipts = hook.services.client, hook.services.receipts
     payload, ce_id = decode(subject.value, hook)
     key = hook.delivery_id or ce_id
     event_id = event_id_for(key, subject.value)
