@@ -45,8 +45,11 @@ BATCH, SEQ, LR, SEED = 8, 512, 2e-4, 0
 LABELS = {
     "ours": "ours (packed, batch 8)",
     "ours-accum": "ours (packed, batch 2 x accum 4)",
-    "reference": "reference (Trainer, padded, b 8)",
+    "reference": "Trainer+peft (padded, batch 8)",
+    "trl": "TRL SFTTrainer+peft (packed, b 8)",
 }
+REFERENCES = ("reference", "trl")
+LORA = {"r": 8, "lora_alpha": 16, "lora_dropout": 0.05, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]}
 
 
 def _ours(model_dir: Path, data: Path, out: Path, micro: int = BATCH) -> dict[str, Any]:
@@ -80,18 +83,19 @@ def _reference(model_dir: Path, data: Path, out: Path) -> dict[str, Any]:
     from handlers.tuning import data as D
     from handlers.tuning.recipe import cpu_budget
 
+    cuda = torch.cuda.is_available()
     torch.set_num_threads(min(torch.get_num_threads(), cpu_budget()))
     t0, c0 = time.perf_counter(), time.process_time()
     tok = AutoTokenizer.from_pretrained(model_dir)
     examples = D.tokenize_rows(tok, D.read_rows(data, "chat"), SEQ)
     rows = [{"input_ids": e.input_ids, "labels": e.labels, "attention_mask": [1] * len(e)} for e in examples]
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="sdpa")
-    model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.05, task_type="CAUSAL_LM",
-                                             target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16 if cuda else torch.float32,
+                                                 attn_implementation="sdpa")
+    model = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", **LORA))
     args = TrainingArguments(
         output_dir=str(out), per_device_train_batch_size=BATCH, num_train_epochs=1, learning_rate=LR,
         lr_scheduler_type="cosine", warmup_steps=0.03, max_grad_norm=1.0, seed=SEED, save_strategy="no",
-        logging_steps=10, report_to=[], use_cpu=True, remove_unused_columns=False, disable_tqdm=True,
+        logging_steps=10, report_to=[], use_cpu=not cuda, bf16=cuda, remove_unused_columns=False, disable_tqdm=True,
         dataloader_num_workers=0,
     )
     collator = DataCollatorForSeq2Seq(tok, padding="longest", label_pad_token_id=D.IGNORE_INDEX)
@@ -106,17 +110,93 @@ def _reference(model_dir: Path, data: Path, out: Path) -> dict[str, Any]:
             "final_loss": losses[-1] if losses else None}
 
 
+def _trl(model_dir: Path, data: Path, out: Path) -> dict[str, Any]:
+    """TRL's SFTTrainer as a user would pick it: packing (best-fit decreasing, padding-free) + peft LoRA.
+
+    Fed the same tokenized examples (input_ids + assistant-only labels). TRL's CPU defaults are changed
+    only where they would change the comparison: fp32 (its default bf16 autocast), no gradient
+    checkpointing (its default trades ~30% speed for memory; neither side recomputes here).
+    """
+    import torch
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import SFTConfig, SFTTrainer
+
+    from handlers.tuning import data as D
+    from handlers.tuning.recipe import cpu_budget
+
+    cuda = torch.cuda.is_available()
+    torch.set_num_threads(min(torch.get_num_threads(), cpu_budget()))
+    t0, c0 = time.perf_counter(), time.process_time()
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    examples = D.tokenize_rows(tok, D.read_rows(data, "chat"), SEQ)
+    rows = Dataset.from_list([{"input_ids": e.input_ids, "labels": e.labels} for e in examples])
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16 if cuda else torch.float32,
+                                                 attn_implementation="sdpa")
+    args = SFTConfig(
+        output_dir=str(out), per_device_train_batch_size=BATCH, num_train_epochs=1, learning_rate=LR,
+        lr_scheduler_type="cosine", warmup_steps=0.03, max_grad_norm=1.0, seed=SEED, save_strategy="no",
+        logging_steps=10, report_to=[], use_cpu=not cuda, disable_tqdm=True, dataloader_num_workers=0,
+        packing=True, max_length=SEQ, bf16=cuda, gradient_checkpointing=False,
+    )
+    trainer = SFTTrainer(model=model, args=args, train_dataset=rows, processing_class=tok,
+                         peft_config=LoraConfig(task_type="CAUSAL_LM", **LORA))
+    metrics = trainer.train().metrics
+    trainer.model.save_pretrained(out / "adapter")
+    tokens = sum(len(e) for e in examples)
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    return {"tokens": tokens, "steps": trainer.state.global_step,
+            "loop_tok_s": tokens / metrics["train_runtime"], "wall_s": time.perf_counter() - t0,
+            "cpu_s": time.process_time() - c0, "final_loss": losses[-1] if losses else None}
+
+
+def _flops_per_token(model_dir: Path) -> float:
+    """Training FLOPs per token by the usual MFU convention (PaLM): 6 x parameters + attention 12·L·H·S.
+
+    LoRA with a frozen base needs no weight gradients (~4 x parameters), so this over-counts work done: an MFU
+    from it is the model-FLOPs utilisation people compare, not the hardware's.
+    """
+    from transformers import AutoConfig
+
+    c = AutoConfig.from_pretrained(model_dir)
+    head = c.hidden_size // c.num_attention_heads
+    kv = c.num_key_value_heads * head
+    layer = c.hidden_size * (c.hidden_size * 2 + kv * 2) + 3 * c.hidden_size * c.intermediate_size
+    params = c.num_hidden_layers * layer + c.vocab_size * c.hidden_size * (1 if c.tie_word_embeddings else 2)
+    return 6 * params + 12 * c.num_hidden_layers * c.hidden_size * SEQ
+
+
+PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "L4": 121.0, "A10": 125.0}  # bf16 dense
+
+
+def _gpu_stats(model_dir: Path, result: dict[str, Any]) -> dict[str, Any]:
+    import torch
+
+    if not torch.cuda.is_available():
+        return {}
+    name = torch.cuda.get_device_name()
+    peak = float(os.environ.get("GPU_PEAK_TFLOPS", 0)) or next(
+        (v for k, v in PEAK_TFLOPS.items() if k in name), 0.0)
+    achieved = result["loop_tok_s"] * _flops_per_token(model_dir) / 1e12
+    return {"gpu": name, "gpu_peak_mb": torch.cuda.max_memory_allocated() / 2**20, "tflops": achieved,
+            "mfu": achieved / peak if peak else None}
+
+
 def _child(kind: str, model_dir: Path, data: Path, out: Path) -> None:
     if kind == "reference":
         result = _reference(model_dir, data, out)
+    elif kind == "trl":
+        result = _trl(model_dir, data, out)
     else:
         result = _ours(model_dir, data, out, micro=2 if kind == "ours-accum" else BATCH)
+    result |= _gpu_stats(model_dir, result)
     print("RESULT " + json.dumps(result), flush=True)
 
 
 def _run_child(kind: str, model_dir: Path, data: Path, out: Path) -> dict[str, Any]:
     """Run one side in a fresh interpreter; its own peak RSS comes from `wait4` on that pid."""
-    cmd = [sys.executable, __file__, "--child", kind, "--model", str(model_dir), "--data", str(data),
+    cmd = [sys.executable, __file__, "--child", kind, "--model-dir", str(model_dir), "--data", str(data),
            "--out", str(out)]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, cwd=ROOT)
     assert proc.stdout is not None
@@ -129,63 +209,93 @@ def _run_child(kind: str, model_dir: Path, data: Path, out: Path) -> dict[str, A
     return json.loads(line[len("RESULT "):]) | {"rss_mb": usage.ru_maxrss / 1024}
 
 
-def _prepare(work: Path, rows: int, hidden: int, layers: int) -> tuple[Path, Path, dict[str, Any]]:
-    from transformers import AutoTokenizer
+def _prepare(work: Path, model: str, model_path: Path | None, rows: int, hidden: int, layers: int
+             ) -> tuple[Path, Path, dict[str, Any]]:
+    from transformers import AutoConfig, AutoTokenizer
 
     from handlers.tuning import data as D
     from infra.tinymodel import build_tiny_llama, toy_dataset
 
-    model_dir = build_tiny_llama(work / "model", hidden=hidden, layers=layers, heads=4, kv_heads=2,
-                                 intermediate=hidden * 11 // 4)
+    if model_path is not None:
+        model_dir = model_path
+    elif model == "smollm2":
+        from infra.smollm2 import checkpoint_dir
+
+        model_dir = checkpoint_dir(ROOT / ".codetune")  # converted once, cached under .codetune/models
+    else:
+        model_dir = build_tiny_llama(work / "model", hidden=hidden, layers=layers, heads=4, kv_heads=2,
+                                     intermediate=hidden * 11 // 4)
+    cfg = AutoConfig.from_pretrained(model_dir)
     data = toy_dataset(work / "chat.jsonl", "chat", rows=rows, seed=SEED)
     tok = AutoTokenizer.from_pretrained(model_dir)
     examples = D.tokenize_rows(tok, D.read_rows(data, "chat"), SEQ)
     lengths = sorted(len(e) for e in examples)
     padded = sum(max(len(examples[i]) for i in b) * len(b) for b in D.batch_order(len(examples), BATCH, 1))
-    stats = {"rows": rows, "tokens": sum(lengths), "min": lengths[0], "median": lengths[len(lengths) // 2],
+    stats = {"model": f"{model_dir.name}: Llama hidden {cfg.hidden_size}, {cfg.num_hidden_layers} layers, "
+                      f"vocabulary {cfg.vocab_size}", "rows": rows,
+             "tokens": sum(lengths), "min": lengths[0], "median": lengths[len(lengths) // 2],
              "max": lengths[-1], "pad_fraction": 1 - sum(lengths) / padded}
     return model_dir, data, stats
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    parser.add_argument("--rows", type=int, default=1024)
-    parser.add_argument("--repeat", type=int, default=2, help="runs per variant, interleaved; best is kept")
-    parser.add_argument("--hidden", type=int, default=256)
-    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--model", choices=["tiny", "smollm2"], default="tiny",
+                        help="tiny: random Llama (vocabulary 512); smollm2: SmolLM2-135M-Instruct (49,152)")
+    parser.add_argument("--rows", type=int, help="chat rows (default 1024 tiny, 256 smollm2)")
+    parser.add_argument("--repeat", type=int, help="runs per variant, interleaved; best is kept (2 tiny, 1 smollm2)")
+    parser.add_argument("--variants", default=",".join(LABELS), help=f"comma-separated subset of {','.join(LABELS)}")
+    parser.add_argument("--model-path", type=Path, help="a transformers checkpoint folder to use instead")
+    parser.add_argument("--hidden", type=int, default=256, help="tiny model only")
+    parser.add_argument("--layers", type=int, default=4, help="tiny model only")
     parser.add_argument("--child", choices=list(LABELS), help=argparse.SUPPRESS)
-    parser.add_argument("--model", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--model-dir", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--data", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
-        _child(args.child, args.model, args.data, args.out)
+        _child(args.child, args.model_dir, args.data, args.out)
         return
+    variants = [v for v in args.variants.split(",") if v]
+    if unknown := set(variants) - set(LABELS):
+        parser.error(f"unknown variants: {sorted(unknown)}")
+    rows = args.rows or (256 if args.model == "smollm2" else 1024)
+    repeat = args.repeat or (1 if args.model == "smollm2" else 2)
 
     with tempfile.TemporaryDirectory(prefix="bench-tuning-") as tmp:
         work = Path(tmp)
-        model_dir, data, stats = _prepare(work, args.rows, args.hidden, args.layers)
-        print(f"model: Llama hidden {args.hidden}, {args.layers} layers; data: {stats['rows']} chat rows, "
+        model_dir, data, stats = _prepare(work, args.model, args.model_path, rows, args.hidden, args.layers)
+        print(f"model: {stats['model']}; data: {stats['rows']} chat rows, "
               f"{stats['tokens']} tokens, length min/median/max {stats['min']}/{stats['median']}/"
               f"{stats['max']}; random batches of {BATCH} would be {stats['pad_fraction']:.0%} padding")
-        runs: dict[str, list[dict[str, Any]]] = {kind: [] for kind in LABELS}
-        for i in range(args.repeat):  # interleaved, so a burst of other load hits every variant alike
-            for kind in LABELS if i % 2 == 0 else reversed(LABELS):
+        print(f"seq {SEQ}, optimizer batch {BATCH}, one epoch", flush=True)
+        runs: dict[str, list[dict[str, Any]]] = {kind: [] for kind in variants}
+        for i in range(repeat):  # interleaved, so a burst of other load hits every variant alike
+            for kind in variants if i % 2 == 0 else reversed(variants):
                 runs[kind].append(_run_child(kind, model_dir, data, work / f"{kind}-{i}"))
         results = {kind: max(rs, key=lambda r: r["loop_tok_s"]) for kind, rs in runs.items()}
 
     print(f"load average at the end: {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
     print(f"\n{'run':<34}{'tokens':>8}{'steps':>7}{'loop tok/s':>12}{'wall s':>8}{'CPU s':>7}{'tok/CPU-s':>10}"
-          f"{'peak RSS MB':>13}")
+          f"{'peak RSS MB':>13}{'last loss':>10}")
     for kind, r in results.items():
         print(f"{LABELS[kind]:<34}{r['tokens']:>8}{r['steps']:>7}{r['loop_tok_s']:>12.0f}{r['wall_s']:>8.1f}"
-              f"{r['cpu_s']:>7.1f}{r['tokens'] / r['cpu_s']:>10.0f}{r['rss_mb']:>13.0f}")
-    ref = results["reference"]
-    for kind in ("ours", "ours-accum"):
-        r = results[kind]
-        cpu_ratio = (r["tokens"] / r["cpu_s"]) / (ref["tokens"] / ref["cpu_s"])
-        print(f"ratio {kind}/reference: loop tok/s {r['loop_tok_s'] / ref['loop_tok_s']:.2f}x, "
-              f"tokens per CPU-second {cpu_ratio:.2f}x, peak RSS {r['rss_mb'] / ref['rss_mb']:.2f}x")
+              f"{r['cpu_s']:>7.1f}{r['tokens'] / r['cpu_s']:>10.0f}{r['rss_mb']:>13.0f}"
+              f"{r['final_loss'] if r['final_loss'] is not None else float('nan'):>10.3f}")
+    if any("gpu" in r for r in results.values()):
+        print(f"\n{'run (GPU)':<34}{'tok/s':>10}{'peak GPU MB':>13}{'TFLOP/s':>9}{'MFU':>7}   on "
+              f"{next(r['gpu'] for r in results.values() if 'gpu' in r)}")
+        for kind, r in results.items():
+            mfu = f"{r['mfu']:.1%}" if r.get("mfu") is not None else "n/a"
+            print(f"{LABELS[kind]:<34}{r['loop_tok_s']:>10.0f}{r['gpu_peak_mb']:>13.0f}{r['tflops']:>9.1f}{mfu:>7}")
+    for ref_kind in (k for k in REFERENCES if k in results):
+        ref = results[ref_kind]
+        for kind in (k for k in ("ours", "ours-accum") if k in results):
+            r = results[kind]
+            cpu_ratio = (r["tokens"] / r["cpu_s"]) / (ref["tokens"] / ref["cpu_s"])
+            print(f"ratio {kind}/{ref_kind}: loop tok/s {r['loop_tok_s'] / ref['loop_tok_s']:.2f}x, "
+                  f"tokens per CPU-second {cpu_ratio:.2f}x, peak RSS {r['rss_mb'] / ref['rss_mb']:.2f}x"
+                  + (f", peak GPU memory {r['gpu_peak_mb'] / ref['gpu_peak_mb']:.2f}x" if "gpu_peak_mb" in r else ""))
 
 
 if __name__ == "__main__":

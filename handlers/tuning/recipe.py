@@ -30,6 +30,7 @@ import os
 import random
 import shutil
 import time
+import warnings
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -37,11 +38,11 @@ from typing import Any, Protocol
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from events.errors import HyperparameterError, InvalidInputError
 from events.payloads import Hyperparameters, LossPoint, TrainMetrics
 from handlers.tuning import data as D
+from handlers.tuning.loss import token_loss_sum
 
 log = logging.getLogger("codetune.tuning.recipe")
 
@@ -51,6 +52,10 @@ TOKENIZER_FILES = (
     "tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
     "added_tokens.json", "chat_template.jinja", "vocab.json", "merges.txt",
 )
+# Padded tokens per forward/backward pass: bounds activation memory whatever the batch size (a packed batch
+# of 8 x 512 runs as 8 passes of 512). On CPU, 512 keeps a pass's activations near a padded batch of 8 short
+# chats and short matmuls suit 2 cores (2 x 512 beat 8 x 512 by x1.4 on SmolLM2); a GPU wants big passes.
+PASS_TOKENS = {"cpu": 512, "cuda": 16384}
 _SCHEDULERS = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}
 
 
@@ -214,7 +219,10 @@ def _load_model(base_dir: Path, hp: Hyperparameters, device: torch.device, dtype
         bias="none",
         task_type="CAUSAL_LM",
     )
-    return get_peft_model(model, lora).to(device)  # peft keeps LoRA weights in fp32 (autocast handles bf16)
+    with warnings.catch_warnings():  # peft 0.21 probes transformers 5's deprecated `is_gradient_checkpointing`
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        peft_model = get_peft_model(model, lora)
+    return peft_model.to(device)  # peft keeps LoRA weights in fp32 (autocast handles bf16)
 
 
 def _optimizer(model: Any, hp: Hyperparameters, plan: _Plan) -> tuple[torch.optim.Optimizer, Any]:
@@ -269,12 +277,27 @@ def _micro_batches(train: list[D.Example], plan: _Plan, start: int) -> Iterator[
 
 
 def _token_loss_sum(model: Any, batch: dict[str, torch.Tensor], autocast: Any) -> torch.Tensor:
-    """Sum of next-token cross-entropy over labelled positions (fp32 logits)."""
+    """Sum of next-token cross-entropy over labelled positions (fp32; chunked LM head, see `loss`)."""
     labels = batch.pop("labels")
     with autocast:
-        logits = model(**batch, use_cache=False).logits
-    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
-                           ignore_index=D.IGNORE_INDEX, reduction="sum")
+        return token_loss_sum(model, batch, labels)
+
+
+def _passes(items: list[D.Example], budget: int) -> list[list[D.Example]]:
+    """Split a micro-batch into forward/backward passes of at most ~`budget` padded tokens each.
+
+    The gradient is the same (losses are token sums over the whole window, divided once), but activation
+    memory follows the pass, not the batch, and on a CPU shorter matmuls are also faster. Longest first,
+    so a padded pass groups examples of similar length.
+    """
+    order = sorted(items, key=len, reverse=True)
+    passes: list[list[D.Example]] = []
+    for ex in order:
+        if passes and (len(passes[-1]) + 1) * len(passes[-1][0]) <= budget:
+            passes[-1].append(ex)
+        else:
+            passes.append([ex])
+    return passes
 
 
 def _n_labels(items: list[D.Example]) -> int:
@@ -397,6 +420,7 @@ class _Run:
     train_time: float = 0.0  # seconds inside optimizer steps this session (no eval, no checkpoint I/O)
     session_tokens: int = 0
     resumed_at: int = 0
+    trainable: list[torch.Tensor] = field(default_factory=list)
 
     def info(self, loss: float | None, eval_loss: float | None, lr: float) -> StepInfo:
         s = self.state
@@ -415,22 +439,24 @@ def _optimizer_step(run: _Run, stream: Iterator[list[D.Example]]) -> tuple[float
     window = [next(stream) for _ in range(run.plan.accum)]
     n_labels = max(1, sum(_n_labels(items) for items in window))
     lr = run.sched.get_last_lr()[0]
-    loss_sum = 0.0
+    loss_sum = torch.zeros((), dtype=torch.float32, device=run.device)
+    budget = PASS_TOKENS.get(run.device.type, PASS_TOKENS["cpu"])
     for items in window:
-        batch = {k: v.to(run.device) for k, v in D.to_tensors(items, run.pad_id).items()}
-        loss = _token_loss_sum(run.model, batch, run.autocast) / n_labels
-        loss.backward()
-        loss_sum += loss.item()
+        for part in _passes(items, budget):
+            batch = {k: v.to(run.device, non_blocking=True) for k, v in D.to_tensors(part, run.pad_id).items()}
+            loss = _token_loss_sum(run.model, batch, run.autocast) / n_labels
+            loss.backward()
+            loss_sum += loss.detach()
         run.session_tokens += D.real_tokens(items)
         run.state.tokens += D.real_tokens(items)
-    torch.nn.utils.clip_grad_norm_([p for p in run.model.parameters() if p.requires_grad], MAX_GRAD_NORM)
+    torch.nn.utils.clip_grad_norm_(run.trainable, MAX_GRAD_NORM)
     run.opt.step()
     run.sched.step()
     run.opt.zero_grad(set_to_none=True)
     run.state.step += 1
     run.state.micro += run.plan.accum
     run.train_time += time.perf_counter() - t0
-    return loss_sum, lr
+    return loss_sum.item(), lr  # the one host sync of a step
 
 
 def _eval_and_maybe_stop(run: _Run, lr: float) -> bool:
@@ -516,7 +542,8 @@ def train(
     opt, sched = _optimizer(model, hp, plan)
     autocast = torch.autocast("cuda", dtype=dtype) if device.type == "cuda" else contextlib.nullcontext()
     run = _Run(model=model, opt=opt, sched=sched, plan=plan, hp=hp, hooks=hooks, out_dir=out_dir,
-               device=device, autocast=autocast, pad_id=pad_id, val=val, state=_State())
+               device=device, autocast=autocast, pad_id=pad_id, val=val, state=_State(),
+               trainable=[p for p in model.parameters() if p.requires_grad])
 
     ckpt = find_checkpoint(Path(resume_dir)) if resume_dir is not None else None
     if resume_dir is not None and ckpt is None:

@@ -9,7 +9,12 @@ downloads its last checkpoint and resumes at that step.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
+import contextvars
+import ctypes
+import ctypes.util
+import gc
 import logging
 import shutil
 import threading
@@ -44,6 +49,31 @@ EVENT_HISTORY_POINTS = 500
 DOC_HISTORY_POINTS = 5000
 
 Publish = Callable[[Any], Awaitable[Any]]
+
+# Every job trains on this one thread. With the loop's default pool a job could land on any of its threads,
+# and glibc gives each thread its own malloc arena, each keeping the peak of the job it served (the RSS of a
+# worker grew 3.2 -> 4.7 GB over five SmolLM2 jobs). One thread, one arena, trimmed after every job.
+_TRAIN_THREAD = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="codetune-train")
+
+
+def release_memory() -> None:
+    """Give a finished job's memory back to the OS: collect cycles, then `malloc_trim` (glibc only)."""
+    gc.collect()
+    name = ctypes.util.find_library("c")
+    if name:
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL(name).malloc_trim(0)
+
+
+async def train_on_worker_thread(*args: Any) -> Any:
+    """`recipe.train(*args)` on the training thread, its memory released afterwards (success or not)."""
+    from handlers.tuning import recipe  # torch is imported only by processes that train
+
+    loop = asyncio.get_running_loop()
+    try:
+        return await loop.run_in_executor(_TRAIN_THREAD, contextvars.copy_context().run, recipe.train, *args)
+    finally:
+        await loop.run_in_executor(_TRAIN_THREAD, release_memory)
 
 
 @dataclass
@@ -151,7 +181,6 @@ async def _heartbeat(job: TuningJob, hooks: _Hooks, ctx: RunContext) -> None:
 
 async def run(job: TuningJob, model: BaseModel, dataset: Dataset, ctx: RunContext
               ) -> TuningCompleted | TuningFailed | TuningCancelled:
-    from handlers.tuning import recipe  # torch is imported only by processes that train
     from handlers.tuning.recipe import thin_history
 
     hp = Hyperparameters.model_validate(job.hyperparameters)
@@ -173,8 +202,8 @@ async def run(job: TuningJob, model: BaseModel, dataset: Dataset, ctx: RunContex
     hooks = _Hooks(loop, job, ctx, hp)
     beat = asyncio.create_task(_heartbeat(job, hooks, ctx))
     try:
-        result = await asyncio.to_thread(recipe.train, base_dir, data_path, dataset.format or "text", hp,
-                                         work / "out", hooks, resume_dir, hooks.prepare)
+        result = await train_on_worker_thread(base_dir, data_path, dataset.format or "text", hp, work / "out",
+                                              hooks, resume_dir, hooks.prepare)
     except CodeTuneError as e:
         return await _failed(job, ErrorInfo(code=e.code, message=e.message))
     except Exception as e:
