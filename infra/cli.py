@@ -409,9 +409,23 @@ def job_show(job_id: str, as_json: bool = typer.Option(False, "--json")) -> None
         return
     table = Table("field", "value", show_header=False)
     for k, v in data.items():
-        if v not in (None, [], {}):
+        if v not in (None, [], {}) and k != "report":
             table.add_row(k, json.dumps(v, default=str) if isinstance(v, dict | list) else str(v))
     console.print(table)
+    show_report(doc)
+
+
+def show_report(doc: Any) -> None:
+    """The job's evaluation report card (README "Evaluation report and quality gate"), if it has one."""
+    from rich.markdown import Markdown
+
+    from handlers.tuning.report import of_job, render_markdown
+
+    report = of_job(doc)
+    if report is None:
+        console.print("[dim]no evaluation report yet[/dim]")
+        return
+    console.print(Markdown(render_markdown(report)))
 
 
 @job_app.command("list")

@@ -109,6 +109,8 @@ class TuningJob(Timestamped):
     plot_key: str | None = None
     metrics: dict[str, Any] | None = None
     artifacts: dict[str, Any] = Field(default_factory=dict)
+    report: dict[str, Any] | None = Field(None, description="the evaluation report (events.payloads."
+                                                           "EvaluationReport): tuning writes it, export completes it")
     attempts: int = 0
     outcome_sent: bool = Field(False, description="the terminal outcome event was published")
     cancel_requested: bool = False
