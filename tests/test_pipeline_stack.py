@@ -118,10 +118,10 @@ async def test_pipeline_command_end_to_end_with_push(settings, tmp_path) -> None
     name = f"pipe-{uuid.uuid4().hex[:6]}"
     with serve_hub("hf_test_token_123") as (url, hub):
         s = settings.model_copy(update={"hf_endpoint": url, "hf_token": SecretStr("hf_test_token_123")})
-        result = await run_pipeline(s, TINY_REPO, data, name, Hyperparameters(max_steps=16, learning_rate=3e-2,
+        result = await run_pipeline(s, TINY_REPO, data, name, Hyperparameters(max_steps=24, learning_rate=3e-2,
                                     eval_steps=8, save_steps=8, max_seq_len=128), ExportOptions(),
                                     "What is the capital of Peru?", push="me/tiny-finetune")
-    assert isinstance(result["answer"], str) and result["metrics"]["steps"] == 16
+    assert isinstance(result["answer"], str) and result["metrics"]["steps"] == 24
     assert result["report"]["gate"]["passed"] and result["report"]["job_id"] == result["job_id"]
     files = hub.repos["me/tiny-finetune"]["files"]
     assert {"README.md", "Modelfile", "adapter-f16.gguf", "model-f16.gguf"} <= set(files)
