@@ -226,6 +226,8 @@ class TuningRequested(Command):
     base_model: str
     revision: Revision = "main"
     dataset_id: Id
+    eval_dataset_id: Id | None = Field(None, description="a validated dataset of the same format whose rows "
+                                                         "the evaluation report scores (default: the validation split)")
     hyperparameters: Hyperparameters = Field(default_factory=Hyperparameters)
     name: str | None = Field(None, description="Ollama model name to publish as")
     export: ExportOptions | None = Field(default_factory=ExportOptions, description="null: do not export")
@@ -370,8 +372,9 @@ class EvaluationReport(BaseModel):
 
     job_id: Id
     base_model: RepoId
-    source: Literal["validation", "train", "none"] = Field(
-        description="rows scored: the validation split, or the training rows when there is none")
+    source: Literal["validation", "eval_file", "train", "none"] = Field(
+        description="rows scored: the validation split, the request's eval dataset, or the training rows "
+                    "when there is neither")
     rows: int = 0
     base: EvalScores = Field(default_factory=EvalScores)
     tuned: EvalScores = Field(default_factory=EvalScores)

@@ -312,6 +312,9 @@ def tune(
     seed: int = typer.Option(42),
     packing: bool = typer.Option(True),
     no_export: bool = typer.Option(False, help="do not export/serve after training"),
+    eval_dataset: str | None = typer.Option(None, help="dataset id of held-out rows for the evaluation report"),
+    eval_samples: int = typer.Option(3, help="held-out prompts answered in the evaluation report"),
+    gate: bool = typer.Option(True, help="publish only if the evaluation report passes the quality gate"),
     wait: bool = typer.Option(False, help="follow progress until the job ends"),
 ) -> None:
     """Request a LoRA fine-tuning job (`tuning.requested`)."""
@@ -322,7 +325,7 @@ def tune(
         "gradient_accumulation_steps": grad_accum, "max_seq_len": max_seq_len, "lora_r": lora_r,
         "lora_alpha": lora_alpha, "lora_dropout": lora_dropout, "validation_split": validation_split,
         "eval_steps": eval_steps, "save_steps": save_steps, "early_stopping_patience": early_stopping_patience,
-        "seed": seed, "packing": packing,
+        "seed": seed, "packing": packing, "eval_samples": eval_samples,
     }
     if target_modules:
         hp["target_modules"] = target_modules if target_modules == "all-linear" else target_modules.split(",")
@@ -330,7 +333,8 @@ def tune(
         event = TuningRequested(job_id=new_job_id(), base_model=model, revision=revision, dataset_id=dataset,
                                 name=name, hyperparameters=Hyperparameters.model_validate(
                                     {k: v for k, v in hp.items() if v is not None}),
-                                export=None if no_export else {})  # type: ignore[arg-type]
+                                eval_dataset_id=eval_dataset,
+                                export=None if no_export else {"gate": gate})  # type: ignore[arg-type]
     except ValueError as e:
         fail(str(e))
     outcome = run(submit_job(get_settings(), event, wait))

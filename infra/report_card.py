@@ -57,8 +57,8 @@ def main(argv: list[str] | None = None) -> None:
     out = Path((argv or sys.argv[1:])[0])
     settings = Settings()
     base = checkpoint_dir(settings.home)
-    data = write_dataset(out / "quillmere.jsonl")
-    hp = Hyperparameters(max_steps=30, learning_rate=1e-3, batch_size=4, max_seq_len=256, eval_steps=10,
+    data = write_dataset(out / "quillmere.jsonl", repeat=2)
+    hp = Hyperparameters(max_steps=24, learning_rate=2e-3, batch_size=2, max_seq_len=128, eval_steps=12,
                          save_steps=1000, validation_split=0.2, lora_r=16, lora_alpha=32)
     t0 = time.perf_counter()
     result = recipe.train(base, data, "chat", hp, out / "train", recipe.NullHooks())

@@ -88,6 +88,7 @@ class TuningJob(Timestamped):
     revision: str = "main"
     sha: str | None = None
     dataset_id: str
+    eval_dataset_id: str | None = None
     hyperparameters: dict[str, Any] = Field(default_factory=dict)
     name: str | None = None
     export: dict[str, Any] | None = None

@@ -114,7 +114,7 @@ async def test_every_job_gets_a_report_and_a_model_that_learned_and_stops_is_pub
 
 
 async def test_a_job_that_learned_nothing_is_stopped_by_the_gate_and_publishes_with_gate_false(
-        client, dataset_id) -> None:
+        client, dataset_id, settings, tmp_path: Path) -> None:
     barely = {"max_steps": 1, "learning_rate": 1e-6, "eval_steps": 1, "max_seq_len": 128}
     req = job(dataset_id, barely)
     ev = await run(client, req)
@@ -131,10 +131,17 @@ async def test_a_job_that_learned_nothing_is_stopped_by_the_gate_and_publishes_w
     names = [m.get("model") or m.get("name") for m in await client.request(sj.OLLAMA_MODELS, {})]
     assert not any(str(n).startswith(req.name) for n in names)
 
-    opted_out = job(dataset_id, barely, gate=False)
+    # the same job opting out of the gate publishes; this one also names its own eval file
+    from infra.tinymodel import toy_dataset
+
+    held = toy_dataset(tmp_path / "held.jsonl", "chat", rows=5, seed=7)
+    _, eval_ds = await upload_dataset(settings, held, "held.jsonl", "auto", True, 30)
+    opted_out = job(dataset_id, barely, gate=False).model_copy(update={"eval_dataset_id": eval_ds.dataset_id})
     ev = await run(client, opted_out)
     assert ev["order"][-1] == sj.MODEL_PUBLISHED, ev
-    gate = ev[sj.MODEL_EVALUATED].report.gate
+    r = ev[sj.MODEL_EVALUATED].report
+    assert r.source == "eval_file" and r.rows == 5 and r.samples[0].prompt in held.read_text()
+    gate = r.gate
     assert not gate.enabled and not gate.passed and gate.reasons  # recorded, not enforced
     assert (await ServedModel.find_one(ServedModel.name == opted_out.name)).job_id == opted_out.job_id
 
@@ -157,3 +164,12 @@ async def test_the_gguf_check_fails_a_model_that_never_learned_to_stop(client, s
     assert r.runtime.tokens == r.runtime.budget
     assert any("did not stop within 64 tokens" in why for why in r.gate.reasons)
     assert "did not stop" in ev[sj.MODEL_EXPORT_FAILED].error.message
+
+
+async def test_an_unknown_eval_dataset_fails_the_job_before_training(client, dataset_id) -> None:
+    req = job(dataset_id, LEARNS).model_copy(update={"eval_dataset_id": "ds-no-such-eval"})
+    async with client.subscribe([sj.TUNING_FAILED, sj.TUNING_COMPLETED]) as q:
+        await client.publish(req)
+        subject, failed = await client.wait_for(q, lambda _, d: d.get("job_id") == req.job_id, 60)
+    assert subject == sj.TUNING_FAILED and failed.error.code == "dataset_not_found"
+    assert "ds-no-such-eval" in failed.error.message

@@ -46,11 +46,16 @@ class Evaluation:
     duration_s: float
 
 
-def heldout(tokenizer: Any, dataset_path: Path, fmt: str, hp: Hyperparameters, max_rows: int
-            ) -> tuple[str, list[D.Example], dict[int, D.Row]]:
-    """The rows training held out (unpacked), or the training rows when there was no validation split."""
-    if fmt != "text":
+def heldout(tokenizer: Any, dataset_path: Path, fmt: str, hp: Hyperparameters, max_rows: int,
+            eval_data: tuple[Path, str] | None = None) -> tuple[str, list[D.Example], dict[int, D.Row]]:
+    """The request's eval file (every row), else the rows training held out (unpacked), else the training
+    rows when there was no validation split."""
+    if fmt != "text" or (eval_data and eval_data[1] != "text"):
         D.ensure_chat_template(tokenizer)
+    if eval_data is not None:
+        rows = D.read_rows(Path(eval_data[0]), eval_data[1])
+        examples = D.tokenize_rows(tokenizer, rows, hp.max_seq_len, Path(eval_data[0]).name)
+        return "eval_file", examples[:max_rows], {r.line: r for r in rows}
     rows = D.read_rows(Path(dataset_path), fmt)
     examples = D.tokenize_rows(tokenizer, rows, hp.max_seq_len, Path(dataset_path).name)
     train, val = D.split(examples, hp.validation_split, hp.seed)
@@ -147,7 +152,8 @@ def samples(model: Any, tokenizer: Any, rows: list[D.Row], pad_id: int, device: 
 
 
 def evaluate(base_dir: Path, adapter_dir: Path, dataset_path: Path, fmt: str, hp: Hyperparameters, *,
-             max_rows: int = 64, max_new_tokens: int = 64, keep_ids: int = 8) -> Evaluation:
+             max_rows: int = 64, max_new_tokens: int = 64, keep_ids: int = 8,
+             eval_data: tuple[Path, str] | None = None) -> Evaluation:
     """Score base and tuned on the held-out rows and answer up to `hp.eval_samples` of their prompts."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -159,7 +165,7 @@ def evaluate(base_dir: Path, adapter_dir: Path, dataset_path: Path, fmt: str, hp
     device, dtype = _device()
     tokenizer = AutoTokenizer.from_pretrained(adapter_dir)  # the tokenizer (and template) training used
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    source, items, by_line = heldout(tokenizer, dataset_path, fmt, hp, max_rows)
+    source, items, by_line = heldout(tokenizer, dataset_path, fmt, hp, max_rows, eval_data)
     cuda = device.type == "cuda"
     base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=dtype if cuda else torch.float32,
                                                 attn_implementation="sdpa",

@@ -52,7 +52,8 @@ def _cell(text: str | None, limit: int = 160) -> str:
 
 def render_markdown(r: EvaluationReport) -> str:
     """A readable card: what each number is, base → tuned, sample answers, the GGUF check and the gate."""
-    where = {"validation": "held-out validation rows", "train": "training rows (the job had no validation "
+    where = {"validation": "held-out validation rows", "eval_file": "rows of the request's eval dataset",
+             "train": "training rows (the job had no validation "
              "split: these numbers show fit, not generalisation)", "none": "no rows"}[r.source]
     lines = [f"# Evaluation report — {r.job_id}", "", f"Base model `{r.base_model}`; scored on {r.rows} {where}.",
              ""]

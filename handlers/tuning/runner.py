@@ -126,8 +126,8 @@ async def _heartbeat(job: TuningJob, hooks: _Hooks, ctx: RunContext) -> None:
                 hooks.cancel.set()
 
 
-async def run(job: TuningJob, model: BaseModel, dataset: Dataset, ctx: RunContext
-              ) -> TuningCompleted | TuningFailed | TuningCancelled:
+async def run(job: TuningJob, model: BaseModel, dataset: Dataset, ctx: RunContext,
+              eval_dataset: Dataset | None = None) -> TuningCompleted | TuningFailed | TuningCancelled:
     from handlers.tuning import recipe  # torch is imported only by processes that train
     from handlers.tuning.recipe import thin_history
 
@@ -136,6 +136,10 @@ async def run(job: TuningJob, model: BaseModel, dataset: Dataset, ctx: RunContex
     base_dir = await ctx.store.mirror(model.prefix or "", local_model_dir(ctx.settings, model), model.sha or "")
     data_path = work / "data" / keys.safe_name(dataset.name)
     await ctx.store.download(dataset.key, data_path)
+    eval_data = None
+    if eval_dataset is not None:  # the request named its own held-out rows
+        eval_data = (work / "eval" / keys.safe_name(eval_dataset.name), eval_dataset.format or "text")
+        await ctx.store.download(eval_dataset.key, eval_data[0])
     resume_dir = None
     if job.checkpoint_key:
         resume_dir = work / "resume" / job.checkpoint_key.rsplit("/", 1)[-1]
@@ -154,7 +158,7 @@ async def run(job: TuningJob, model: BaseModel, dataset: Dataset, ctx: RunContex
                                          work / "out", hooks, resume_dir)
         # still heartbeating: scoring a real model takes longer than the message's ack wait
         report = None if result.cancelled else await evaluate_job(job, base_dir, data_path, dataset, hp,
-                                                                  result.adapter_dir, ctx.settings)
+                                                                  result.adapter_dir, ctx.settings, eval_data)
     except CodeTuneError as e:
         return await _failed(job, ErrorInfo(code=e.code, message=e.message))
     except Exception as e:
@@ -179,7 +183,8 @@ async def run(job: TuningJob, model: BaseModel, dataset: Dataset, ctx: RunContex
 
 
 async def evaluate_job(job: TuningJob, base_dir: Path, data_path: Path, dataset: Dataset, hp: Hyperparameters,
-                       adapter_dir: Path, settings: Any) -> EvaluationReport:
+                       adapter_dir: Path, settings: Any, eval_data: tuple[Path, str] | None = None
+                       ) -> EvaluationReport:
     """The report's first part: base vs tuned on the held-out rows (an error is reported, not raised:
     the trained adapter is kept, and the gate fails a job whose evaluation did not run)."""
     from handlers.tuning.evaluate import evaluate
@@ -189,7 +194,7 @@ async def evaluate_job(job: TuningJob, base_dir: Path, data_path: Path, dataset:
     try:
         ev = await asyncio.to_thread(evaluate, base_dir, adapter_dir, data_path, dataset.format or "text", hp,
                                      max_rows=settings.eval_max_rows, max_new_tokens=settings.eval_max_new_tokens,
-                                     keep_ids=settings.eval_agree_tokens)
+                                     keep_ids=settings.eval_agree_tokens, eval_data=eval_data)
     except Exception as e:  # torch/transformers raise many types; the report carries the message
         log.exception("job %s: evaluation failed", job.job_id)
         return report.model_copy(update={"error": f"{type(e).__name__}: {e}"[:2000]})
