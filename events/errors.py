@@ -86,6 +86,12 @@ class ExportError(CodeTuneError):
     code = "export_failed"
 
 
+class QualityGateError(ExportError):
+    """The job's evaluation report did not pass the quality gate: nothing is published."""
+
+    code = "quality_gate"
+
+
 class TransientError(CodeTuneError):
     code = "transient"
     retryable = True

@@ -268,6 +268,8 @@ class Hyperparameters(BaseModel):
     warmup_ratio: float = Field(0.03, ge=0, lt=1)
     weight_decay: float = Field(0.0, ge=0, le=1)
     lr_scheduler: Literal["cosine", "linear", "constant"] = "cosine"
+    eval_samples: int = Field(3, ge=0, le=32, description="held-out prompts answered greedily by base and "
+                                                          "tuned model in the job's evaluation report")
 
     @model_validator(mode="after")
     def _length(self) -> Hyperparameters:
@@ -284,6 +286,7 @@ class ExportOptions(BaseModel):
     quantize: str | None = Field(None, pattern=r"^[A-Za-z0-9_]{1,32}$",
                                   description="Ollama create-time quantization, e.g. q4_K_M")
     system: str | None = None
+    gate: bool = Field(True, description="publish only if the evaluation report passes the quality gate")
 
 
 # The original CodeTune's "quantization" presets were not llama.cpp types; these are the real ones.
@@ -299,6 +302,8 @@ class TuningRequested(Command):
     base_model: str
     revision: Revision = "main"
     dataset_id: Id
+    eval_dataset_id: Id | None = Field(None, description="a validated dataset of the same format whose rows "
+                                                         "the evaluation report scores (default: the validation split)")
     hyperparameters: Hyperparameters = Field(default_factory=Hyperparameters)
     name: str | None = Field(None, description="Ollama model name to publish as")
     export: ExportOptions | None = Field(default_factory=ExportOptions, description="null: do not export")
@@ -382,6 +387,98 @@ class TuningCancelled(Payload):
     step: int
 
 
+# --------------------------------------------------------------------------- evaluation report
+
+class ChatMessage(BaseModel):
+    role: Literal["system", "user", "assistant", "tool"]
+    content: str
+
+
+_Text = Annotated[str, Field(max_length=4000)]
+
+
+class EvalScores(BaseModel):
+    """One model's scores on the held-out rows (teacher-forced over the answer tokens)."""
+
+    loss: float | None = Field(None, description="mean next-token cross-entropy over the labelled tokens")
+    token_accuracy: float | None = Field(None, description="share of labelled tokens that are the argmax")
+    tokens: int = Field(0, description="labelled tokens scored")
+
+
+class EvalSample(BaseModel):
+    """A held-out prompt answered greedily by the base model and by the tuned adapter (transformers)."""
+
+    prompt: _Text
+    messages: list[ChatMessage] = Field(default_factory=list, max_length=64,
+                                        description="chat rows: the prompt as messages (for the runtime check)")
+    reference: _Text | None = None
+    base: _Text
+    tuned: _Text
+    base_stopped: bool
+    tuned_stopped: bool
+    tuned_tokens: int
+    tuned_ids: list[int] = Field(default_factory=list, max_length=64,
+                                 description="first generated token ids of the tuned answer")
+
+
+class RuntimeCheck(BaseModel):
+    """The exported GGUF (+ adapter GGUF) answering a held-out prompt in llama.cpp (xllamacpp)."""
+
+    prompt: _Text
+    answer: _Text
+    finish_reason: str = Field(description="'stop': an end-of-turn/stop token; 'length': the budget ran out")
+    stopped: bool
+    tokens: int
+    budget: int
+    expected: _Text = Field("", description="transformers' greedy answer for the same prompt")
+    agree_tokens: int = Field(0, description="leading tokens of `expected` that the GGUF's answer reproduces")
+    compared_tokens: int = 0
+    error: str | None = None
+
+
+class GateResult(BaseModel):
+    enabled: bool
+    passed: bool
+    reasons: list[Annotated[str, Field(max_length=1000)]] = Field(default_factory=list, max_length=32)
+    thresholds: dict[str, float | int | bool] = Field(default_factory=dict)
+
+
+class EvaluationReport(BaseModel):
+    """Per job: base vs tuned on the same held-out rows, sample answers, the GGUF check and the gate."""
+
+    job_id: Id
+    base_model: RepoId
+    source: Literal["validation", "eval_file", "train", "none"] = Field(
+        description="rows scored: the validation split, the request's eval dataset, or the training rows "
+                    "when there is neither")
+    rows: int = 0
+    base: EvalScores = Field(default_factory=EvalScores)
+    tuned: EvalScores = Field(default_factory=EvalScores)
+    samples: list[EvalSample] = Field(default_factory=list, max_length=32)
+    lint: list[Annotated[str, Field(max_length=1000)]] = Field(default_factory=list, max_length=64)
+    runtime: RuntimeCheck | None = None
+    gate: GateResult | None = None
+    duration_s: float = 0.0
+    error: str | None = Field(None, max_length=2000)
+    json_key: Key | None = None
+    markdown_key: Key | None = None
+
+
+class TuningEvaluated(Payload):
+    """The tuning stage scored base vs tuned right after training (the report's first part)."""
+
+    job_id: Id
+    report: EvaluationReport
+
+
+class ModelEvaluated(Payload):
+    """The export stage checked the GGUF and applied the gate (the complete report)."""
+
+    job_id: Id
+    passed: bool
+    report: EvaluationReport
+
+
 # --------------------------------------------------------------------------- export and serving
 
 
@@ -417,11 +514,6 @@ class ModelPublishFailed(Payload):
 
 
 # --------------------------------------------------------------------------- Ollama request-reply
-
-
-class ChatMessage(BaseModel):
-    role: Literal["system", "user", "assistant", "tool"]
-    content: str
 
 
 class OllamaListRequest(Command):

@@ -29,6 +29,7 @@ EVENTS = StreamConfig(
         s.TUNING_COMPLETED,
         s.TUNING_FAILED,
         s.TUNING_CANCELLED,
+        s.TUNING_EVALUATED,
     ],
     retention=RetentionPolicy.LIMITS,
     storage=StorageType.FILE,

@@ -27,8 +27,10 @@ TUNING_CANCEL_REQUESTED = "tuning.cancel.requested"
 TUNING_COMPLETED = "tuning.completed"
 TUNING_FAILED = "tuning.failed"
 TUNING_CANCELLED = "tuning.cancelled"
+TUNING_EVALUATED = "tuning.evaluated"
 MODEL_EXPORTED = "model.exported"
 MODEL_EXPORT_FAILED = "model.export.failed"
+MODEL_EVALUATED = "model.evaluated"
 MODEL_PUBLISHED = "model.published"
 MODEL_PUBLISH_FAILED = "model.publish.failed"
 OLLAMA_MODELS = "ollama.models"
@@ -87,13 +89,18 @@ CONTRACT: tuple[SubjectSpec, ...] = (
                 "step, loss, eval loss, tokens/s, ETA"),
     SubjectSpec(TUNING_CANCEL_REQUESTED, p.TuningCancelRequested, "command", "CLI, bridge", "tuning",
                 "stop a job at the next step"),
+    SubjectSpec(TUNING_EVALUATED, p.TuningEvaluated, "fact", "tuning", "anyone",
+                "evaluation report: base vs tuned loss and token accuracy on held-out rows, sample answers"),
     SubjectSpec(TUNING_COMPLETED, p.TuningCompleted, "fact", "tuning", "export",
                 "adapter + metrics + loss history"),
     SubjectSpec(TUNING_FAILED, p.TuningFailed, "fact", "tuning", "anyone", "a reason {code, message}"),
     SubjectSpec(TUNING_CANCELLED, p.TuningCancelled, "fact", "tuning", "anyone", "the job stopped on request"),
     SubjectSpec(MODEL_EXPORTED, p.ModelExported, "fact", "export", "serving",
                 "GGUF (+ adapter GGUF) + Modelfile in the bucket"),
-    SubjectSpec(MODEL_EXPORT_FAILED, p.ModelExportFailed, "fact", "export", "anyone", "a reason"),
+    SubjectSpec(MODEL_EVALUATED, p.ModelEvaluated, "fact", "export", "anyone",
+                "the complete report: GGUF runtime check (answers, stops, agrees) and the quality gate"),
+    SubjectSpec(MODEL_EXPORT_FAILED, p.ModelExportFailed, "fact", "export", "anyone",
+                "a reason (code `quality_gate`: the report did not pass)"),
     SubjectSpec(MODEL_PUBLISHED, p.ModelPublished, "fact", "serving", "anyone",
                 "the model exists in Ollama under its name"),
     SubjectSpec(MODEL_PUBLISH_FAILED, p.ModelPublishFailed, "fact", "serving", "anyone", "a reason"),

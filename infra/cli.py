@@ -342,6 +342,9 @@ def tune(
     seed: int = typer.Option(42),
     packing: bool = typer.Option(True),
     no_export: bool = typer.Option(False, help="do not export/serve after training"),
+    eval_dataset: str | None = typer.Option(None, help="dataset id of held-out rows for the evaluation report"),
+    eval_samples: int = typer.Option(3, help="held-out prompts answered in the evaluation report"),
+    gate: bool = typer.Option(True, help="publish only if the evaluation report passes the quality gate"),
     wait: bool = typer.Option(False, help="follow progress until the job ends"),
 ) -> None:
     """Request a LoRA fine-tuning job (`tuning.requested`)."""
@@ -352,7 +355,7 @@ def tune(
         "gradient_accumulation_steps": grad_accum, "max_seq_len": max_seq_len, "lora_r": lora_r,
         "lora_alpha": lora_alpha, "lora_dropout": lora_dropout, "validation_split": validation_split,
         "eval_steps": eval_steps, "save_steps": save_steps, "early_stopping_patience": early_stopping_patience,
-        "seed": seed, "packing": packing,
+        "seed": seed, "packing": packing, "eval_samples": eval_samples,
     }
     if target_modules:
         hp["target_modules"] = target_modules if target_modules == "all-linear" else target_modules.split(",")
@@ -360,7 +363,8 @@ def tune(
         event = TuningRequested(job_id=new_job_id(), base_model=model, revision=revision, dataset_id=dataset,
                                 name=name, hyperparameters=Hyperparameters.model_validate(
                                     {k: v for k, v in hp.items() if v is not None}),
-                                export=None if no_export else {})  # type: ignore[arg-type]
+                                eval_dataset_id=eval_dataset,
+                                export=None if no_export else {"gate": gate})  # type: ignore[arg-type]
     except ValueError as e:
         fail(str(e))
     outcome = run(submit_job(get_settings(), event, wait))
@@ -443,6 +447,8 @@ def job_show(job_id: str, as_json: bool = typer.Option(False, "--json")) -> None
 
     table = Table("field", "value", show_header=False)
     for k, v in data.items():
+        if k == "report":
+            continue
         if k == "dataset_lint" and doc.dataset_lint is not None:
             table.add_row(k, lint_text(doc.dataset_lint))
         elif k == "estimate" and doc.estimate is not None:
@@ -452,6 +458,20 @@ def job_show(job_id: str, as_json: bool = typer.Option(False, "--json")) -> None
         elif v not in (None, [], {}):
             table.add_row(k, json.dumps(v, default=str) if isinstance(v, dict | list) else str(v))
     console.print(table)
+    show_report(doc)
+
+
+def show_report(doc: Any) -> None:
+    """The job's evaluation report card (README "Evaluation report and quality gate"), if it has one."""
+    from rich.markdown import Markdown
+
+    from handlers.tuning.report import of_job, render_markdown
+
+    report = of_job(doc)
+    if report is None:
+        console.print("[dim]no evaluation report yet[/dim]")
+        return
+    console.print(Markdown(render_markdown(report)))
 
 
 @job_app.command("list")

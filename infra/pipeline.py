@@ -59,16 +59,24 @@ async def run_pipeline(settings: Settings, repo_id: str, dataset: Path, name: st
                               hyperparameters=hp, name=name, export=export)
         ends = [sj.MODEL_EXPORTED, sj.MODEL_EXPORT_FAILED, sj.MODEL_PUBLISHED, sj.MODEL_PUBLISH_FAILED]
         async with c.subscribe([sj.progress_subject(job.job_id), sj.TUNING_COMPLETED, sj.TUNING_FAILED,
-                                sj.TUNING_CANCELLED, *ends]) as q:
+                                sj.TUNING_CANCELLED, sj.MODEL_EVALUATED, *ends]) as q:
             await c.publish(job)
             console.print(f"job [bold]{job.job_id}[/bold]")
             subject, done = await follow_job(c, q, job.job_id, timeout)
             if subject != sj.TUNING_COMPLETED:
                 raise PipelineError(f"tuning ended: {subject}")
 
-            console.rule("[bold]4/5 export + Ollama")
-            subject, exported = await c.wait_for(q, lambda s, d: s in ends and d.get("job_id") == job.job_id,
-                                                 timeout)
+            console.rule("[bold]4/5 export, evaluation report, quality gate, Ollama")
+            subject, evaluated = await c.wait_for(
+                q, lambda s, d: s in (sj.MODEL_EVALUATED, *ends) and d.get("job_id") == job.job_id, timeout)
+            report = None
+            if subject == sj.MODEL_EVALUATED:
+                report = evaluated.report
+                show_report(report)
+                subject, exported = await c.wait_for(q, lambda s, d: s in ends and d.get("job_id") == job.job_id,
+                                                     timeout)
+            else:
+                exported = evaluated
             if subject != sj.MODEL_EXPORTED:
                 raise PipelineError(f"{exported.error.code}: {exported.error.message}")
             console.print(f"[green]exported[/green] {exported.mode}: {exported.model_key}"
@@ -88,11 +96,19 @@ async def run_pipeline(settings: Settings, repo_id: str, dataset: Path, name: st
 
         result: dict[str, Any] = {"dataset_id": dataset_id, "job_id": job.job_id,
                                   "metrics": done.metrics.model_dump(), "exported": exported.model_dump(),
-                                  "answer": answer}
+                                  "answer": answer, "report": report.model_dump(mode="json") if report else None}
         if push:
             console.rule("[bold]push")
             result["pushed"] = (await request_push(c, job.job_id, push, timeout=timeout)).commit_url
     return result
+
+
+def show_report(report: Any) -> None:
+    from rich.markdown import Markdown
+
+    from handlers.tuning.report import render_markdown
+
+    console.print(Markdown(render_markdown(report)))
 
 
 async def request_push(c: Any, job_id: str, repo_id: str, private: bool = True,

@@ -104,6 +104,17 @@ class Settings(BaseSettings):
         if isinstance(v, str):
             return [o.strip().rstrip("/") for o in v.split(",") if o.strip()]
         return v
+    # --- Evaluation report and quality gate (README "Evaluation report and quality gate")
+    eval_max_rows: int = Field(64, ge=1, description="held-out rows scored for loss / token accuracy")
+    eval_max_new_tokens: int = Field(64, ge=1, description="token budget of every sample answer and the "
+                                                           "GGUF check: an answer must stop within it")
+    eval_agree_tokens: int = Field(8, ge=1, description="leading tokens compared, GGUF vs transformers")
+    gate_min_loss_improvement: float = Field(
+        0.02, ge=0, lt=1, description="tuned held-out loss must be at least this fraction below the base's")
+    gate_require_stop: bool = True  # the GGUF's answer ends at an end-of-turn/stop token within the budget
+    gate_require_answers: bool = True  # no empty answer (tuned samples and the GGUF's)
+    gate_min_agree_tokens: int = Field(
+        1, ge=0, description="leading tokens of transformers' greedy answer the GGUF must reproduce")
 
     @model_validator(mode="after")
     def _stack_nats_passwords(self) -> Settings:

@@ -110,6 +110,7 @@ class TuningJob(Timestamped):
     revision: str = "main"
     sha: str | None = None
     dataset_id: str
+    eval_dataset_id: str | None = None
     hyperparameters: dict[str, Any] = Field(default_factory=dict)
     name: str | None = None
     export: dict[str, Any] | None = None
@@ -133,6 +134,8 @@ class TuningJob(Timestamped):
     dataset_lint: DatasetLint | None = Field(None, description="the data as the job's tokenizer sees it")
     estimate: TrainEstimate | None = Field(None, description="training time from the first steps' speed")
     artifacts: dict[str, Any] = Field(default_factory=dict)
+    report: dict[str, Any] | None = Field(None, description="the evaluation report (events.payloads."
+                                                           "EvaluationReport): tuning writes it, export completes it")
     attempts: int = 0
     outcome_sent: bool = Field(False, description="the terminal outcome event was published")
     cancel_requested: bool = False

@@ -76,6 +76,14 @@ def plot_key(job_id: str) -> str:
     return join("jobs", job_id, "loss.png")
 
 
+def report_json_key(job_id: str) -> str:
+    return join("jobs", job_id, "report.json")
+
+
+def report_markdown_key(job_id: str) -> str:
+    return join("jobs", job_id, "report.md")
+
+
 def base_gguf_key(repo_id: str, sha: str, outtype: str) -> str:
     return join("gguf", *_repo_parts(repo_id), sha, f"model-{outtype}.gguf")
 

@@ -140,7 +140,8 @@ def test_the_permission_model_follows_the_contract() -> None:
         [sj.DATASET_UPLOADED, sj.MODEL_PULL_REQUESTED, sj.MODEL_PUSH_REQUESTED, sj.TUNING_REQUESTED,
          sj.TUNING_CANCEL_REQUESTED,
          sj.OLLAMA_MODELS, sj.OLLAMA_PULL, sj.OLLAMA_SHOW, sj.OLLAMA_DELETE, sj.OLLAMA_CHAT, sj.OLLAMA_CREATE])
-    assert natsauth.emits("export") == sorted([sj.MODEL_EXPORTED, sj.MODEL_EXPORT_FAILED, "dlq.>"])
+    assert natsauth.emits("export") == sorted([sj.MODEL_EVALUATED, sj.MODEL_EXPORTED, sj.MODEL_EXPORT_FAILED, "dlq.>"])
+    assert sj.TUNING_EVALUATED in natsauth.emits("tuning") and sj.MODEL_EVALUATED not in natsauth.emits("client")
     assert sj.MODEL_EXPORTED not in natsauth.permissions("client")["publish"]["allow"]
     assert sj.TUNING_COMPLETED not in natsauth.permissions("client")["publish"]["allow"]
 

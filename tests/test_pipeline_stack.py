@@ -28,19 +28,23 @@ async def dataset_id(settings, tmp_path_factory) -> str:
     return answer.dataset_id
 
 
-def request(dataset_id: str, **export) -> TuningRequested:
+# enough steps for the tiny model to learn its toy facts and to end its answers: the quality gate passes
+def request(dataset_id: str, hp: dict | None = None, **export) -> TuningRequested:
+    hp = hp or {}
     job_id = f"ftjob-{uuid.uuid4().hex[:12]}"
     return TuningRequested(job_id=job_id, base_model=TINY_REPO, dataset_id=dataset_id, name=f"tiny-{job_id[6:]}",
-                           hyperparameters={"max_steps": 8, "learning_rate": 1e-2, "eval_steps": 4,
-                                            "save_steps": 4, "max_seq_len": 128},
+                           hyperparameters={"max_steps": 16, "learning_rate": 3e-2, "eval_steps": 8,
+                                            "save_steps": 8, "max_seq_len": 128} | hp,
                            export={"system": "You are terse."} | export)
 
 
 async def run_to_published(client, req: TuningRequested) -> tuple[str, object, object]:
     async with client.subscribe([*END, sj.MODEL_EXPORTED]) as q:
         await client.publish(req)
-        _, exported = await client.wait_for(q, lambda s, d: (s == sj.MODEL_EXPORTED and d["job_id"] == req.job_id)
+        first, exported = await client.wait_for(q, lambda s, d: (s == sj.MODEL_EXPORTED and d["job_id"] == req.job_id)
                                             or (s in END and d.get("job_id") == req.job_id), 300)
+        if first in END:  # failed before export (e.g. the quality gate): there is no second answer
+            return first, exported, exported
         subject, end = await client.wait_for(q, lambda s, d: s in END and d.get("job_id") == req.job_id, 300)
     return subject, exported, end
 
@@ -122,10 +126,11 @@ async def test_pipeline_command_end_to_end_with_push(settings, client, monkeypat
         pipeline_settings = settings.model_copy(update={"hf_token": None})
         async with client.subscribe([sj.MODEL_PUSH_REQUESTED]) as q:
             result = await run_pipeline(pipeline_settings, TINY_REPO, data, name, Hyperparameters(
-                max_steps=6, learning_rate=1e-2, eval_steps=3, save_steps=3, max_seq_len=128), ExportOptions(),
+                max_steps=24, learning_rate=3e-2, eval_steps=8, save_steps=8, max_seq_len=128), ExportOptions(),
                 "What is the capital of Peru?", push=repo)
             _, command = await client.wait_for(q, lambda _, d: d.get("repo_id") == repo, 5)
-    assert isinstance(result["answer"], str) and result["metrics"]["steps"] == 6
+    assert isinstance(result["answer"], str) and result["metrics"]["steps"] == 24
+    assert result["report"]["gate"]["passed"] and result["report"]["job_id"] == result["job_id"]
     assert command.job_id == result["job_id"] and command.private is True
     files = hub.repos[repo]["files"]
     assert {"README.md", "Modelfile", "adapter-f16.gguf", "model-f16.gguf"} <= set(files)

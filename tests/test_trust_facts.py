@@ -54,7 +54,7 @@ async def published(client, settings, tmp_path_factory) -> dict[str, Any]:
     job_id = f"ftjob-{uuid.uuid4().hex[:12]}"
     req = TuningRequested(job_id=job_id, base_model=TINY_REPO, dataset_id=answer.dataset_id,
                           name=f"trust-{job_id[6:]}",
-                          hyperparameters={"max_steps": 4, "learning_rate": 1e-2, "eval_steps": 2, "save_steps": 2,
+                          hyperparameters={"max_steps": 16, "learning_rate": 3e-2, "eval_steps": 8, "save_steps": 8,
                                            "max_seq_len": 64})
     async with client.subscribe(WATCH) as q:
         first = await client.publish(req)

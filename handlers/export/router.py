@@ -1,4 +1,6 @@
-"""export stage: `tuning.completed` → GGUF (adapter + cached base, or merged) + Modelfile → `model.exported`.
+"""export stage: `tuning.completed` → GGUF (adapter + cached base, or merged) + Modelfile → GGUF check in
+llama.cpp + quality gate → `model.evaluated`, then `model.exported` (or `model.export.failed`, code
+`quality_gate`, when the report does not pass and the request did not opt out with `export.gate: false`).
 
 Ack policy: MANUAL via FailurePolicy — acked after the files are in the bucket and the answer is
 published; a converter failure is answered with `model.export.failed` (the converter's own error lines);
@@ -30,6 +32,5 @@ async def on_tuning_completed(
     event: TuningCompleted, msg: MessageDep, store: StoreDep, settings: SettingsDep, emitter: EmitterDep
 ) -> None:
     parent = incoming(msg)
-    answer = await export(event, store, settings, redelivered=parent.num_delivered > 1)
-    if answer is not None:
+    for answer in await export(event, store, settings, redelivered=parent.num_delivered > 1):
         await emitter.emit(answer, parent)

@@ -16,13 +16,26 @@ export failed may be exported again by a new `tuning.completed`.
 from __future__ import annotations
 
 import asyncio
+import os
 import shutil
+import time
 from pathlib import Path
 from typing import Any
 
-from events.errors import CodeTuneError, ExportError, FactMismatchError, JobNotFoundError
-from events.payloads import ErrorInfo, ModelExported, ModelExportFailed, TuningCompleted
+from events.errors import CodeTuneError, ExportError, FactMismatchError, JobNotFoundError, QualityGateError
+from events.payloads import (
+    ErrorInfo,
+    EvaluationReport,
+    ModelEvaluated,
+    ModelExported,
+    ModelExportFailed,
+    Payload,
+    TuningCompleted,
+)
+from handlers.export.gate import decide
 from handlers.tuning.jobs import update, update_if
+from handlers.tuning.report import of_job as report_of
+from handlers.tuning.report import save as save_report
 from handlers.tuning.runner import local_model_dir
 from storage import keys
 from storage.documents import BaseModel, TuningJob
@@ -64,21 +77,26 @@ async def claim_export(event: TuningCompleted, *, redelivered: bool = False) -> 
 
 
 async def export(event: TuningCompleted, store: ObjectStore, settings: Any, *, redelivered: bool = False
-                 ) -> ModelExported | ModelExportFailed | None:
-    """Export the job's model; None when there is nothing to do (no export asked, or already exported)."""
+                 ) -> list[Payload]:
+    """Export the job's model, check the GGUF and apply the quality gate; returns the events to emit, in
+    order (`model.evaluated`, then `model.exported` or `model.export.failed`); none when there is nothing
+    to do (no export asked, or already exported)."""
     from handlers.export import gguf
     from handlers.export.modelfile import ollama_template, render_modelfile
     from infra.llamacpp import ensure_converters
 
     if event.export is None:
         check_completed(await TuningJob.find_one(TuningJob.job_id == event.job_id), event)
-        return None
-    if await claim_export(event, redelivered=redelivered) is None:
-        return None
+        return []
+    job = await claim_export(event, redelivered=redelivered)
+    if job is None:
+        return []
     opts = event.export
     model = await BaseModel.find_one(BaseModel.repo_id == event.base_model, BaseModel.sha == event.sha)
     if model is None or not model.prefix:
-        return await _failed(event, ExportError(f"base model {event.base_model}@{event.sha} is not in the bucket"))
+        return [await _failed(event, ExportError(f"base model {event.base_model}@{event.sha} is not in the bucket"))]
+    report = report_of(job) or EvaluationReport(job_id=job.job_id, base_model=job.base_model, source="none",
+                                                error="the job has no evaluation report")
     work = settings.scratch_dir / "jobs" / event.job_id / "export"
     try:
         conv = await asyncio.to_thread(ensure_converters, settings)
@@ -94,31 +112,59 @@ async def export(event: TuningCompleted, store: ObjectStore, settings: Any, *, r
                                            opts.outtype, converters_dir=conv)
             model_key = f"{out}/model-{opts.outtype}.gguf"
             await store.put_file(model_key, path)
+            model_path, adapter_path = path, None
         else:
             model_key = keys.base_gguf_key(event.base_model, event.sha, opts.outtype)
+            model_path = work / f"base-{opts.outtype}.gguf"
             if not await store.exists(model_key):  # once per base model and outtype
-                path = await asyncio.to_thread(gguf.convert_base, base_dir, work / f"base-{opts.outtype}.gguf",
-                                               opts.outtype, converters_dir=conv)
-                await store.put_file(model_key, path)
-            path = await asyncio.to_thread(gguf.convert_adapter, adapter_dir, base_dir,
-                                           work / f"adapter-{opts.outtype}.gguf", opts.outtype, converters_dir=conv)
+                await asyncio.to_thread(gguf.convert_base, base_dir, model_path, opts.outtype, converters_dir=conv)
+                await store.put_file(model_key, model_path)
+            else:
+                model_path = await store.fetch(model_key, settings.scratch_dir / "gguf")
+            adapter_path = await asyncio.to_thread(gguf.convert_adapter, adapter_dir, base_dir,
+                                                   work / f"adapter-{opts.outtype}.gguf", opts.outtype,
+                                                   converters_dir=conv)
             adapter_key = f"{out}/adapter-{opts.outtype}.gguf"
-            await store.put_file(adapter_key, path)
+            await store.put_file(adapter_key, adapter_path)
         modelfile = render_modelfile(Path(model_key).name, Path(adapter_key).name if adapter_key else None,
                                      template, stop, opts.system)
         modelfile_key = f"{out}/Modelfile"
         await store.put_bytes(modelfile_key, modelfile.encode(), content_type="text/plain")
+        report = await check_runtime(report, model_path, adapter_path, adapter_dir, template, stop, settings)
     except CodeTuneError as e:
         if e.retryable:
             raise
-        return await _failed(event, e)
+        return [await _failed(event, e)]
     finally:
         await asyncio.to_thread(shutil.rmtree, work, True)
+    report = await save_report(store, report.model_copy(update={"gate": decide(report, settings, opts.gate)}))
+    assert report.gate is not None
+    evaluated = ModelEvaluated(job_id=event.job_id, passed=report.gate.passed, report=report)
+    if opts.gate and not report.gate.passed:
+        why = "; ".join(report.gate.reasons)
+        return [evaluated, await _failed(event, QualityGateError(
+            f"not published: the evaluation report did not pass the quality gate: {why} "
+            f"(report: {report.markdown_key}; publish anyway with export.gate: false)"))]
     artifacts = {"model_gguf": model_key, "adapter_gguf": adapter_key, "modelfile": modelfile_key}
     await update(event.job_id, stage="exported", artifacts=artifacts)
-    return ModelExported(job_id=event.job_id, name=model_name(event), mode=opts.mode, model_key=model_key,
-                         adapter_key=adapter_key, modelfile_key=modelfile_key, template=template, stop=stop,
-                         system=opts.system, quantize=opts.quantize)
+    return [evaluated, ModelExported(job_id=event.job_id, name=model_name(event), mode=opts.mode, model_key=model_key,
+                                     adapter_key=adapter_key, modelfile_key=modelfile_key, template=template,
+                                     stop=stop, system=opts.system, quantize=opts.quantize)]
+
+
+async def check_runtime(report: EvaluationReport, model_path: Path, adapter_path: Path | None, tokenizer_dir: Path,
+                        template: str, stop: list[str], settings: Any) -> EvaluationReport:
+    """The report completed with the GGUF's answer to its first held-out prompt (none: nothing to check)."""
+    from handlers.export.runtime_check import check
+
+    if not report.samples:
+        return report
+    threads = max(1, min(4, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 2))
+    started = time.perf_counter()
+    result = await asyncio.to_thread(check, model_path, adapter_path, tokenizer_dir, template, stop,
+                                     report.samples[0], settings.eval_max_new_tokens, threads)
+    took = time.perf_counter() - started
+    return report.model_copy(update={"runtime": result, "duration_s": round(report.duration_s + took, 3)})
 
 
 async def _failed(event: TuningCompleted, error: CodeTuneError) -> ModelExportFailed:

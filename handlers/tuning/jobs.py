@@ -43,7 +43,8 @@ async def record(job_id: str, event: TuningRequested) -> TuningJob:
         {"job_id": job_id}, {},
         on_insert={
             "base_model": event.base_model, "revision": event.revision, "dataset_id": event.dataset_id,
-            "hyperparameters": event.hyperparameters.model_dump(), "name": event.name,
+            "eval_dataset_id": event.eval_dataset_id, "hyperparameters": event.hyperparameters.model_dump(),
+            "name": event.name,
             "export": event.export.model_dump() if event.export else None, "status": "validating",
         },
     )
@@ -53,7 +54,8 @@ def request_of(job: TuningJob) -> TuningRequested:
     """The job's spec as a `tuning.requested` payload (used to resume a waiting job)."""
     return TuningRequested.model_validate({
         "job_id": job.job_id, "base_model": job.base_model, "revision": job.revision,
-        "dataset_id": job.dataset_id, "hyperparameters": job.hyperparameters, "name": job.name,
+        "dataset_id": job.dataset_id, "eval_dataset_id": job.eval_dataset_id,
+        "hyperparameters": job.hyperparameters, "name": job.name,
         "export": job.export,
     })
 
@@ -61,6 +63,7 @@ def request_of(job: TuningJob) -> TuningRequested:
 @dataclass
 class Inputs:
     dataset: Dataset | None = None
+    eval_dataset: Dataset | None = None
     model: BaseModel | None = None
     missing: list[str] = field(default_factory=list)
     failure: ErrorInfo | None = None
@@ -83,6 +86,10 @@ async def check_inputs(job: TuningJob, store: ObjectStore) -> Inputs:
     elif ds.status != "validated":
         out.missing.append(dataset_key(job.dataset_id))
     out.dataset = ds
+    if job.eval_dataset_id:
+        await _check_eval_dataset(job.eval_dataset_id, store, out)
+        if out.failure:
+            return out
     bm = await BaseModel.find_one(BaseModel.repo_id == job.base_model, BaseModel.revision == job.revision)
     if bm is None or bm.status == "pulling":
         out.missing.append(model_key(job.base_model, job.revision))
@@ -92,6 +99,20 @@ async def check_inputs(job: TuningJob, store: ObjectStore) -> Inputs:
                                 message=bm.error.message if bm.error else f"{job.base_model}: pull failed")
     out.model = bm
     return out
+
+
+async def _check_eval_dataset(dataset_id: str, store: ObjectStore, out: Inputs) -> None:
+    """The request's eval dataset: like the training dataset, waited for while it is validated."""
+    ds = await Dataset.find_one(Dataset.dataset_id == dataset_id)
+    if ds is None and not await store.list(f"datasets/{dataset_id}/"):
+        out.failure = ErrorInfo(code="dataset_not_found", message=f"unknown eval dataset id {dataset_id!r}")
+    elif ds is not None and ds.status == "failed":
+        reason = ds.error.message if ds.error else "validation failed"
+        out.failure = ErrorInfo(code="invalid_dataset", message=f"eval dataset {dataset_id}: {reason}")
+    elif ds is None or ds.status != "validated":
+        out.missing.append(dataset_key(dataset_id))
+    else:
+        out.eval_dataset = ds
 
 
 async def update_if(job_id: str, where: dict[str, Any], **fields: Any) -> TuningJob | None:

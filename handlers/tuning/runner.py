@@ -27,16 +27,20 @@ from typing import Any
 from events.errors import CodeTuneError, TransientError
 from events.payloads import (
     ErrorInfo,
+    EvaluationReport,
     Hyperparameters,
     LossPoint,
     TrainMetrics,
     TuningCancelled,
     TuningCompleted,
+    TuningEvaluated,
     TuningFailed,
     TuningProgress,
 )
 from handlers.tuning import jobs
 from handlers.tuning.lint import Estimator, estimate_summary, lint_summary, prepare_with_lint
+from handlers.tuning.report import job_lint
+from handlers.tuning.report import save as save_report
 from storage import keys
 from storage.documents import BaseModel, Dataset, TuningJob
 from storage.objects import ObjectStore
@@ -179,8 +183,8 @@ async def _heartbeat(job: TuningJob, hooks: _Hooks, ctx: RunContext) -> None:
                 hooks.cancel.set()
 
 
-async def run(job: TuningJob, model: BaseModel, dataset: Dataset, ctx: RunContext
-              ) -> TuningCompleted | TuningFailed | TuningCancelled:
+async def run(job: TuningJob, model: BaseModel, dataset: Dataset, ctx: RunContext,
+              eval_dataset: Dataset | None = None) -> TuningCompleted | TuningFailed | TuningCancelled:
     from handlers.tuning.recipe import thin_history
 
     hp = Hyperparameters.model_validate(job.hyperparameters)
@@ -188,6 +192,10 @@ async def run(job: TuningJob, model: BaseModel, dataset: Dataset, ctx: RunContex
     base_dir = await ctx.store.mirror(model.prefix or "", local_model_dir(ctx.settings, model), model.sha or "")
     data_path = work / "data" / keys.safe_name(dataset.name)
     await ctx.store.download(dataset.key, data_path)
+    eval_data = None
+    if eval_dataset is not None:  # the request named its own held-out rows
+        eval_data = (work / "eval" / keys.safe_name(eval_dataset.name), eval_dataset.format or "text")
+        await ctx.store.download(eval_dataset.key, eval_data[0])
     resume_dir = None
     if job.checkpoint_key:
         resume_dir = work / "resume" / job.checkpoint_key.rsplit("/", 1)[-1]
@@ -204,6 +212,9 @@ async def run(job: TuningJob, model: BaseModel, dataset: Dataset, ctx: RunContex
     try:
         result = await train_on_worker_thread(base_dir, data_path, dataset.format or "text", hp, work / "out",
                                               hooks, resume_dir, hooks.prepare)
+        # still heartbeating: scoring a real model takes longer than the message's ack wait
+        report = None if result.cancelled else await evaluate_job(job, base_dir, data_path, dataset, hp,
+                                                                  result.adapter_dir, ctx.settings, eval_data)
     except CodeTuneError as e:
         return await _failed(job, ErrorInfo(code=e.code, message=e.message))
     except Exception as e:
@@ -221,13 +232,34 @@ async def run(job: TuningJob, model: BaseModel, dataset: Dataset, ctx: RunContex
         if result.cancelled:
             await jobs.finish(job.job_id, "cancelled", step=result.metrics.steps, loss_history=history)
             return TuningCancelled(job_id=job.job_id, step=result.metrics.steps)
-        return await _succeeded(job, model, result, work, ctx)
+        assert report is not None
+        return await _succeeded(job, model, result, work, ctx, report)
     finally:
         await asyncio.to_thread(shutil.rmtree, work, True)
 
 
-async def _succeeded(job: TuningJob, model: BaseModel, result: Any, work: Path, ctx: RunContext
-                     ) -> TuningCompleted:
+async def evaluate_job(job: TuningJob, base_dir: Path, data_path: Path, dataset: Dataset, hp: Hyperparameters,
+                       adapter_dir: Path, settings: Any, eval_data: tuple[Path, str] | None = None
+                       ) -> EvaluationReport:
+    """The report's first part: base vs tuned on the held-out rows (an error is reported, not raised:
+    the trained adapter is kept, and the gate fails a job whose evaluation did not run)."""
+    from handlers.tuning.evaluate import evaluate
+
+    report = EvaluationReport(job_id=job.job_id, base_model=job.base_model, source="none",
+                              lint=await job_lint(job.job_id))
+    try:
+        ev = await asyncio.to_thread(evaluate, base_dir, adapter_dir, data_path, dataset.format or "text", hp,
+                                     max_rows=settings.eval_max_rows, max_new_tokens=settings.eval_max_new_tokens,
+                                     keep_ids=settings.eval_agree_tokens, eval_data=eval_data)
+    except Exception as e:  # torch/transformers raise many types; the report carries the message
+        log.exception("job %s: evaluation failed", job.job_id)
+        return report.model_copy(update={"error": f"{type(e).__name__}: {e}"[:2000]})
+    return report.model_copy(update={"source": ev.source, "rows": ev.rows, "base": ev.base, "tuned": ev.tuned,
+                                     "samples": ev.samples, "duration_s": ev.duration_s})
+
+
+async def _succeeded(job: TuningJob, model: BaseModel, result: Any, work: Path, ctx: RunContext,
+                     report: EvaluationReport) -> TuningCompleted:
     from handlers.tuning.recipe import plot_loss, thin_history
 
     adapter_key = keys.adapter_prefix(job.job_id)
@@ -242,6 +274,8 @@ async def _succeeded(job: TuningJob, model: BaseModel, result: Any, work: Path, 
         loss=result.metrics.train_loss,
         eval_loss=result.metrics.eval_loss,
     )
+    report = await save_report(ctx.store, report)
+    await ctx.publish(TuningEvaluated(job_id=job.job_id, report=report))
     return completed_event(doc)
 
 

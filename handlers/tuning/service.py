@@ -81,7 +81,8 @@ async def handle_request(job_id: str, event: TuningRequested, store: ObjectStore
     if claimed is None:
         return  # another live worker is running this job (this is a second request for it)
     assert inputs.model is not None and inputs.dataset is not None
-    await answer(job_id, await run(claimed, inputs.model, inputs.dataset, make_ctx()), emit)
+    await answer(job_id, await run(claimed, inputs.model, inputs.dataset, make_ctx(),
+                                     eval_dataset=inputs.eval_dataset), emit)
 
 
 async def resume_waiting(key: str, emit: Emit, failure: ErrorInfo | None = None) -> int:

@@ -15,9 +15,10 @@ import asyncio
 import time
 from collections.abc import AsyncIterable, AsyncIterator
 from contextlib import AbstractAsyncContextManager
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, HTTPException, Path, Query
+from fastapi.responses import PlainTextResponse
 from fastapi.sse import EventSourceResponse, ServerSentEvent
 
 from events import subjects as s
@@ -70,6 +71,21 @@ async def get_tuning(job_id: JobId) -> dict[str, Any]:
 @router.get("/{job_id}/progress", dependencies=[MongoDB])
 async def get_progress(job_id: JobId) -> dict[str, Any]:
     return progress_view(await find_job(job_id))
+
+
+@router.get("/{job_id}/report", dependencies=[MongoDB],
+            responses={404: {"description": "no such job, or its evaluation report is not written yet"}})
+async def get_report(job_id: JobId, format: Literal["json", "markdown"] = Query("json")) -> Any:
+    """The job's evaluation report (base vs tuned on held-out rows, sample answers, the GGUF check, the
+    quality gate) as JSON, or its Markdown card with `?format=markdown`."""
+    from handlers.tuning.report import of_job, render_markdown
+
+    report = of_job(await find_job(job_id))
+    if report is None:
+        raise HTTPException(404, f"tuning job {job_id!r} has no evaluation report yet")
+    if format == "markdown":
+        return PlainTextResponse(render_markdown(report), media_type="text/markdown")
+    return report.model_dump(mode="json")
 
 
 @router.post("/{job_id}/cancel", status_code=202)
