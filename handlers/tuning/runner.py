@@ -147,7 +147,7 @@ async def run(job: TuningJob, model: BaseModel, dataset: Dataset, ctx: RunContex
     beat = asyncio.create_task(_heartbeat(job, hooks, ctx))
     try:
         result = await asyncio.to_thread(recipe.train, base_dir, data_path, dataset.format or "text", hp,
-                                         work / "out", hooks, resume_dir)
+                                         work / "out", hooks, resume_dir, (model.repo_id, model.sha or model.revision))
     except CodeTuneError as e:
         return await _failed(job, ErrorInfo(code=e.code, message=e.message))
     except Exception as e:
