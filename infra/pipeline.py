@@ -92,7 +92,8 @@ async def run_pipeline(settings: Settings, repo_id: str, dataset: Path, name: st
         reply = await c.request(sj.OLLAMA_CHAT, OllamaChatRequest(
             model=name, messages=[{"role": "user", "content": prompt}], options={"num_predict": 48}), timeout=300)
         answer = reply["message"]["content"]
-        console.print(f"[bold]you[/bold]: {prompt}\n[bold]{name}[/bold]: {answer}")
+        console.print(f"[bold]you[/bold]: {prompt}\n[bold]{name}[/bold]: {answer}  [dim](ended: "
+                      f"{reply.get('done_reason')}, {reply.get('eval_count')} tokens)[/dim]")
 
         result: dict[str, Any] = {"dataset_id": dataset_id, "job_id": job.job_id,
                                   "metrics": done.metrics.model_dump(), "exported": exported.model_dump(),

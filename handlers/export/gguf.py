@@ -6,6 +6,10 @@ raises `ExportError` carrying the converter's last error lines. Outputs are writ
 name in the destination folder and renamed into place only after the converter succeeded and the file
 starts with the GGUF magic, so a crash or timeout never leaves a half-written artifact behind.
 
+Portable metadata: given `source` (the hub repo id and revision the base was pulled from), every GGUF
+names that repo and revision (`general.name`, `general.source.*` for a base, `general.base_model.0.*` for a
+tune) instead of whatever the converters would guess from the worker's local folder names.
+
 Output types: `f16`, `bf16`, `q8_0` (what the converters write directly; K-quants such as q4_K_M are
 made by Ollama at create time from an f16 GGUF, see `ollama_ops.create_model(quantize=…)`).
 """
@@ -13,6 +17,7 @@ made by Ollama at create time from an f16 GGUF, see `ollama_ops.create_model(qua
 from __future__ import annotations
 
 import gc
+import json
 import logging
 import os
 import shutil
@@ -23,7 +28,7 @@ import time
 import uuid
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Literal, get_args
+from typing import Any, Literal, get_args
 
 from events.errors import ExportError
 
@@ -43,6 +48,7 @@ TOKENIZER_FILES = (
     "added_tokens.json", "chat_template.jinja", "chat_template.json", "vocab.json", "merges.txt",
 )
 _ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
+Source = tuple[str, str]  # (hub repo id, revision) a base model was pulled from
 _ERROR_LINES = 12
 
 
@@ -50,24 +56,66 @@ _ERROR_LINES = 12
 
 
 def convert_base(model_dir: Path, out_path: Path, outtype: OutType = "f16", *,
-                 converters_dir: Path | None = None, timeout_s: float = DEFAULT_TIMEOUT_S) -> Path:
-    """Convert a Hugging Face model folder to one GGUF file at `out_path`; return `out_path`."""
+                 converters_dir: Path | None = None, timeout_s: float = DEFAULT_TIMEOUT_S,
+                 source: Source | None = None, name: str | None = None) -> Path:
+    """Convert a Hugging Face model folder to one GGUF file at `out_path`; return `out_path`.
+
+    `source`: the hub repo id and revision of the base. Without `name` the GGUF is that base (named by its
+    repo id); with `name` it is a tune of it (a merged model) that names the base as its base model."""
     model_dir, out_path = Path(model_dir), Path(out_path)
     _check_outtype(outtype)
     _check_model_dir(model_dir, "model")
-    return run_converter(BASE_SCRIPT, base_args(model_dir, out_path, outtype), out_path,
-                         converters_dir=converters_dir, timeout_s=timeout_s, what=f"model {model_dir}")
+    args = base_args(model_dir, out_path, outtype)
+    with tempfile.TemporaryDirectory(prefix=".meta-", dir=_parent(out_path)) as tmp:
+        if source is not None:
+            meta = Path(tmp) / "metadata.json"
+            meta.write_text(json.dumps(gguf_metadata(source, name)))
+            args += ["--metadata", str(meta)]
+        return run_converter(BASE_SCRIPT, args, out_path, converters_dir=converters_dir, timeout_s=timeout_s,
+                             what=f"model {model_dir}")
 
 
 def convert_adapter(adapter_dir: Path, base_dir: Path, out_path: Path, outtype: OutType = "f16", *,
-                    converters_dir: Path | None = None, timeout_s: float = DEFAULT_TIMEOUT_S) -> Path:
-    """Convert a peft LoRA adapter folder (trained on `base_dir`) to a GGUF LoRA; return `out_path`."""
+                    converters_dir: Path | None = None, timeout_s: float = DEFAULT_TIMEOUT_S,
+                    source: Source | None = None, name: str | None = None) -> Path:
+    """Convert a peft LoRA adapter folder (trained on `base_dir`) to a GGUF LoRA; return `out_path`.
+
+    `source`: the base's hub repo id and revision, written as the adapter's base model. The LoRA converter
+    has no metadata option: it reads the adapter folder's model card, so it is given a view of the folder
+    (links to its files) whose card carries exactly that metadata."""
     adapter_dir, base_dir, out_path = Path(adapter_dir), Path(base_dir), Path(out_path)
     _check_outtype(outtype)
     _check_adapter_dir(adapter_dir)
     _check_model_dir(base_dir, "base model", weights=False)
-    return run_converter(LORA_SCRIPT, adapter_args(adapter_dir, base_dir, out_path, outtype), out_path,
-                         converters_dir=converters_dir, timeout_s=timeout_s, what=f"adapter {adapter_dir}")
+    with tempfile.TemporaryDirectory(prefix=".adapter-", dir=_parent(out_path)) as tmp:
+        src = adapter_dir
+        if source is not None:
+            src = Path(tmp) / "adapter"
+            src.mkdir()
+            for f in adapter_dir.iterdir():
+                if f.is_file() and f.name != "README.md":
+                    (src / f.name).symlink_to(f.resolve())
+            meta = gguf_metadata(source, name or f"{source[0].rsplit('/', 1)[-1]} LoRA")
+            card = {"name": meta["general.name"], "base_model": meta["general.base_models"]}
+            (src / "README.md").write_text(f"---\n{json.dumps(card)}\n---\n")  # YAML front matter (JSON is YAML)
+        return run_converter(LORA_SCRIPT, adapter_args(src, base_dir, out_path, outtype), out_path,
+                             converters_dir=converters_dir, timeout_s=timeout_s, what=f"adapter {adapter_dir}")
+
+
+def gguf_metadata(source: Source, name: str | None = None) -> dict[str, Any]:
+    """llama.cpp metadata overrides naming the hub repo and revision (never a local folder).
+
+    Without `name`: the base itself (`general.name` = repo id, `general.source.url` = the revision's tree).
+    With `name`: a tune called `name` whose `general.base_models` entry is that repo at that revision."""
+    repo_id, revision = source
+    hub = f"https://huggingface.co/{repo_id}"
+    at = f"{hub}/tree/{revision}"
+    if name is None:
+        return {"general.name": repo_id, "general.basename": repo_id.rsplit("/", 1)[-1],
+                "general.source.url": at, "general.source.repo_url": hub}
+    org, _, model = repo_id.rpartition("/")
+    entry = {"name": model, "repo_url": hub, "url": at, "version": revision} | ({"organization": org} if org else {})
+    return {"general.name": name, "general.basename": name, "general.base_models": [entry]}
 
 
 def merge_adapter(base_dir: Path, adapter_dir: Path, out_dir: Path) -> Path:
@@ -149,6 +197,11 @@ def error_tail(stderr: str, stdout: str = "", lines: int = _ERROR_LINES) -> str:
 
 
 # --------------------------------------------------------------------------- internals
+
+
+def _parent(path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path.parent
 
 
 def _run(cmd: list[str], env: dict[str, str], timeout_s: float, script: str,

@@ -106,10 +106,13 @@ async def export(event: TuningCompleted, store: ObjectStore, settings: Any, *, r
         template, stop = await asyncio.to_thread(ollama_template, adapter_dir)
         out = keys.export_prefix(event.job_id)
         adapter_key = None
+        # the GGUFs name the hub repo + revision, never this worker's folders
+        source = (event.base_model, event.sha)
+        tuned = event.name or f"{event.base_model.rsplit('/', 1)[-1]}-{event.job_id}"
         if opts.mode == "merged":
             merged = await asyncio.to_thread(gguf.merge_adapter, base_dir, adapter_dir, work / "merged")
             path = await asyncio.to_thread(gguf.convert_base, merged, work / f"model-{opts.outtype}.gguf",
-                                           opts.outtype, converters_dir=conv)
+                                           opts.outtype, converters_dir=conv, source=source, name=tuned)
             model_key = f"{out}/model-{opts.outtype}.gguf"
             await store.put_file(model_key, path)
             model_path, adapter_path = path, None
@@ -117,13 +120,14 @@ async def export(event: TuningCompleted, store: ObjectStore, settings: Any, *, r
             model_key = keys.base_gguf_key(event.base_model, event.sha, opts.outtype)
             model_path = work / f"base-{opts.outtype}.gguf"
             if not await store.exists(model_key):  # once per base model and outtype
-                await asyncio.to_thread(gguf.convert_base, base_dir, model_path, opts.outtype, converters_dir=conv)
+                await asyncio.to_thread(gguf.convert_base, base_dir, model_path, opts.outtype, converters_dir=conv,
+                                        source=source)
                 await store.put_file(model_key, model_path)
             else:
                 model_path = await store.fetch(model_key, settings.scratch_dir / "gguf")
             adapter_path = await asyncio.to_thread(gguf.convert_adapter, adapter_dir, base_dir,
                                                    work / f"adapter-{opts.outtype}.gguf", opts.outtype,
-                                                   converters_dir=conv)
+                                                   converters_dir=conv, source=source, name=tuned)
             adapter_key = f"{out}/adapter-{opts.outtype}.gguf"
             await store.put_file(adapter_key, adapter_path)
         modelfile = render_modelfile(Path(model_key).name, Path(adapter_key).name if adapter_key else None,

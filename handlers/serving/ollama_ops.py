@@ -33,6 +33,7 @@ from events.errors import (
     OllamaRequestError,
     OllamaUnavailableError,
 )
+from events.payloads import ChatMessage, OllamaChatReply
 
 log = logging.getLogger("codetune.serving")
 
@@ -164,12 +165,14 @@ async def delete_model(client: ollama.AsyncClient, name: str) -> None:
 
 
 async def chat(client: ollama.AsyncClient, model: str, messages: Sequence[Mapping[str, Any]],
-               options: Mapping[str, Any] | None = None) -> str:
-    """One chat turn; returns the assistant's reply text."""
+               options: Mapping[str, Any] | None = None) -> OllamaChatReply:
+    """One chat turn; returns the assistant's reply with how it ended (`done_reason`, counts, durations)."""
     async with _errors(f"chatting with {model}", model=model):
         response = await client.chat(model=model, messages=[dict(m) for m in messages],
                                      options=dict(options) if options else None, stream=False)
-    return response.message.content or ""
+    return OllamaChatReply(
+        message=ChatMessage(role="assistant", content=response.message.content or ""),
+        **{f: getattr(response, f, None) for f in OllamaChatReply.model_fields if f != "message"})
 
 
 async def chat_stream(client: ollama.AsyncClient, model: str, messages: Sequence[Mapping[str, Any]],

@@ -79,8 +79,8 @@ async def delete_model(event: OllamaModelRef, settings: SettingsDep) -> OllamaRe
 @requests.subscriber(sj.OLLAMA_CHAT, queue=QUEUE, title="serving:ollama.chat")
 async def chat(event: OllamaChatRequest, settings: SettingsDep) -> OllamaReply:
     messages = [m.model_dump() for m in event.messages]
-    answer = await ollama_ops.chat(_client(settings), event.model, messages, options=event.options)
-    return OllamaReply(result={"message": {"role": "assistant", "content": answer}})
+    reply = await ollama_ops.chat(_client(settings), event.model, messages, options=event.options)
+    return OllamaReply(result=reply.model_dump())
 
 
 @requests.subscriber(sj.OLLAMA_CREATE, queue=QUEUE, title="serving:ollama.create")

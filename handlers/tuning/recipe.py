@@ -366,10 +366,27 @@ def _load_checkpoint(ckpt: Path, model: Any, opt: Any, sched: Any, plan: _Plan) 
     return state, load_file(best_file) if best_file.is_file() else None
 
 
-def _save_adapter(model: Any, tokenizer: Any, base_dir: Path, adapter_dir: Path) -> Path:
-    """Adapter + the base's tokenizer files: the directory alone says how to prompt the tune."""
+def _save_adapter(model: Any, tokenizer: Any, base_dir: Path, adapter_dir: Path,
+                  base: tuple[str, str] | None = None) -> Path:
+    """Adapter + the base's tokenizer files: the directory alone says how to prompt the tune.
+
+    `base` = (hub repo id, revision) the base was pulled from: `adapter_config.json` and the model card
+    name it instead of the worker's local folder, so `AutoPeftModelForCausalLM.from_pretrained(adapter)`
+    resolves the base anywhere and no local path is published."""
     shutil.rmtree(adapter_dir, ignore_errors=True)
-    model.save_pretrained(adapter_dir)
+    if base is not None:
+        repo_id, revision = base
+        for cfg in model.peft_config.values():
+            cfg.base_model_name_or_path, cfg.revision = repo_id, revision
+        base_model = model.get_base_model()
+        base_model.config._name_or_path = base_model.name_or_path = repo_id  # peft's model card and its tags
+        tokenizer.name_or_path = repo_id
+        # peft's "auto" would ask the hub whether the vocabulary changed; this recipe never resizes it,
+        # so only LoRA on an embedding needs the embeddings saved (the rule "auto" applies otherwise)
+        embeddings = any(getattr(m, "lora_embedding_A", None) for m in model.modules())
+        model.save_pretrained(adapter_dir, save_embedding_layers=embeddings)
+    else:
+        model.save_pretrained(adapter_dir)
     tokenizer.save_pretrained(adapter_dir)  # carries a defaulted chat template, if one was set
     for name in TOKENIZER_FILES:
         src = Path(base_dir) / name
@@ -515,6 +532,7 @@ def train(
     hooks: TrainHooks,
     resume_dir: Path | None = None,
     prepare: Any = None,
+    base: tuple[str, str] | None = None,
 ) -> TrainResult:
     """Fine-tune `base_dir` with LoRA on `dataset_path`; the adapter ends up in `out_dir/adapter`.
 
@@ -522,6 +540,7 @@ def train(
     at its step with its data position, optimizer, scheduler and RNG states. `prepare`: stands in for
     `data.prepare` (same signature and result; the tuning stage's lint wraps it). Raises `DatasetFormatError`
     for unusable data, `HyperparameterError`/`InvalidInputError` for settings or a foreign checkpoint.
+    `base`: (hub repo id, revision) of `base_dir`, written into the adapter instead of the local path.
     """
     from transformers import AutoTokenizer
 
@@ -557,7 +576,7 @@ def train(
     cancelled, stopped_early = _loop(run, train_set)
     if run.best is not None:
         _load_lora_state(model, run.best)  # early stopping tracked a best adapter: ship that one
-    adapter_dir = _save_adapter(model, tokenizer, Path(base_dir), out_dir / "adapter")
+    adapter_dir = _save_adapter(model, tokenizer, Path(base_dir), out_dir / "adapter", base)
     metrics = _metrics(run, ckpt is not None, time.perf_counter() - started)
     return TrainResult(adapter_dir, metrics, list(run.state.history), cancelled, stopped_early)
 

@@ -211,7 +211,8 @@ async def run(job: TuningJob, model: BaseModel, dataset: Dataset, ctx: RunContex
     beat = asyncio.create_task(_heartbeat(job, hooks, ctx))
     try:
         result = await train_on_worker_thread(base_dir, data_path, dataset.format or "text", hp, work / "out",
-                                              hooks, resume_dir, hooks.prepare)
+                                              hooks, resume_dir, hooks.prepare,
+                                              (model.repo_id, model.sha or model.revision))
         # still heartbeating: scoring a real model takes longer than the message's ack wait
         report = None if result.cancelled else await evaluate_job(job, base_dir, data_path, dataset, hp,
                                                                   result.adapter_dir, ctx.settings, eval_data)

@@ -28,7 +28,14 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from events import subjects as s
 from events.client import CodeTuneClient
 from events.errors import CodeTuneError, UnsafeKeyError
-from events.payloads import ChatMessage, OllamaChatRequest, OllamaCreateRequest, OllamaListRequest, OllamaModelRef
+from events.payloads import (
+    ChatMessage,
+    OllamaChatReply,
+    OllamaChatRequest,
+    OllamaCreateRequest,
+    OllamaListRequest,
+    OllamaModelRef,
+)
 from handlers.bridge.errors import field_errors, invalid, invalid_field
 from handlers.bridge.services import ClientDep, StoreDep
 from storage.keys import check_key
@@ -36,6 +43,8 @@ from storage.objects import ObjectStore
 
 router = APIRouter(prefix="/api/v1/ollama", tags=["ollama"])
 
+# how an answer ended (OllamaChatReply), added beside `response` where a chat route's shape allows
+ANSWER_FIELDS = tuple(f for f in OllamaChatReply.model_fields if f != "message")
 TIMEOUT_S = {s.OLLAMA_MODELS: 10.0, s.OLLAMA_PULL: 600.0, s.OLLAMA_CHAT: 300.0, s.OLLAMA_CREATE: 600.0}
 
 
@@ -150,13 +159,15 @@ async def pull_model(body: PullBody, client: ClientDep) -> dict[str, Any]:
 
 @router.post("/chat")
 async def chat(body: ChatBody, client: ClientDep) -> dict[str, Any]:
-    """One chat turn: `{response: "..."}`."""
+    """One chat turn: `{response: "..."}`, plus how it ended as Ollama reports it (`done_reason` "stop" or
+    "length", `eval_count`, `prompt_eval_count`, durations in ns) and the serving stage's `result`."""
     try:
         request = OllamaChatRequest(model=body.model, messages=body.messages, options=body.options)
     except ValidationError as e:
         raise invalid(field_errors(e)) from None
     result = await ask(client, s.OLLAMA_CHAT, request)
-    return {"response": reply_text(result), "result": result}
+    ended = {k: result.get(k) for k in ANSWER_FIELDS} if isinstance(result, dict) else {}
+    return {"response": reply_text(result), **ended, "result": result}
 
 
 @router.post("/create")
