@@ -95,9 +95,9 @@ async def test_published_models_are_listed_and_shown(ollama_host: str, names: di
 
 async def test_chat_answers_with_the_adapter(ollama_host: str, names: dict[str, str]) -> None:
     client = ops.make_client(ollama_host)
-    with_adapter = await ops.chat(client, names["adapter"], QUESTION, GREEDY)
-    merged = await ops.chat(client, names["merged"], QUESTION, GREEDY)
-    base = await ops.chat(client, names["base"], QUESTION, GREEDY)
+    with_adapter = (await ops.chat(client, names["adapter"], QUESTION, GREEDY)).message.content
+    merged = (await ops.chat(client, names["merged"], QUESTION, GREEDY)).message.content
+    base = (await ops.chat(client, names["base"], QUESTION, GREEDY)).message.content
     assert with_adapter  # the tiny model is random, but it does say something
     assert with_adapter == merged
     assert with_adapter != base
@@ -105,7 +105,7 @@ async def test_chat_answers_with_the_adapter(ollama_host: str, names: dict[str, 
 
 async def test_stream_equals_non_stream_and_options_are_honoured(ollama_host: str, names: dict[str, str]) -> None:
     client = ops.make_client(ollama_host)
-    whole = await ops.chat(client, names["adapter"], QUESTION, GREEDY)
+    whole = (await ops.chat(client, names["adapter"], QUESTION, GREEDY)).message.content
     pieces = [p async for p in ops.chat_stream(client, names["adapter"], QUESTION, GREEDY)]
     assert len(pieces) > 1 and "".join(pieces) == whole
     raw = await client.chat(model=names["adapter"], messages=QUESTION, options={**GREEDY, "num_predict": 5})
@@ -113,7 +113,7 @@ async def test_stream_equals_non_stream_and_options_are_honoured(ollama_host: st
     # a stop string taken from the greedy reply itself (ASCII: byte-fallback pieces render as U+FFFD)
     at = next(i for i in range(1, len(whole) - 1) if whole[i:i + 2].isascii() and whole[i:i + 2].isalnum())
     stop = whole[at:at + 2]
-    stopped = await ops.chat(client, names["adapter"], QUESTION, {**GREEDY, "stop": [stop]})
+    stopped = (await ops.chat(client, names["adapter"], QUESTION, {**GREEDY, "stop": [stop]})).message.content
     assert stopped == whole[:whole.index(stop)]
 
 
@@ -204,7 +204,7 @@ async def test_standin_chat_is_real_llama_cpp_inference(ollama_host: str, names:
     import xllamacpp as xlc
 
     client = ops.make_client(ollama_host)
-    reply = await ops.chat(client, names["adapter"], QUESTION, GREEDY)
+    reply = (await ops.chat(client, names["adapter"], QUESTION, GREEDY)).message.content
     template, _ = ollama_template(tiny.base_dir)
     params = xlc.CommonParams()
     params.model.path = str(tiny.base_gguf)
