@@ -181,7 +181,7 @@ async def workers(settings, db, client) -> AsyncIterator[object]:
     """The light stages running in-process on the real stack (tuning runs in worker processes)."""
     from handlers.app import build_app
 
-    app = build_app(["datasets", "models", "export", "serving"], settings)
+    app = build_app(["datasets", "intake", "models", "export", "serving"], settings)
     await app.start()
     yield app
     await app.stop()

@@ -18,13 +18,13 @@ from fastapi import FastAPI
 from handlers.bridge import errors
 from handlers.bridge.auth import Authenticated, secret
 from handlers.bridge.limits import BodyLimit
-from handlers.bridge.routes import datasets, docs, health, models, ollama, tuning, user_models, webhooks
+from handlers.bridge.routes import analytics, datasets, docs, health, models, ollama, tuning, user_models, webhooks
 from handlers.bridge.services import Services
 from handlers.bridge.signatures import standard_key
 from infra.settings import Settings, get_settings
 
 VERSION = "0.1.0"
-API_ROUTERS = (datasets.router, models.router, tuning.router, ollama.router, user_models.router)
+API_ROUTERS = (datasets.router, models.router, tuning.router, ollama.router, user_models.router, analytics.router)
 UPLOAD_PATH = "/api/v1/datasets/upload"  # multipart: streamed to S3 in constant memory, not size-limited
 
 
