@@ -66,6 +66,9 @@ class Consumer:
     backoff_s: tuple[float, ...] = field(default=())
     max_ack_pending: int = 1000
     stream: str = EVENTS.name
+    # False when another durable on the same subject dead-letters its malformed messages: this one then
+    # terminates a malformed message without a second letter (one letter per message, see FailurePolicy)
+    letters_malformed: bool = True
 
     def config(self) -> ConsumerConfig:
         return ConsumerConfig(
@@ -81,12 +84,17 @@ class Consumer:
 
 
 DATASETS_UPLOADED = Consumer("datasets-uploaded", s.DATASET_UPLOADED)
+# The intake stage's own durable on tuning.requested, separate from the trainers' work queue below: it
+# records every request as a `queued` job at once, however busy the trainers are, and it is the one that
+# dead-letters a malformed request (at once, instead of when a trainer gets to it).
+INTAKE_REQUESTED = Consumer("intake-tuning-requested", s.TUNING_REQUESTED)
 MODELS_PULL = Consumer("models-pull", s.MODEL_PULL_REQUESTED, ack_wait_s=60.0)
 # A push uploads GGUFs (hundreds of MB): the handler heartbeats (in_progress) while it runs.
 MODELS_PUSH = Consumer("models-push", s.MODEL_PUSH_REQUESTED, ack_wait_s=60.0, max_deliver=4)
 # Training is long: the handler heartbeats (in_progress) every ack_wait/4 while it runs. A worker that
 # dies stops heartbeating; after ack_wait the job is redelivered and resumes from its last checkpoint.
-TUNING_REQUESTED = Consumer("tuning-requested", s.TUNING_REQUESTED, ack_wait_s=20.0, max_deliver=6)
+TUNING_REQUESTED = Consumer("tuning-requested", s.TUNING_REQUESTED, ack_wait_s=20.0, max_deliver=6,
+                            letters_malformed=False)
 TUNING_CANCEL = Consumer("tuning-cancel", s.TUNING_CANCEL_REQUESTED)
 TUNING_ON_MODEL = Consumer("tuning-on-model-pulled", s.MODEL_PULLED)
 TUNING_ON_MODEL_FAILED = Consumer("tuning-on-model-failed", s.MODEL_PULL_FAILED)
@@ -97,6 +105,7 @@ SERVING_ON_EXPORTED = Consumer("serving-on-exported", s.MODEL_EXPORTED, ack_wait
 
 CONSUMERS: tuple[Consumer, ...] = (
     DATASETS_UPLOADED,
+    INTAKE_REQUESTED,
     MODELS_PULL,
     MODELS_PUSH,
     TUNING_REQUESTED,

@@ -4,6 +4,9 @@
     CODETUNE_STAGES=tuning faststream run handlers.app:app   # a GPU host runs tuning only
     codetune worker datasets tuning                     # the same, via the CLI
 
+The light stages (datasets, intake, models, ...) never import torch: a trainer busy for hours on a GPU
+host does not delay the intake stage recording new jobs as `queued`.
+
 Workers of one stage share its durable pull consumer, so N processes on any hosts split the work and
 each message is handled once.
 
@@ -31,6 +34,7 @@ from storage.objects import ObjectStore
 # Stage name → module exposing `router`. Imported lazily: a datasets worker never imports torch.
 STAGES: dict[str, str] = {
     "datasets": "handlers.datasets.router",
+    "intake": "handlers.intake.router",
     "models": "handlers.models.router",
     "tuning": "handlers.tuning.router",
     "export": "handlers.export.router",

@@ -10,6 +10,10 @@ and lets `FailurePolicy` decide):
 - anything else (S3 or Mongo down, a bug) → `nak` with backoff; on the consumer's last delivery
                                (`max_deliver`) it is dead-lettered and terminated instead of dropped.
 
+One letter per message: where two durables consume one subject (`tuning.requested`: intake and the
+trainers), only the one marked `letters_malformed` dead-letters a malformed body; the other terminates it
+quietly (its body fails the subject's schema there too, so the letter is already written or will be).
+
 Handlers that report domain failures themselves (e.g. `dataset.failed` with line errors) simply return.
 """
 
@@ -43,6 +47,7 @@ log = logging.getLogger("codetune")
 
 RETRY_DELAYS_S = (1.0, 5.0, 15.0, 30.0, 60.0)
 _MAX_DELIVER = {c.durable: c.max_deliver for c in CONSUMERS}
+_QUIET_ON_MALFORMED = frozenset(c.durable for c in CONSUMERS if not c.letters_malformed)
 
 
 @dataclass(frozen=True)
@@ -184,6 +189,11 @@ class FailurePolicy(BaseMiddleware):
         )
         last = md.num_delivered >= _MAX_DELIVER.get(md.consumer or "", 5)
         why = reason(exc)
+        if permanent and md.consumer in _QUIET_ON_MALFORMED and malformed(msg):
+            log.info("%s seq=%s is malformed; terminated (the subject's other consumer dead-letters it): %s",
+                     msg.raw_message.subject, md.sequence.stream, why.message)
+            await msg.reject()
+            return
         if permanent or last:
             if not permanent:
                 why = ErrorInfo(code=why.code, message=f"gave up after {md.num_delivered} deliveries: {why.message}")
@@ -195,6 +205,18 @@ class FailurePolicy(BaseMiddleware):
         log.warning("%s failed (delivery %d), retrying in %.0fs: %s", msg.raw_message.subject,
                     md.num_delivered, delay, why.message)
         await msg.nack(delay=delay)
+
+
+def malformed(msg: NatsMessage) -> bool:
+    """The message's body itself fails its subject's envelope or schema (not an error of the handler)."""
+    try:
+        data, _ = unwrap(msg.body, dict(msg.headers or {}))
+        s.payload_for(msg.raw_message.subject).model_validate(data)
+    except (ValidationError, InvalidPayloadError):
+        return True
+    except Exception:
+        return False
+    return False
 
 
 _HEADER_LIMIT = 4096  # bytes of headers kept in a letter, in all

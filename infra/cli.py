@@ -386,9 +386,31 @@ async def submit_job(s: Settings, event: Any, wait: bool, timeout: float = 24 * 
     ) as q:
         await c.publish(event)
         console.print(f"job [bold]{event.job_id}[/bold] requested")
+        await print_recorded(s, event.job_id)
         if not wait:
             return None
         return await follow_job(c, q, event.job_id, timeout)
+
+
+async def print_recorded(s: Settings, job_id: str) -> None:
+    """Wait (at most `intake_wait_s`) for the intake stage to record the job, then say so with its queue
+    position: from here on `codetune job show` and the bridge's GETs know the job, trainer free or not."""
+    from storage.jobs import queue_position, wait_recorded
+
+    try:
+        async with database(s):
+            job = await wait_recorded(job_id, s.intake_wait_s)
+            position = await queue_position(job) if job else None
+    except Exception as e:  # MongoDB unreachable: the request is on the bus all the same
+        console.print(f"[yellow]cannot check the job's record ({type(e).__name__}); it is requested[/yellow]")
+        return
+    if job is None:
+        console.print(f"[yellow]not recorded within {s.intake_wait_s:.0f}s: is an intake worker running? "
+                      "(`codetune worker intake`)[/yellow]")
+    elif position is not None:
+        console.print(f"job [bold]{job_id}[/bold] {job.status}, position {position} in the queue")
+    else:
+        console.print(f"job [bold]{job_id}[/bold] {job.status}")
 
 
 async def follow_job(c: Any, q: Any, job_id: str, timeout: float) -> tuple[str, Any]:

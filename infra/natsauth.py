@@ -6,7 +6,7 @@ Users (one per role):
   publishers emit (the commands, `dataset.uploaded`, the `ollama.*` requests), subscribes to the facts
   (progress and dead letters included) and its `_INBOX` replies; reads JetStream but cannot delete,
   purge or reconfigure the product's streams, nor create the stages' durable consumers.
-- one user per stage (`datasets`, `models`, `tuning`, `export`, `serving`): publishes only the facts that
+- one user per stage (`datasets`, `intake`, `models`, `tuning`, `export`, `serving`): publishes only the facts that
   stage emits, dead letters, acks and its pull-consumer API calls.
 - `stages`: the union of every stage, for a process that runs several stages (the demo, the tests).
 
@@ -25,7 +25,7 @@ from typing import Any
 from events import subjects as sj
 from events.streams import CONSUMERS, STREAMS
 
-STAGES: tuple[str, ...] = ("datasets", "models", "tuning", "export", "serving")
+STAGES: tuple[str, ...] = ("datasets", "intake", "models", "tuning", "export", "serving")
 ROLES: tuple[str, ...] = ("admin", "client", "stages", *STAGES)
 INBOX = "_INBOX.>"
 JS_API = "$JS.API.>"

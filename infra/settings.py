@@ -33,6 +33,7 @@ class Settings(BaseSettings):
     nats_client_password: SecretStr | None = None
     nats_stages_password: SecretStr | None = None
     nats_datasets_password: SecretStr | None = None
+    nats_intake_password: SecretStr | None = None
     nats_models_password: SecretStr | None = None
     nats_tuning_password: SecretStr | None = None
     nats_export_password: SecretStr | None = None
@@ -96,6 +97,9 @@ class Settings(BaseSettings):
 
     # --- Pipeline behaviour
     dataset_max_line_errors: int = 20
+    # how long the bridge and `codetune tune` wait for the intake stage to record a submitted job before
+    # answering anyway (it takes milliseconds when intake runs; the answer says whether it was recorded)
+    intake_wait_s: float = 5.0
     work_dir: Path | None = None
 
     @field_validator("cors_origins", mode="before")

@@ -23,6 +23,7 @@ from handlers.bridge.auth import Authenticated, secret
 from handlers.bridge.limits import BodyLimit
 from handlers.bridge.origins import OriginGuard, Origins, cors_options
 from handlers.bridge.routes import (
+    analytics,
     assistant,
     datasets,
     docs,
@@ -41,7 +42,7 @@ from infra.settings import Settings, get_settings
 
 VERSION = "0.1.0"
 API_ROUTERS = (datasets.router, models.router, tuning.router, ollama.router, user_models.router, assistant.router,
-               settings_route.router)
+               settings_route.router, analytics.router)
 UPLOAD_PATH = "/api/v1/datasets/upload"  # multipart: streamed to S3 in constant memory, not size-limited
 
 

@@ -24,7 +24,8 @@ The seed's "quantization" presets were not llama.cpp types. They map to real one
 Statuses: jobs follow the OpenAI fine-tuning model (validating → waiting/queued → running → succeeded |
 failed | cancelled, then the export/serving `stage`). The seed's web client polls for the seed's own
 strings, so `status` is mapped back (`seed_status`) and the native values are returned as `job_status`
-and `stage`.
+and `stage`. A job is `queued` from the moment its request was accepted (the intake stage records it);
+while queued its views carry `queue_position` (1 = the next to start), otherwise `queue_position` is null.
 """
 
 from __future__ import annotations
@@ -145,34 +146,37 @@ def job_result(job: TuningJob) -> dict[str, Any] | None:
     }
 
 
-def tuning_view(job: TuningJob) -> dict[str, Any]:
-    """The seed's `Tuning` object."""
+def tuning_view(job: TuningJob, queue_position: int | None = None) -> dict[str, Any]:
+    """The seed's `Tuning` object (+ `job_status`, `stage`, `queue_position`)."""
     return {
         "id": job.job_id, "dataset_id": job.dataset_id,
         "parameters": seed_parameters(job.base_model, job.name, job.hyperparameters, job.export),
         "status": seed_status(job), "job_status": job.status, "stage": job.stage, "progress": job.progress,
-        "result": job_result(job), "created_at": job.created_at, "updated_at": job.updated_at,
+        "queue_position": queue_position, "result": job_result(job), "created_at": job.created_at,
+        "updated_at": job.updated_at,
     }
 
 
 def requested_view(request: TuningRequested) -> dict[str, Any]:
-    """The seed's `Tuning` object for a job just requested (its document is created by the tuning stage)."""
+    """The seed's `Tuning` object for a job requested but not recorded yet (the intake stage records it;
+    this view is answered only when it did not within `intake_wait_s`: `job_status` is then null)."""
     at = datetime.now(UTC)
     return {
         "id": request.job_id, "dataset_id": request.dataset_id,
         "parameters": seed_parameters(request.base_model, request.name, request.hyperparameters.model_dump(),
                                       request.export.model_dump() if request.export else None),
-        "status": "queued", "job_status": "validating", "stage": None, "progress": 0.0, "result": None,
-        "created_at": at, "updated_at": at,
+        "status": "queued", "job_status": None, "stage": None, "progress": 0.0, "queue_position": None,
+        "result": None, "created_at": at, "updated_at": at,
     }
 
 
-def progress_view(job: TuningJob) -> dict[str, Any]:
-    """The seed's progress object (+ the live training figures)."""
+def progress_view(job: TuningJob, queue_position: int | None = None) -> dict[str, Any]:
+    """The seed's progress object (+ the live training figures and `queue_position`)."""
     return {
         "task_id": job.job_id, "progress": job.progress, "status": seed_status(job), "job_status": job.status,
-        "stage": job.stage, "result": job_result(job), "updated_at": job.updated_at, "step": job.step,
-        "max_steps": job.max_steps, "epoch": job.epoch, "loss": job.loss, "eval_loss": job.eval_loss,
+        "stage": job.stage, "queue_position": queue_position, "result": job_result(job),
+        "updated_at": job.updated_at, "step": job.step, "max_steps": job.max_steps, "epoch": job.epoch,
+        "loss": job.loss, "eval_loss": job.eval_loss,
         "tokens_per_s": job.tokens_per_s, "eta_s": job.eta_s,
     }
 

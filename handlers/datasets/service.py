@@ -5,11 +5,13 @@ from __future__ import annotations
 import uuid
 from typing import IO
 
+from pymongo import ReturnDocument
+
 from events.errors import TransientError
 from events.payloads import DatasetFailed, DatasetUploaded, DatasetValidated, ErrorInfo
 from handlers.datasets.validate import validate_stream
 from storage import keys
-from storage.documents import Dataset
+from storage.documents import Dataset, now
 from storage.objects import ObjectNotFoundError, ObjectStore
 
 
@@ -24,6 +26,25 @@ async def store_upload(store: ObjectStore, stream: IO[bytes], filename: str, *, 
     key = keys.dataset_key(dataset_id, filename)
     await store.put_stream(key, stream, content_type="text/plain")
     return DatasetUploaded(dataset_id=dataset_id, key=key, name=keys.safe_name(filename), format=fmt)  # type: ignore[arg-type]
+
+
+async def record_upload(event: DatasetUploaded, size: int | None = None) -> Dataset:
+    """Record an upload as `uploaded` the moment its file is in the bucket, so a listing shows it at once.
+
+    The datasets stage owns its documents; this is its record API for whoever stored the file and knows its
+    id (the bridge's upload route calls it before it answers). The alternative — a consumer recording
+    `dataset.uploaded` on its own durable — would still leave a window between the answer and the record,
+    which the uploader would have to wait out; recording synchronously here has none and costs one write.
+    It only ever inserts: a dataset the stage already validated or failed is left as it is, and
+    `validate_upload` then moves an `uploaded` record to `validated` / `failed`.
+    """
+    t = now()
+    fields = {"dataset_id": event.dataset_id, "name": event.name, "key": keys.check_key(event.key),
+              "status": "uploaded", "size": size, "created_at": t, "updated_at": t}
+    raw = await Dataset.get_pymongo_collection().find_one_and_update(
+        {"dataset_id": event.dataset_id}, {"$setOnInsert": fields}, upsert=True,
+        return_document=ReturnDocument.AFTER)
+    return Dataset.model_validate(raw)
 
 
 async def validate_upload(event: DatasetUploaded, store: ObjectStore, max_errors: int = 20

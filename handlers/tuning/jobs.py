@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import socket
-import uuid
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
@@ -18,15 +17,12 @@ from pymongo import ReturnDocument
 from events.errors import JobNotFoundError
 from events.payloads import ErrorInfo, TuningRequested
 from storage.documents import BaseModel, Dataset, TuningJob, now
+from storage.jobs import job_id_for as job_id_for  # the job-id rule, shared with the intake stage
+from storage.jobs import record_requested
 from storage.objects import ObjectStore
 
 TERMINAL = frozenset({"succeeded", "failed", "cancelled"})
 WORKER_ID = f"{socket.gethostname()}:{os.getpid()}"
-
-
-def job_id_for(event_id: str) -> str:
-    """A job id for a request that named none: stable across redeliveries of that request."""
-    return "ftjob-" + uuid.uuid5(uuid.NAMESPACE_URL, f"codetune:job:{event_id}").hex[:20]
 
 
 def model_key(repo_id: str, revision: str) -> str:
@@ -38,16 +34,9 @@ def dataset_key(dataset_id: str) -> str:
 
 
 async def record(job_id: str, event: TuningRequested) -> TuningJob:
-    """Create the job on first sight; later deliveries of the same job leave its state alone."""
-    return await TuningJob.upsert_by(
-        {"job_id": job_id}, {},
-        on_insert={
-            "base_model": event.base_model, "revision": event.revision, "dataset_id": event.dataset_id,
-            "eval_dataset_id": event.eval_dataset_id, "hyperparameters": event.hyperparameters.model_dump(),
-            "name": event.name,
-            "export": event.export.model_dump() if event.export else None, "status": "validating",
-        },
-    )
+    """Create the job on first sight (`validating`); a job already recorded — by the intake stage as
+    `queued`, or by an earlier delivery — is returned as it is and left alone."""
+    return await record_requested(job_id, event, "validating")
 
 
 def request_of(job: TuningJob) -> TuningRequested:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from typing import IO, Any, Literal
 
 from fastapi import APIRouter, Query, Request
@@ -13,12 +14,13 @@ from events.payloads import DatasetUploaded
 from events.subjects import DATASET_UPLOADED
 from handlers.bridge.errors import field_errors, invalid
 from handlers.bridge.seed import dataset_view
-from handlers.bridge.services import ClientDep, MongoDB, StoreDep
+from handlers.bridge.services import ClientDep, MongoDB, Services, ServicesDep, StoreDep
 from handlers.bridge.upload import receive_file
-from handlers.datasets.service import new_dataset_id, store_upload
+from handlers.datasets.service import new_dataset_id, record_upload, store_upload
 from storage.documents import Dataset
 
 router = APIRouter(prefix="/api/v1/datasets", tags=["datasets"])
+log = logging.getLogger("codetune.bridge")
 
 Format = Literal["auto", "text", "alpaca", "chat"]
 MULTIPART = {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
@@ -46,8 +48,9 @@ def form_options(fields: dict[str, str]) -> tuple[Format, str | None]:
 
 
 @router.post("/upload", response_model=Uploaded, openapi_extra=MULTIPART)
-async def upload_dataset(request: Request, store: StoreDep, client: ClientDep) -> Uploaded:
-    """Stream the `file` field into the bucket (constant memory) and publish `dataset.uploaded`."""
+async def upload_dataset(request: Request, store: StoreDep, client: ClientDep, services: ServicesDep) -> Uploaded:
+    """Stream the `file` field into the bucket (constant memory), publish `dataset.uploaded`, and record the
+    dataset as `uploaded` before answering, so `GET /api/v1/datasets/` lists it at once."""
     dataset_id = new_dataset_id()
 
     def into_bucket(filename: str, stream: IO[bytes]) -> Any:
@@ -61,12 +64,27 @@ async def upload_dataset(request: Request, store: StoreDep, client: ClientDep) -
         raise
     event: DatasetUploaded = received.result.model_copy(update={"format": fmt, "name": name or received.result.name})
     published = await client.publish(event, event_id=derived_id(dataset_id, DATASET_UPLOADED))
+    await listed(services, event, received.size)
     return Uploaded(dataset_id=dataset_id, key=event.key, name=event.name, size=received.size, format=fmt,
                     event_id=published.id)
 
 
+async def listed(services: Services, event: DatasetUploaded, size: int) -> None:
+    """Record the upload through the datasets stage's record API (`record_upload`), after the event is
+    published (a failed publish leaves no record of an upload nobody will validate). Without MongoDB the
+    upload still succeeds: the datasets stage records the dataset when it validates it, a moment later."""
+    if not services.mongodb.ready.is_set():
+        log.warning("MongoDB not ready: dataset %s is listed once the datasets stage validates it", event.dataset_id)
+        return
+    try:
+        await record_upload(event, size)
+    except Exception as e:  # the file is stored and announced: answer, the stage's own record follows
+        log.warning("could not record dataset %s as uploaded (%s: %s)", event.dataset_id, type(e).__name__, e)
+
+
 @router.get("/", dependencies=[MongoDB])
 async def list_datasets(limit: int = Query(200, ge=1, le=1000)) -> list[dict[str, Any]]:
-    """Datasets the datasets stage has validated or rejected, newest first: `[{name, path, size, ...}]`."""
+    """Datasets, newest first: `[{name, path, size, status, ...}]` — `uploaded` from the upload's answer on,
+    then `validated` or `failed` once the datasets stage checked the file."""
     docs = await Dataset.find_all().sort("-created_at").limit(limit).to_list()
     return [dataset_view(d) for d in docs]

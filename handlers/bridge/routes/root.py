@@ -23,7 +23,7 @@ from fastapi.security.utils import get_authorization_scheme_param
 
 from handlers.bridge.auth import check_token
 from handlers.bridge.routes.health import VERSION
-from handlers.bridge.routes.tuning import job_stream, recorded
+from handlers.bridge.routes.tuning import job_recorded, job_stream
 from handlers.bridge.seed import JOB_ID_PATTERN
 from handlers.bridge.services import Services
 
@@ -66,7 +66,7 @@ async def job_socket(websocket: WebSocket) -> None:
     if not services.mongodb.ready.is_set():
         await websocket.close(1013, "MongoDB is not ready")
         return
-    if not await recorded(job_id):
+    if not await job_recorded(job_id):
         await websocket.close(4404, f"tuning job {job_id!r} not found")
         return
 

@@ -1,8 +1,13 @@
 """Tuning jobs: create (→ `tuning.requested`), list, get, progress, cancel (→ `tuning.cancel.requested`),
 and a Server-Sent Events stream relaying `tuning.progress.<job_id>` and the job's terminal event.
 
+Create answers once the job is recorded: after publishing it waits (at most `intake_wait_s`) for the
+intake stage's `queued` record, so the client's very first GET / progress is a 200 `queued` with its
+`queue_position` — however busy the trainers are. The answer says whether the record was seen
+(`recorded`); without a running intake stage it comes after the wait with `recorded: false`.
+
 SSE events on `GET /api/v1/tuning/{id}/events`: `snapshot` (the job's document, or `status: null` while
-the tuning stage has not recorded it yet; sent once subscribed, so nothing after it is missed), then
+no stage has recorded it yet; sent once subscribed, so nothing after it is missed), then
 `progress` (a `TuningProgress` + `progress` fraction, SSE id = the event id) and finally one of
 `completed` / `failed` / `cancelled`, after which the stream ends. A job already finished ends after
 its snapshot. Keep-alive comments every 15 s. An unknown job id is a 404 once the job has not been
@@ -29,11 +34,13 @@ from handlers.bridge.seed import (
     TERMINAL,
     SeedTuningCreate,
     progress_view,
+    seed_status,
     tuning_request,
     tuning_view,
 )
 from handlers.bridge.services import ClientDep, MongoDB, Services, ServicesDep
 from storage.documents import TuningJob
+from storage.jobs import queue_position, queue_positions, wait_recorded
 
 router = APIRouter(prefix="/api/v1/tuning", tags=["tuning"])
 
@@ -49,28 +56,42 @@ async def find_job(job_id: str) -> TuningJob:
     return job
 
 
+async def recorded(services: ServicesDep, job_id: str) -> TuningJob | None:
+    """The just-requested job once the intake stage recorded it (bounded wait; None without MongoDB)."""
+    if not services.mongodb.ready.is_set():
+        return None
+    return await wait_recorded(job_id, services.settings.intake_wait_s)
+
+
 @router.post("/")
-async def create_tuning(body: SeedTuningCreate, client: ClientDep) -> dict[str, Any]:
-    """The seed's job request (camelCase `parameters`) → a typed `tuning.requested`. Answers `{id}`."""
+async def create_tuning(body: SeedTuningCreate, client: ClientDep, services: ServicesDep) -> dict[str, Any]:
+    """The seed's job request (camelCase `parameters`) → a typed `tuning.requested`. Answers `{id}` (+ the
+    recorded `status` / `job_status` / `queue_position`) once the job is recorded (see the module doc)."""
     request, ignored = tuning_request(body.dataset_id, body.parameters)
     published = await client.publish(request)
-    return {"id": request.job_id, "event_id": published.id, "ignored": ignored}
+    job = await recorded(services, request.job_id or "")
+    return {"id": request.job_id, "event_id": published.id, "ignored": ignored, "recorded": job is not None,
+            "status": seed_status(job) if job else "queued", "job_status": job.status if job else None,
+            "queue_position": await queue_position(job) if job else None}
 
 
 @router.get("/", dependencies=[MongoDB])
 async def list_tunings(limit: int = Query(100, ge=1, le=1000)) -> list[dict[str, Any]]:
     jobs = await TuningJob.find_all().sort("-created_at").limit(limit).to_list()
-    return [tuning_view(j) for j in jobs]
+    positions = await queue_positions(jobs)
+    return [tuning_view(j, positions.get(j.job_id)) for j in jobs]
 
 
 @router.get("/{job_id}", dependencies=[MongoDB])
 async def get_tuning(job_id: JobId) -> dict[str, Any]:
-    return tuning_view(await find_job(job_id))
+    job = await find_job(job_id)
+    return tuning_view(job, await queue_position(job))
 
 
 @router.get("/{job_id}/progress", dependencies=[MongoDB])
 async def get_progress(job_id: JobId) -> dict[str, Any]:
-    return progress_view(await find_job(job_id))
+    job = await find_job(job_id)
+    return progress_view(job, await queue_position(job))
 
 
 @router.get("/{job_id}/report", dependencies=[MongoDB],
@@ -107,12 +128,14 @@ def job_events(client: CodeTuneClient, job_id: str) -> AbstractAsyncContextManag
 
 async def snapshot(services: Services, job_id: str) -> dict[str, Any]:
     job = await TuningJob.find_one(TuningJob.job_id == job_id) if services.mongodb.ready.is_set() else None
-    return progress_view(job) if job else {"task_id": job_id, "status": None, "job_status": None, "progress": 0.0}
+    if job is None:
+        return {"task_id": job_id, "status": None, "job_status": None, "progress": 0.0}
+    return progress_view(job, await queue_position(job))
 
 
-async def recorded(job_id: str, grace_s: float = JOB_GRACE_S) -> bool:
-    """Whether the job is recorded, waiting up to `grace_s` for a just-created one (its request may still
-    be on its way to the stage)."""
+async def job_recorded(job_id: str, grace_s: float = JOB_GRACE_S) -> bool:
+    """Whether the job is recorded (by intake or tuning), waiting up to `grace_s` for a just-created one
+    (its request may still be on its way to the stage)."""
     deadline = time.monotonic() + grace_s
     while await TuningJob.find_one(TuningJob.job_id == job_id) is None:
         if time.monotonic() >= deadline:
@@ -124,7 +147,7 @@ async def recorded(job_id: str, grace_s: float = JOB_GRACE_S) -> bool:
 async def known_job(job_id: JobId) -> str:
     """404 for a job the tuning stage has not recorded within `JOB_GRACE_S`, instead of a stream of
     keep-alives that never ends."""
-    if not await recorded(job_id):
+    if not await job_recorded(job_id):
         raise HTTPException(404, f"tuning job {job_id!r} not found")
     return job_id
 

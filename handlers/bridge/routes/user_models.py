@@ -8,10 +8,19 @@ from fastapi import APIRouter, HTTPException, Path
 from pydantic import BaseModel, Field, ValidationError
 
 from handlers.bridge.errors import field_errors, invalid, invalid_field
-from handlers.bridge.seed import JOB_ID_PATTERN, job_result, requested_view, saved_model_view, seed_parameters
-from handlers.bridge.services import ClientDep, MongoDB
+from handlers.bridge.routes.tuning import recorded
+from handlers.bridge.seed import (
+    JOB_ID_PATTERN,
+    job_result,
+    requested_view,
+    saved_model_view,
+    seed_parameters,
+    tuning_view,
+)
+from handlers.bridge.services import ClientDep, MongoDB, ServicesDep
 from handlers.tuning.saved import new_model_id, request_from_saved
 from storage.documents import TuningJob, UserModel
+from storage.jobs import queue_position
 
 router = APIRouter(prefix="/api/v1/user-models", tags=["user-models"], dependencies=[MongoDB])
 
@@ -67,15 +76,18 @@ class ImportBody(BaseModel):
 
 
 @router.post("/import/{model_id}")
-async def import_model(model_id: ModelId, client: ClientDep, body: ImportBody | None = None) -> dict[str, Any]:
-    """Start a new tuning job with the saved model's dataset and parameters (+ overrides); answers the new `Tuning`."""
+async def import_model(model_id: ModelId, client: ClientDep, services: ServicesDep,
+                       body: ImportBody | None = None) -> dict[str, Any]:
+    """Start a new tuning job with the saved model's dataset and parameters (+ overrides); answers the new
+    `Tuning` once the intake stage recorded it `queued` (bounded wait, as `POST /api/v1/tuning/`)."""
     saved = await find_model(model_id)
     try:
         request = request_from_saved(saved, body.overrides if body else None)
     except ValidationError as e:
         raise invalid(field_errors(e, ("body", "overrides"))) from None
     await client.publish(request)
-    return requested_view(request)
+    job = await recorded(services, request.job_id or "")  # the intake stage's `queued` record (bounded wait)
+    return tuning_view(job, await queue_position(job)) if job else requested_view(request)
 
 
 @router.delete("/{model_id}")
