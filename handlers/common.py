@@ -195,6 +195,9 @@ class FailurePolicy(BaseMiddleware):
             await msg.reject()
             return
         if permanent or last:
+            if isinstance(exc, ValidationError) and not malformed(msg):  # the body is fine: a bug of ours
+                log.error("%s seq=%s: a valid message failed in the handler", msg.raw_message.subject,
+                          md.sequence.stream, exc_info=exc)
             if not permanent:
                 why = ErrorInfo(code=why.code, message=f"gave up after {md.num_delivered} deliveries: {why.message}")
                 log.exception("giving up on %s", msg.raw_message.subject, exc_info=exc)
