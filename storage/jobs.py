@@ -17,6 +17,7 @@ import uuid
 from typing import TYPE_CHECKING, Any
 
 from pymongo import ReturnDocument
+from pymongo.errors import DuplicateKeyError
 
 from storage.documents import TuningJob, now
 
@@ -43,8 +44,16 @@ async def record_requested(job_id: str, request: TuningRequested, status: str) -
         "export": request.export.model_dump() if request.export else None,
         "status": status, "created_at": t, "updated_at": t,
     }
-    raw = await TuningJob.get_pymongo_collection().find_one_and_update(
-        {"job_id": job_id}, {"$setOnInsert": fields}, upsert=True, return_document=ReturnDocument.AFTER)
+    coll = TuningJob.get_pymongo_collection()
+    try:
+        raw = await coll.find_one_and_update(
+            {"job_id": job_id}, {"$setOnInsert": fields}, upsert=True, return_document=ReturnDocument.AFTER)
+    except DuplicateKeyError:  # intake and a trainer inserted the same job at the same moment: theirs won
+        raw = None
+    if raw is None:  # lost that race (some servers answer no document instead of the key error): read it
+        raw = await coll.find_one({"job_id": job_id})
+    if raw is None:
+        raise RuntimeError(f"job {job_id} could not be recorded")  # retried: never a payload error
     return TuningJob.model_validate(raw)
 
 
