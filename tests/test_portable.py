@@ -43,7 +43,7 @@ def test_adapter_and_ggufs_name_the_hub_repo_and_revision(tmp_path: Path) -> Non
     shutil.copytree(built, worker_copy)
     data = toy_dataset(tmp_path / "chat.jsonl", "chat", rows=16)
     hp = Hyperparameters(max_steps=2, batch_size=4, max_seq_len=64, validation_split=0.0)
-    adapter = train(worker_copy, data, "chat", hp, tmp_path / "worker" / "out", NullHooks(), None,
+    adapter = train(worker_copy, data, "chat", hp, tmp_path / "worker" / "out", NullHooks(), None, base=
                     (REPO, revision)).adapter_dir
 
     config = json.loads((adapter / "adapter_config.json").read_text())
