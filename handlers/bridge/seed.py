@@ -131,6 +131,8 @@ def seed_status(job: TuningJob) -> str:
     if job.status == "succeeded":
         if job.export is None:
             return "completed"
+        if job.stage in ("export_failed", "publish_failed"):  # e.g. the quality gate: the client stops polling
+            return "failed"
         return {"exporting": "converting", "exported": "creating_model", "publishing": "creating_model",
                 "published": "completed"}.get(job.stage or "", "training_complete")
     return {"validating": "queued", "queued": "queued", "waiting": "downloading", "running": "training",
