@@ -14,6 +14,7 @@ import contextlib
 import contextvars
 import ctypes
 import ctypes.util
+import functools
 import gc
 import logging
 import shutil
@@ -69,15 +70,22 @@ def release_memory() -> None:
             ctypes.CDLL(name).malloc_trim(0)
 
 
-async def train_on_worker_thread(*args: Any) -> Any:
-    """`recipe.train(*args)` on the training thread, its memory released afterwards (success or not)."""
-    from handlers.tuning import recipe  # torch is imported only by processes that train
-
+async def on_training_thread(fn: Any, *args: Any, **kwargs: Any) -> Any:
+    """`fn(*args, **kwargs)` on the one training thread, its memory released afterwards (success or not):
+    training and evaluation both load a model, so both run here."""
     loop = asyncio.get_running_loop()
     try:
-        return await loop.run_in_executor(_TRAIN_THREAD, contextvars.copy_context().run, recipe.train, *args)
+        return await loop.run_in_executor(
+            _TRAIN_THREAD, functools.partial(contextvars.copy_context().run, fn, *args, **kwargs))
     finally:
         await loop.run_in_executor(_TRAIN_THREAD, release_memory)
+
+
+async def train_on_worker_thread(*args: Any) -> Any:
+    """`recipe.train(*args)` on the training thread."""
+    from handlers.tuning import recipe  # torch is imported only by processes that train
+
+    return await on_training_thread(recipe.train, *args)
 
 
 @dataclass
@@ -249,7 +257,7 @@ async def evaluate_job(job: TuningJob, base_dir: Path, data_path: Path, dataset:
     report = EvaluationReport(job_id=job.job_id, base_model=job.base_model, source="none",
                               lint=await job_lint(job.job_id))
     try:
-        ev = await asyncio.to_thread(evaluate, base_dir, adapter_dir, data_path, dataset.format or "text", hp,
+        ev = await on_training_thread(evaluate, base_dir, adapter_dir, data_path, dataset.format or "text", hp,
                                      max_rows=settings.eval_max_rows, max_new_tokens=settings.eval_max_new_tokens,
                                      keep_ids=settings.eval_agree_tokens, eval_data=eval_data)
     except Exception as e:  # torch/transformers raise many types; the report carries the message
