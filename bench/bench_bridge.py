@@ -60,12 +60,12 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from core.settings import Settings  # noqa: E402
 from events import subjects as sj  # noqa: E402
 from events.client import CodeTuneClient  # noqa: E402
 from events.envelope import ce_headers, new_event_id  # noqa: E402
 from events.streams import EVENTS, provision  # noqa: E402
 from handlers.bridge.signatures import sign_github, sign_standard  # noqa: E402
-from infra.settings import Settings  # noqa: E402
 from storage.objects import ObjectStore  # noqa: E402
 from tests.conftest import free_port, settings_from, stack_env  # noqa: E402
 

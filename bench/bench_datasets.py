@@ -123,6 +123,7 @@ async def _faststream_worker(tag: str, batch: int, ctl: Path, variant: str = "")
     from faststream.nats import JStream, NatsBroker, NatsMessage
     from pydantic import BaseModel
 
+    from core.settings import Settings
     from events.client import CodeTuneClient, connect_options
     from handlers.common import (
         Emitter,
@@ -133,7 +134,6 @@ async def _faststream_worker(tag: str, batch: int, ctl: Path, variant: str = "")
         jetstream_subscriber,
         pipeline_router,
     )
-    from infra.settings import Settings
     from storage.objects import ObjectStore
 
     settings = Settings(_env_file=None)
@@ -201,8 +201,8 @@ async def _faststream_worker(tag: str, batch: int, ctl: Path, variant: str = "")
 async def _raw_worker(tag: str, batch: int, ctl: Path) -> None:
     import nats
 
+    from core.settings import Settings
     from events.client import connect_options
-    from infra.settings import Settings
 
     settings = Settings(_env_file=None)
     consumer = _consumer(tag)

@@ -34,6 +34,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from core.settings import Settings  # noqa: E402
 from handlers.export.gguf import (  # noqa: E402
     BASE_SCRIPT,
     LORA_SCRIPT,
@@ -42,8 +43,7 @@ from handlers.export.gguf import (  # noqa: E402
     convert_adapter,
     convert_base,
 )
-from infra.llamacpp import ensure_converters  # noqa: E402
-from infra.settings import Settings  # noqa: E402
+from handlers.export.llamacpp import ensure_converters  # noqa: E402
 
 
 def build_checkpoint(root: Path, hidden: int, layers: int) -> tuple[Path, Path]:

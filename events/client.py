@@ -18,9 +18,9 @@ from nats.aio.msg import Msg
 from nats.js.api import PubAck
 from pydantic import BaseModel
 
+from core.errors import CodeTuneError
 from events import subjects as s
 from events.envelope import ce_headers, new_event_id, unwrap
-from events.errors import CodeTuneError
 
 T = TypeVar("T", bound=BaseModel)
 

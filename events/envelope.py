@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from events.errors import InvalidPayloadError
+from core.errors import InvalidPayloadError
 
 SPECVERSION = "1.0"
 TYPE_PREFIX = "io.codetune."

@@ -13,7 +13,8 @@ from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from events.errors import UnsafeKeyError
+from core.errors import UnsafeKeyError
+from core.keys import check_key
 
 SCHEMA_VERSION = 1
 
@@ -30,8 +31,6 @@ _REVISION_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,127}$")
 
 
 def _key(v: str) -> str:
-    from storage.keys import check_key  # the bucket's key rule has one home: storage/keys.py
-
     try:
         return check_key(v)
     except UnsafeKeyError as e:
@@ -63,7 +62,7 @@ def _ollama_name(v: str) -> str:
 
 
 Key = Annotated[str, AfterValidator(_key)]
-"""A bucket key (or prefix) from outside: relative, no `..`/NUL, safe characters, bounded (storage.keys)."""
+"""A bucket key (or prefix) from outside: relative, no `..`/NUL, safe characters, bounded (core.keys)."""
 Id = Annotated[str, Field(pattern=_ID_PATTERN, description="3-64 of [A-Za-z0-9_-]")]
 Sha = Annotated[str, AfterValidator(_sha)]
 Revision = Annotated[str, AfterValidator(_revision)]
@@ -551,7 +550,7 @@ class OllamaCreateRequest(Command):
 
     name: str = Field(min_length=1, max_length=256)
     modelfile: str = Field(min_length=4, max_length=65_536)
-    # checked by the serving handler with the same key rule (storage.keys.check_key), like the Modelfile's
+    # checked by the serving handler with the same key rule (core.keys.check_key), like the Modelfile's
     # FROM/ADAPTER keys, so that the bridge answers an unsafe key with 400 `unsafe_key`
     gguf_key: str | None = Field(None, description="bucket key of the GGUF that FROM refers to")
 

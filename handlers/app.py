@@ -26,9 +26,9 @@ from faststream.nats import NatsBroker
 from faststream.security import SASLPlaintext
 from faststream.specification import AsyncAPI
 
+from core.settings import Settings, get_settings
 from events.client import CodeTuneClient, connect_options, provision_as_admin
 from handlers.common import Emitter, Services
-from infra.settings import Settings, get_settings
 from storage.objects import ObjectStore
 
 # Stage name → module exposing `router`. Imported lazily: a datasets worker never imports torch.

@@ -34,13 +34,13 @@ from faststream.nats import JStream, NatsRouter, PullSub
 from faststream.nats.message import NatsMessage
 from pydantic import BaseModel, ValidationError
 
+from core.errors import CodeTuneError, InvalidPayloadError
+from core.settings import Settings
 from events import subjects as s
 from events.client import CodeTuneClient
 from events.envelope import EventMeta, body_text, derived_id, unwrap
-from events.errors import CodeTuneError, InvalidPayloadError
 from events.payloads import DeadLetter, ErrorInfo, Payload
 from events.streams import CONSUMERS, EVENTS, Consumer
-from infra.settings import Settings
 from storage.objects import ObjectStore
 
 log = logging.getLogger("codetune")
@@ -113,8 +113,7 @@ def _valid_id(value: Any) -> bool:
 
 async def _nothing_depends_on(ids: dict[str, Any]) -> bool:
     """True when no valid record exists for these ids and nothing waits on them (a `*.failed` is harmless)."""
-    from storage.documents import BaseModel as BaseModelDoc
-    from storage.documents import Dataset, TuningJob
+    from storage.documents import BaseLLM, Dataset, TuningJob
 
     if "job_id" in ids:
         return await TuningJob.find_one({"job_id": ids["job_id"]}) is None
@@ -125,7 +124,7 @@ async def _nothing_depends_on(ids: dict[str, Any]) -> bool:
         return await TuningJob.find_one({"waiting_for": f"dataset:{dataset_id}"}) is None
     if "repo_id" in ids:
         revision = ids.get("revision", "main")
-        if await BaseModelDoc.find_one({"repo_id": ids["repo_id"], "revision": revision}) is not None:
+        if await BaseLLM.find_one({"repo_id": ids["repo_id"], "revision": revision}) is not None:
             return False
         return await TuningJob.find_one({"waiting_for": f"model:{ids['repo_id']}@{revision}"}) is None
     return False

@@ -15,7 +15,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from infra.settings import Settings, get_settings
+from core.settings import Settings, get_settings
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__)
 stack_app = typer.Typer(no_args_is_help=True, help="The embedded local stack (NATS, MongoDB-wire, S3).")
@@ -133,7 +133,7 @@ def stack_status() -> None:
 @app.command("setup-llamacpp")
 def setup_llamacpp() -> None:
     """Install llama.cpp's GGUF converters (from the llama-cpp-python sdist) under the stack folder."""
-    from infra.llamacpp import ensure_converters
+    from handlers.export.llamacpp import ensure_converters
 
     console.print(f"llama.cpp converters: {ensure_converters(get_settings())}")
 
@@ -305,10 +305,10 @@ def model_list() -> None:
     """List pulled base models."""
 
     async def go() -> list[Any]:
-        from storage.documents import BaseModel
+        from storage.documents import BaseLLM
 
         async with database(get_settings()):
-            return await BaseModel.find_all().sort("-created_at").to_list()
+            return await BaseLLM.find_all().sort("-created_at").to_list()
 
     table = Table("repo_id", "revision", "sha", "status", "files", "MB")
     for d in run(go()):
@@ -532,7 +532,7 @@ def job_cancel(job_id: str) -> None:
 @saved_app.command("save")
 def saved_save(job_id: str, name: str = typer.Option(..., "--name")) -> None:
     """Save a succeeded job as a named model (parameters, metrics, artifact keys)."""
-    from events.errors import CodeTuneError
+    from core.errors import CodeTuneError
     from handlers.tuning.saved import save_job
 
     async def go() -> Any:
@@ -573,7 +573,7 @@ def saved_import(
     """Request a new tuning job with a saved model's parameters (and overrides)."""
     from pydantic import ValidationError
 
-    from events.errors import CodeTuneError
+    from core.errors import CodeTuneError
     from handlers.tuning.saved import find, request_from_saved
 
     parsed: dict[str, Any] = {}

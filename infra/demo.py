@@ -22,8 +22,8 @@ from typing import Any
 
 from rich.console import Console
 
+from core.settings import Settings
 from events.payloads import ExportOptions, Hyperparameters
-from infra.settings import Settings
 
 console = Console()
 DEMO_REPO = "codetune-demo/tiny-llama"

@@ -13,6 +13,7 @@ from typing import Any
 
 from rich.console import Console
 
+from core.settings import Settings
 from events import subjects as sj
 from events.payloads import (
     ExportOptions,
@@ -23,7 +24,6 @@ from events.payloads import (
     OllamaChatRequest,
     TuningRequested,
 )
-from infra.settings import Settings
 
 console = Console()
 

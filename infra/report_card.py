@@ -42,16 +42,16 @@ def write_dataset(path: Path, repeat: int = 3) -> Path:
 
 
 def main(argv: list[str] | None = None) -> None:
+    from core.settings import Settings
     from events.payloads import EvaluationReport, Hyperparameters
     from handlers.export import gguf
     from handlers.export.gate import decide
+    from handlers.export.llamacpp import ensure_converters
     from handlers.export.modelfile import ollama_template
     from handlers.export.runtime_check import check
     from handlers.tuning import recipe
     from handlers.tuning.evaluate import evaluate
     from handlers.tuning.report import render_markdown
-    from infra.llamacpp import ensure_converters
-    from infra.settings import Settings
     from infra.smollm2 import REPO_ID, checkpoint_dir
 
     out = Path((argv or sys.argv[1:])[0])

@@ -30,7 +30,7 @@ from pathlib import Path
 
 from pydantic import SecretStr
 
-from infra.settings import Settings
+from core.settings import Settings
 
 SECANTUS_REQ = "secantusdb==0.7.0b3"
 LOOPBACK = "127.0.0.1"

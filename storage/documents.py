@@ -68,8 +68,9 @@ class Dataset(Timestamped):
         ]
 
 
-class BaseModel(Timestamped):
-    """A base model snapshot pulled from the hub into the bucket (one per repo + revision)."""
+class BaseLLM(Timestamped):
+    """A base LLM snapshot pulled from the hub into the bucket (one per repo + revision). Named so it does
+    not shadow pydantic's `BaseModel`; its collection keeps the name `base_models` so stored data stays found."""
 
     repo_id: str
     revision: str
@@ -216,4 +217,4 @@ class ServedModel(Timestamped):
         ]
 
 
-DOCUMENTS: list[type[Document]] = [Dataset, BaseModel, HubPush, TuningJob, UserModel, ServedModel, ClientSettings]
+DOCUMENTS: list[type[Document]] = [Dataset, BaseLLM, HubPush, TuningJob, UserModel, ServedModel, ClientSettings]

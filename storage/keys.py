@@ -1,51 +1,24 @@
-"""The bucket's key layout. Every key is built here, from parts that user input cannot escape."""
+"""The bucket's key layout. Every key is built here, from parts that user input cannot escape
+(each part passes the one key rule, core.keys; keys from outside are checked with core.keys.check_key)."""
 
 from __future__ import annotations
 
-import re
 import unicodedata
 
-from events.errors import UnsafeKeyError
-
-_SAFE = re.compile(r"[^A-Za-z0-9._-]+")
-MAX_KEY_LEN = 1024  # S3's limit on an object key (bytes; keys here are ASCII)
-MAX_PART_LEN = 255
+from core.keys import UNSAFE_CHARS, check_part
 
 
 def safe_name(name: str, *, max_len: int = 128) -> str:
     """A file name reduced to `[A-Za-z0-9._-]`, never empty, never `.`/`..`, never hidden."""
     base = name.replace("\\", "/").rsplit("/", 1)[-1]
     base = unicodedata.normalize("NFKD", base).encode("ascii", "ignore").decode()
-    base = _SAFE.sub("_", base).strip("._-")[:max_len]
+    base = UNSAFE_CHARS.sub("_", base).strip("._-")[:max_len]
     return base or "file"
 
 
-def _part(part: str) -> str:
-    if not part or part in {".", ".."} or "/" in part or "\\" in part or "\x00" in part:
-        raise UnsafeKeyError(f"unsafe key part {part[:80]!r}")
-    if _SAFE.search(part):
-        raise UnsafeKeyError(f"key part {part[:80]!r} has characters outside [A-Za-z0-9._-]")
-    if len(part) > MAX_PART_LEN:
-        raise UnsafeKeyError(f"key part of {len(part)} characters (at most {MAX_PART_LEN})")
-    return part
-
-
 def join(*parts: str) -> str:
-    return "/".join(_part(p) for p in parts)
-
-
-def check_key(key: str) -> str:
-    """Validate a key that came from outside (an event): bucket-relative (no leading `/`), no `.`/`..`
-    or empty parts, no NUL, only `[A-Za-z0-9._-]` per part, at most MAX_KEY_LEN characters.
-
-    The one rule for keys: the payload models (events/payloads.py) and the object store both apply it."""
-    if not isinstance(key, str) or not key:
-        raise UnsafeKeyError("empty key")
-    if len(key) > MAX_KEY_LEN:
-        raise UnsafeKeyError(f"key of {len(key)} characters (at most {MAX_KEY_LEN})")
-    if key.startswith("/"):
-        raise UnsafeKeyError(f"absolute key {key[:80]!r}")
-    return join(*key.split("/"))
+    """A key built from parts, each checked by the one key rule (core.keys)."""
+    return "/".join(check_part(p) for p in parts)
 
 
 def dataset_key(dataset_id: str, filename: str) -> str:

@@ -20,8 +20,8 @@ import urllib3
 from minio import Minio
 from minio.error import S3Error
 
-from events.errors import NotFoundError, StorageUnavailableError, UnsafeKeyError
-from storage.keys import check_key
+from core.errors import NotFoundError, StorageUnavailableError, UnsafeKeyError
+from core.keys import check_key
 
 PART_SIZE = 16 * 1024 * 1024
 CHUNK = 1024 * 1024
@@ -32,7 +32,7 @@ class ObjectNotFoundError(NotFoundError):
 
 
 def local_path(root: Path, key: str) -> Path:
-    """Where `key` lives under the local folder `root`: derived only from a validated key (storage.keys)
+    """Where `key` lives under the local folder `root`: derived only from a validated key (core.keys)
     and refused if it would resolve outside `root` (a symlink inside the cache, say)."""
     path = root / check_key(key)
     base = root.resolve()

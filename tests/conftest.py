@@ -71,7 +71,7 @@ def stack_env(home: Path) -> dict[str, str]:
 
 
 def settings_from(env: dict[str, str]):
-    from infra.settings import Settings
+    from core.settings import Settings
 
     old = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
@@ -139,7 +139,7 @@ def env(stack_home: Path, hub_cache: Path, ollama_host: str) -> Iterator[dict[st
           "CODETUNE_WORK_DIR": str(stack_home / "work"), "CODETUNE_OLLAMA_HOST": ollama_host}
     llamacpp = ROOT / ".codetune" / "llama.cpp"
     if not os.environ.get("CODETUNE_LLAMACPP_DIR") and llamacpp.is_dir():
-        from infra.llamacpp import LLAMA_CPP_PYTHON_VERSION
+        from handlers.export.llamacpp import LLAMA_CPP_PYTHON_VERSION
 
         if (llamacpp / LLAMA_CPP_PYTHON_VERSION).is_dir():  # installed by `infra/dev.sh setup`
             e["CODETUNE_LLAMACPP_DIR"] = str(llamacpp / LLAMA_CPP_PYTHON_VERSION)

@@ -194,7 +194,7 @@ def test_asyncapi_document_matches_the_code() -> None:
 
 def test_bridge_process_never_imports_torch() -> None:
     code = ("import sys, time; t = time.perf_counter(); from handlers.bridge.app import create_app; "
-            "from infra.settings import Settings; create_app(Settings(_env_file=None)); "
+            "from core.settings import Settings; create_app(Settings(_env_file=None)); "
             "bad = [m for m in ('torch', 'transformers', 'peft') if m in sys.modules]; "
             "assert not bad, bad; print(round(time.perf_counter() - t, 3))")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)

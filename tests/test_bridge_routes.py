@@ -20,8 +20,7 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from events import subjects as sj
 from events.payloads import ErrorInfo, TuningFailed, TuningProgress
-from storage.documents import BaseModel as BaseModelDoc
-from storage.documents import ClientSettings, HubPush, TuningJob, UserModel
+from storage.documents import BaseLLM, ClientSettings, HubPush, TuningJob, UserModel
 from tests.conftest import free_port
 from tests.hub_standin import serve_hub
 from tests.test_bridge import AUTH, TOKEN, insert_job, serve_bridge, wait_until
@@ -95,7 +94,7 @@ async def test_root_describes_the_service_without_a_token(bridge: str) -> None:
 
 
 async def ready_model(repo_id: str, sha: str = "0" * 40) -> None:
-    await BaseModelDoc.upsert_by({"repo_id": repo_id, "revision": "main"},
+    await BaseLLM.upsert_by({"repo_id": repo_id, "revision": "main"},
                                  {"status": "ready", "sha": sha, "prefix": f"models/{repo_id}/{sha}", "files": 3})
 
 

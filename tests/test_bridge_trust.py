@@ -9,11 +9,11 @@ import logging
 import pytest
 from pydantic import SecretStr
 
+from core.settings import Settings
 from handlers.bridge.__main__ import PathWithoutQuery
 from handlers.bridge.app import BridgeConfigError, create_app
 from handlers.bridge.signatures import sign_standard, standard_key, verify
 from handlers.export.modelfile import GoTemplate, TemplateError
-from infra.settings import Settings
 
 NOW = 1_700_000_000
 BODY = b'{"job_id": "job-123"}'

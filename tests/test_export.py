@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from events.errors import ExportError
+from core.errors import ExportError
 from handlers.export.modelfile import (
     STOCK_TEMPLATES,
     GoTemplate,
@@ -43,8 +43,8 @@ class TinyArtifacts:
 
 
 def converters_dir() -> Path:
-    from infra.llamacpp import ensure_converters
-    from infra.settings import Settings
+    from core.settings import Settings
+    from handlers.export.llamacpp import ensure_converters
 
     return ensure_converters(Settings(_env_file=None, home=ROOT / ".codetune"))
 
@@ -97,8 +97,8 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> TinyArtifacts:
 
 
 def test_ensure_converters_installs_once_and_validates(tmp_path: Path) -> None:
-    from infra.llamacpp import REQUIRED, ensure_converters, validate_converters
-    from infra.settings import Settings
+    from core.settings import Settings
+    from handlers.export.llamacpp import REQUIRED, ensure_converters, validate_converters
 
     conv = converters_dir()
     for rel in (*REQUIRED, "models/ggml-vocab-llama-spm.gguf"):
@@ -113,7 +113,7 @@ def test_ensure_converters_installs_once_and_validates(tmp_path: Path) -> None:
 
 
 def test_extract_from_a_broken_sdist_fails_cleanly(tmp_path: Path) -> None:
-    from infra.llamacpp import extract_converters
+    from handlers.export.llamacpp import extract_converters
 
     bad = tmp_path / "llama_cpp_python-0.0.0.tar.gz"
     with tarfile.open(bad, "w:gz") as tar:  # a valid tar without the vendored converters
@@ -445,7 +445,7 @@ def test_render_modelfile() -> None:
 
 
 def test_converters_env_puts_vendored_gguf_first(tmp_path: Path) -> None:
-    from infra.llamacpp import converter_env
+    from handlers.export.llamacpp import converter_env
 
     env = converter_env(tmp_path, {"PYTHONPATH": "/x", "NO_LOCAL_GGUF": "1"})
     assert env["PYTHONPATH"] == f"{tmp_path / 'gguf-py'}{os.pathsep}/x"

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
+from core.settings import Settings
 from events.payloads import EvalSample, EvalScores, EvaluationReport, RuntimeCheck
 from handlers.export.gate import decide
 from handlers.tuning.report import lint_warnings, render_markdown
-from infra.settings import Settings
 
 SETTINGS = Settings(_env_file=None)
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from events.errors import ExportError
+from core.errors import ExportError
 from handlers.export.modelfile import GoTemplate, chat_format_from_jinja, pinned_clock
 from tests.test_export import converters_dir
 

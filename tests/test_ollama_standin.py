@@ -240,7 +240,7 @@ def test_standin_reads_gguf_metadata(tiny: TinyArtifacts, tmp_path: Path) -> Non
 
 
 async def test_unreachable_ollama_is_a_transient_error() -> None:
-    from events.errors import TransientError
+    from core.errors import TransientError
 
     with pytest.raises(ops.OllamaUnavailableError, match="unreachable") as err:
         await ops.list_models(ops.make_client("http://127.0.0.1:9", timeout_s=5))
@@ -248,7 +248,7 @@ async def test_unreachable_ollama_is_a_transient_error() -> None:
 
 
 def test_ollama_errors_keep_ollamas_message() -> None:
-    from events.errors import InvalidInputError, NotFoundError
+    from core.errors import InvalidInputError, NotFoundError
 
     def mapped(status: int) -> Exception:
         return ops.error_from_response(ollama.ResponseError('{"error": "boom"}', status), "doing x", "m")

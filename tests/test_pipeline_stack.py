@@ -99,7 +99,7 @@ async def test_merged_export_and_the_base_gguf_is_reused(client, store, dataset_
 
 
 async def test_request_reply_errors_are_answered_not_dropped(client) -> None:
-    from events.errors import CodeTuneError
+    from core.errors import CodeTuneError
 
     with pytest.raises(CodeTuneError) as err:
         await client.request(sj.OLLAMA_SHOW, OllamaModelRef(model="no-such-model"))

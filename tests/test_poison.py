@@ -98,12 +98,12 @@ async def test_poison_matrix(settings, client, workers, uid) -> None:
         # nothing redelivered; the dead letters are kept
         assert (await client.js.stream_info(DEAD_LETTERS.name)).state.messages >= len(cases)
         # no document was created for any id a bad body named
-        from storage.documents import BaseModel, Dataset, TuningJob
+        from storage.documents import BaseLLM, Dataset, TuningJob
 
         poison = f"poison-{uid}"
         assert await TuningJob.find_one({"job_id": poison}) is None
         assert await Dataset.find_one({"dataset_id": poison}) is None
-        assert await BaseModel.find_one({"repo_id": poison}) is None
+        assert await BaseLLM.find_one({"repo_id": poison}) is None
         # the stages are alive: a redelivery would have shown up as a second letter within the wait
         print(f"poison matrix: {len(cases)} sent, {len(letters)} dead-lettered, 0 redelivered, "
               f"{len(cases) - len(letters)} lost")

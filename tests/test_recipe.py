@@ -13,7 +13,7 @@ pytest.importorskip("peft")
 
 import torch
 
-from events.errors import DatasetFormatError, HyperparameterError, InvalidInputError
+from core.errors import DatasetFormatError, HyperparameterError, InvalidInputError
 from events.payloads import Hyperparameters, LossPoint
 from handlers.tuning import data as D
 from handlers.tuning.recipe import (

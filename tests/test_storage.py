@@ -8,7 +8,7 @@ import io
 import httpx
 import pytest
 
-from events.errors import StorageUnavailableError, UnsafeKeyError
+from core.errors import StorageUnavailableError, UnsafeKeyError
 from storage.objects import PART_SIZE, ObjectNotFoundError, ObjectStore
 
 _PATTERN = bytes((i * 7) % 251 for i in range(4093))

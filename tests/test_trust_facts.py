@@ -154,7 +154,7 @@ async def test_a_repeated_completed_or_exported_fact_does_not_export_or_publish_
 
 
 async def test_the_object_store_writes_only_inside_the_cache(store, tmp_path, uid) -> None:
-    from events.errors import UnsafeKeyError
+    from core.errors import UnsafeKeyError
 
     cache, outside = tmp_path / "cache", tmp_path / "outside"
     cache.mkdir()

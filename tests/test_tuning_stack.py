@@ -11,7 +11,7 @@ import pytest
 from events import subjects as sj
 from events.payloads import ModelPullRequested, TuningCancelRequested, TuningRequested
 from infra.cli import upload_dataset
-from storage.documents import BaseModel, TuningJob
+from storage.documents import BaseLLM, TuningJob
 from tests.conftest import TINY_REPO
 
 pytestmark = [pytest.mark.usefixtures("workers", "tuning_worker"), pytest.mark.slow]
@@ -46,7 +46,7 @@ async def test_pull_is_idempotent_and_lands_in_the_bucket(client, store) -> None
         await client.publish(ModelPullRequested(repo_id=TINY_REPO))  # again: a no-op that re-emits
         subject, second = await client.wait_for(q, lambda _, d: d["repo_id"] == TINY_REPO, 30)
     assert subject == sj.MODEL_PULLED and second.sha == first.sha and second.prefix == first.prefix
-    docs = await BaseModel.find(BaseModel.repo_id == TINY_REPO).to_list()
+    docs = await BaseLLM.find(BaseLLM.repo_id == TINY_REPO).to_list()
     assert len(docs) == 1 and docs[0].status == "ready"
 
 
@@ -112,7 +112,7 @@ async def test_a_job_waits_for_its_model_then_runs(client, dataset_id, hub_cache
         assert waiting.status == "waiting" and f"model:{repo}@main" in (waiting.message or "")
         subject, done = await client.wait_for(q, lambda s, d: s in TERMINAL and d.get("job_id") == req.job_id, 120)
     assert subject == sj.TUNING_COMPLETED and done.metrics.steps == 4
-    assert (await BaseModel.find_one(BaseModel.repo_id == repo)).status == "ready"
+    assert (await BaseLLM.find_one(BaseLLM.repo_id == repo)).status == "ready"
 
 
 async def test_a_job_whose_model_cannot_be_pulled_fails_with_the_reason(client, dataset_id) -> None:

@@ -4,9 +4,10 @@ import json
 
 import pytest
 
+from core.errors import InvalidPayloadError, UnsafeKeyError
+from core.keys import check_key
+from core.settings import Settings
 from events.envelope import ce_headers, derived_id, unwrap
-from events.errors import InvalidPayloadError, UnsafeKeyError
-from infra.settings import Settings
 from storage import keys
 
 
@@ -21,7 +22,7 @@ def test_dataset_keys_never_escape(name: str) -> None:
 @pytest.mark.parametrize("key", ["/etc/passwd", "datasets/../x", "datasets//x", "a/b c", "a/./b"])
 def test_keys_from_events_are_checked(key: str) -> None:
     with pytest.raises(UnsafeKeyError):
-        keys.check_key(key)
+        check_key(key)
 
 
 def test_unwrap_accepts_bare_binary_and_structured_cloudevents() -> None:

@@ -12,9 +12,9 @@ import logging
 
 import uvicorn
 
+from core.settings import get_settings
 from handlers.bridge.app import BridgeConfigError, create_app
 from handlers.bridge.auth import check_binding
-from infra.settings import get_settings
 
 
 class PathWithoutQuery(logging.Filter):

@@ -18,6 +18,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
+from core.settings import Settings, get_settings
 from handlers.bridge import errors
 from handlers.bridge.auth import Authenticated, secret
 from handlers.bridge.limits import BodyLimit
@@ -38,7 +39,6 @@ from handlers.bridge.routes import (
 )
 from handlers.bridge.services import Services
 from handlers.bridge.signatures import standard_key
-from infra.settings import Settings, get_settings
 
 VERSION = "0.1.0"
 API_ROUTERS = (datasets.router, models.router, tuning.router, ollama.router, user_models.router, assistant.router,

@@ -23,8 +23,8 @@ SERVER = "nats://127.0.0.1:4222"
 
 def generate() -> dict[str, Any]:
     os.environ.setdefault("CODETUNE_BUILD_APP", "0")  # importing handlers.app must not build its own app
+    from core.settings import Settings
     from handlers.app import available_stages, build_app
-    from infra.settings import Settings
 
     # home=os.devnull: the document must not depend on a local stack's generated NATS users
     fixed = Settings(_env_file=None, nats_url=SERVER, home=Path(os.devnull))  # type: ignore[call-arg]

@@ -19,8 +19,8 @@ from fastapi import Depends, HTTPException, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import SecretStr
 
+from core.settings import Settings
 from handlers.bridge.services import SettingsDep
-from infra.settings import Settings
 
 bearer = HTTPBearer(auto_error=False, description="CODETUNE_BRIDGE_TOKEN")
 Credentials = Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]

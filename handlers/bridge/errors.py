@@ -13,7 +13,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 
-from events.errors import CodeTuneError, InvalidInputError, NotFoundError, TransientError
+from core.errors import CodeTuneError, InvalidInputError, NotFoundError, TransientError
 from handlers.bridge.receipts import IdempotencyConflict
 
 log = logging.getLogger("codetune.bridge")

@@ -20,10 +20,10 @@ from typing import Annotated, Any
 from fastapi import Depends, HTTPException, Request
 from pymongo import AsyncMongoClient
 
+from core.settings import Settings
 from events.client import CodeTuneClient
 from events.streams import provision
 from handlers.bridge.receipts import Receipts
-from infra.settings import Settings
 from storage.objects import ObjectStore
 
 log = logging.getLogger("codetune.bridge")

@@ -7,7 +7,8 @@ from typing import IO
 
 from pymongo import ReturnDocument
 
-from events.errors import TransientError
+from core.errors import TransientError
+from core.keys import check_key
 from events.payloads import DatasetFailed, DatasetUploaded, DatasetValidated, ErrorInfo
 from handlers.datasets.validate import validate_stream
 from storage import keys
@@ -39,7 +40,7 @@ async def record_upload(event: DatasetUploaded, size: int | None = None) -> Data
     `validate_upload` then moves an `uploaded` record to `validated` / `failed`.
     """
     t = now()
-    fields = {"dataset_id": event.dataset_id, "name": event.name, "key": keys.check_key(event.key),
+    fields = {"dataset_id": event.dataset_id, "name": event.name, "key": check_key(event.key),
               "status": "uploaded", "size": size, "created_at": t, "updated_at": t}
     raw = await Dataset.get_pymongo_collection().find_one_and_update(
         {"dataset_id": event.dataset_id}, {"$setOnInsert": fields}, upsert=True,
@@ -50,7 +51,7 @@ async def record_upload(event: DatasetUploaded, size: int | None = None) -> Data
 async def validate_upload(event: DatasetUploaded, store: ObjectStore, max_errors: int = 20
                           ) -> DatasetValidated | DatasetFailed:
     """Validate and profile the uploaded object; record the Dataset document; return the answer event."""
-    key = keys.check_key(event.key)
+    key = check_key(event.key)
     try:
         report = await validate_stream(store.iter_chunks(key), event.format, max_errors)
     except ObjectNotFoundError as e:

@@ -30,7 +30,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal, get_args
 
-from events.errors import ExportError
+from core.errors import ExportError
 
 log = logging.getLogger("codetune.export")
 
@@ -156,7 +156,7 @@ def run_converter(script: str, args: Sequence[str], out_path: Path, *, converter
                   timeout_s: float = DEFAULT_TIMEOUT_S, what: str = "") -> Path:
     """Run a llama.cpp converter writing `out_path` atomically. `args` name `out_path`; it is swapped for a
     temporary file in the same folder, renamed to `out_path` once the run succeeded and the file is GGUF."""
-    from infra.llamacpp import converter_env, ensure_converters
+    from handlers.export.llamacpp import converter_env, ensure_converters
 
     conv = converters_dir or ensure_converters()
     out_path = Path(out_path)

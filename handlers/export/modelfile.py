@@ -35,7 +35,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from events.errors import ExportError
+from core.errors import ExportError
 
 log = logging.getLogger("codetune.export")
 

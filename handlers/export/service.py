@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from events.errors import CodeTuneError, ExportError, FactMismatchError, JobNotFoundError, QualityGateError
+from core.errors import CodeTuneError, ExportError, FactMismatchError, JobNotFoundError, QualityGateError
 from events.payloads import (
     ErrorInfo,
     EvaluationReport,
@@ -38,7 +38,7 @@ from handlers.tuning.report import of_job as report_of
 from handlers.tuning.report import save as save_report
 from handlers.tuning.runner import local_model_dir
 from storage import keys
-from storage.documents import BaseModel, TuningJob
+from storage.documents import BaseLLM, TuningJob
 from storage.objects import ObjectStore
 
 # stages at or after a finished export: a new tuning.completed for such a job changes nothing
@@ -82,8 +82,8 @@ async def export(event: TuningCompleted, store: ObjectStore, settings: Any, *, r
     order (`model.evaluated`, then `model.exported` or `model.export.failed`); none when there is nothing
     to do (no export asked, or already exported)."""
     from handlers.export import gguf
+    from handlers.export.llamacpp import ensure_converters
     from handlers.export.modelfile import ollama_template, render_modelfile
-    from infra.llamacpp import ensure_converters
 
     if event.export is None:
         check_completed(await TuningJob.find_one(TuningJob.job_id == event.job_id), event)
@@ -92,7 +92,7 @@ async def export(event: TuningCompleted, store: ObjectStore, settings: Any, *, r
     if job is None:
         return []
     opts = event.export
-    model = await BaseModel.find_one(BaseModel.repo_id == event.base_model, BaseModel.sha == event.sha)
+    model = await BaseLLM.find_one(BaseLLM.repo_id == event.base_model, BaseLLM.sha == event.sha)
     if model is None or not model.prefix:
         return [await _failed(event, ExportError(f"base model {event.base_model}@{event.sha} is not in the bucket"))]
     report = report_of(job) or EvaluationReport(job_id=job.job_id, base_model=job.base_model, source="none",

@@ -1,4 +1,4 @@
-"""models stage: `model.pull.requested` → hub snapshot → bucket → BaseModel document → `model.pulled`;
+"""models stage: `model.pull.requested` → hub snapshot → bucket → BaseLLM document → `model.pulled`;
 `model.push.requested` → a job's adapter, GGUFs, Modelfile and model card → hub repo → `model.pushed`.
 
 Ack policy: MANUAL via FailurePolicy — acked after the snapshot is in the bucket (or the push is

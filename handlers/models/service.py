@@ -16,7 +16,7 @@ from typing import Any
 from huggingface_hub import errors as hf_errors
 from huggingface_hub import snapshot_download
 
-from events.errors import CodeTuneError, GatedRepoError, HubRefusedError, RepoNotFoundError, TransientError
+from core.errors import CodeTuneError, GatedRepoError, HubRefusedError, RepoNotFoundError, TransientError
 from events.payloads import (
     ErrorInfo,
     ModelPulled,
@@ -27,7 +27,7 @@ from events.payloads import (
     ModelPushRequested,
 )
 from storage import keys
-from storage.documents import BaseModel, HubPush, TuningJob
+from storage.documents import BaseLLM, HubPush, TuningJob
 from storage.objects import ObjectStore
 
 # What a causal LM needs to train and convert; skips duplicate weight formats (.bin, onnx, gguf, ...).
@@ -62,27 +62,27 @@ def _first_line(e: BaseException) -> str:
 
 
 async def pull(event: ModelPullRequested, store: ObjectStore, settings: Any) -> ModelPulled | ModelPullFailed:
-    existing = await BaseModel.find_one(BaseModel.repo_id == event.repo_id, BaseModel.revision == event.revision)
+    existing = await BaseLLM.find_one(BaseLLM.repo_id == event.repo_id, BaseLLM.revision == event.revision)
     if existing and existing.status == "ready" and existing.sha and existing.prefix:
         return _pulled(existing)  # the same repo and revision again: a no-op that re-emits model.pulled
     key = {"repo_id": event.repo_id, "revision": event.revision}
-    await BaseModel.upsert_by(key, {"status": "pulling", "error": None})
+    await BaseLLM.upsert_by(key, {"status": "pulling", "error": None})
     try:
         snapshot = await asyncio.to_thread(download_snapshot, settings, event.repo_id, event.revision)
     except CodeTuneError as e:
         if e.retryable:
             raise
-        await BaseModel.upsert_by(key, {"status": "failed", "error": e.as_dict()})
+        await BaseLLM.upsert_by(key, {"status": "failed", "error": e.as_dict()})
         return ModelPullFailed(repo_id=event.repo_id, revision=event.revision, error=ErrorInfo(**e.as_dict()))
     sha = snapshot.name
     prefix = keys.model_prefix(event.repo_id, sha)
     files, size = await store.upload_dir(prefix, snapshot)
-    doc = await BaseModel.upsert_by(key, {"status": "ready", "sha": sha, "prefix": prefix, "files": files,
+    doc = await BaseLLM.upsert_by(key, {"status": "ready", "sha": sha, "prefix": prefix, "files": files,
                                           "bytes": size, "error": None})
     return _pulled(doc)
 
 
-def _pulled(doc: BaseModel) -> ModelPulled:
+def _pulled(doc: BaseLLM) -> ModelPulled:
     return ModelPulled(repo_id=doc.repo_id, revision=doc.revision, sha=doc.sha or "", prefix=doc.prefix or "",
                        files=doc.files, bytes=doc.bytes)
 

@@ -26,7 +26,7 @@ from typing import Any
 import httpx
 import ollama
 
-from events.errors import (
+from core.errors import (
     CodeTuneError,
     OllamaError,
     OllamaModelNotFoundError,

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from events.errors import CodeTuneError, FactMismatchError, InvalidInputError, JobNotFoundError
+from core.errors import CodeTuneError, FactMismatchError, InvalidInputError, JobNotFoundError
 from events.payloads import ErrorInfo, ModelExported, ModelPublished, ModelPublishFailed, OllamaCreateRequest
 from handlers.serving import ollama_ops
 from handlers.tuning.jobs import update, update_if
@@ -72,8 +72,8 @@ async def publish(event: ModelExported, store: ObjectStore, settings: Any, *, re
 
 async def create_from_modelfile(req: OllamaCreateRequest, store: ObjectStore, settings: Any) -> dict[str, Any]:
     """The original's /ollama/create: a Modelfile whose FROM is a GGUF in the bucket (or an Ollama model)."""
+    from core.keys import check_key
     from handlers.serving.modelfile_parse import parse
-    from storage.keys import check_key
 
     mf = parse(req.modelfile)
     client = ollama_ops.make_client(settings.ollama_host)

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from events.errors import DatasetFormatError
+from core.errors import DatasetFormatError
 from events.payloads import LineError
 from handlers.datasets.validate import LineProblem, json_object, str_field
 

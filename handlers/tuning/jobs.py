@@ -14,9 +14,9 @@ from typing import Any
 
 from pymongo import ReturnDocument
 
-from events.errors import JobNotFoundError
+from core.errors import JobNotFoundError
 from events.payloads import ErrorInfo, TuningRequested
-from storage.documents import BaseModel, Dataset, TuningJob, now
+from storage.documents import BaseLLM, Dataset, TuningJob, now
 from storage.jobs import job_id_for as job_id_for  # the job-id rule, shared with the intake stage
 from storage.jobs import record_requested
 from storage.objects import ObjectStore
@@ -53,7 +53,7 @@ def request_of(job: TuningJob) -> TuningRequested:
 class Inputs:
     dataset: Dataset | None = None
     eval_dataset: Dataset | None = None
-    model: BaseModel | None = None
+    model: BaseLLM | None = None
     missing: list[str] = field(default_factory=list)
     failure: ErrorInfo | None = None
     pull_needed: bool = False
@@ -79,7 +79,7 @@ async def check_inputs(job: TuningJob, store: ObjectStore) -> Inputs:
         await _check_eval_dataset(job.eval_dataset_id, store, out)
         if out.failure:
             return out
-    bm = await BaseModel.find_one(BaseModel.repo_id == job.base_model, BaseModel.revision == job.revision)
+    bm = await BaseLLM.find_one(BaseLLM.repo_id == job.base_model, BaseLLM.revision == job.revision)
     if bm is None or bm.status == "pulling":
         out.missing.append(model_key(job.base_model, job.revision))
         out.pull_needed = bm is None

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from events.errors import CodeTuneError, TransientError
+from core.errors import CodeTuneError, TransientError
 from events.payloads import (
     ErrorInfo,
     EvaluationReport,
@@ -43,7 +43,7 @@ from handlers.tuning.lint import Estimator, estimate_summary, lint_summary, prep
 from handlers.tuning.report import job_lint
 from handlers.tuning.report import save as save_report
 from storage import keys
-from storage.documents import BaseModel, Dataset, TuningJob
+from storage.documents import BaseLLM, Dataset, TuningJob
 from storage.objects import ObjectStore
 
 log = logging.getLogger("codetune.tuning")
@@ -177,7 +177,7 @@ class _Hooks:
         return self.cancel.is_set()
 
 
-def local_model_dir(settings: Any, model: BaseModel) -> Path:
+def local_model_dir(settings: Any, model: BaseLLM) -> Path:
     """Where a base model snapshot is mirrored on this host (one copy per commit sha)."""
     return settings.scratch_dir / "models" / (model.prefix or "").replace("/", "__")
 
@@ -191,7 +191,7 @@ async def _heartbeat(job: TuningJob, hooks: _Hooks, ctx: RunContext) -> None:
                 hooks.cancel.set()
 
 
-async def run(job: TuningJob, model: BaseModel, dataset: Dataset, ctx: RunContext,
+async def run(job: TuningJob, model: BaseLLM, dataset: Dataset, ctx: RunContext,
               eval_dataset: Dataset | None = None) -> TuningCompleted | TuningFailed | TuningCancelled:
     from handlers.tuning.recipe import thin_history
 
@@ -267,7 +267,7 @@ async def evaluate_job(job: TuningJob, base_dir: Path, data_path: Path, dataset:
                                      "samples": ev.samples, "duration_s": ev.duration_s})
 
 
-async def _succeeded(job: TuningJob, model: BaseModel, result: Any, work: Path, ctx: RunContext,
+async def _succeeded(job: TuningJob, model: BaseLLM, result: Any, work: Path, ctx: RunContext,
                      report: EvaluationReport) -> TuningCompleted:
     from handlers.tuning.recipe import plot_loss, thin_history
 

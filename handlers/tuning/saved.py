@@ -7,7 +7,7 @@ from __future__ import annotations
 import uuid
 from typing import Any
 
-from events.errors import InvalidInputError, JobNotFoundError, NotFoundError
+from core.errors import InvalidInputError, JobNotFoundError, NotFoundError
 from events.payloads import SEED_QUANTIZATION, ExportOptions, TuningRequested
 from storage.documents import TuningJob, UserModel
 

@@ -27,14 +27,13 @@ from fastapi import APIRouter, HTTPException, Query, Response
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from core.settings import Settings
 from events import subjects as s
 from events.payloads import ModelPullRequested, ModelPushRequested
 from handlers.bridge.errors import field_errors, invalid, invalid_field
 from handlers.bridge.seed import JOB_ID_PATTERN
 from handlers.bridge.services import ClientDep, MongoDB, SettingsDep
-from infra.settings import Settings
-from storage.documents import BaseModel as BaseModelDoc
-from storage.documents import ClientSettings, TuningJob, UserModel
+from storage.documents import BaseLLM, ClientSettings, TuningJob, UserModel
 
 router = APIRouter(prefix="/api/v1/models", tags=["models"])
 
@@ -82,7 +81,7 @@ async def hub_models(settings: Settings, limit: int, search: str | None) -> tupl
     return models, why
 
 
-def pulled_row(doc: BaseModelDoc) -> dict[str, Any]:
+def pulled_row(doc: BaseLLM) -> dict[str, Any]:
     return {"id": doc.repo_id, "downloads": None, "task": "text-generation", "tags": [], "pulled": True,
             "source": "pulled", "revision": doc.revision, "sha": doc.sha}
 
@@ -92,7 +91,7 @@ def pulled_row(doc: BaseModelDoc) -> dict[str, Any]:
 async def list_models(response: Response, settings: SettingsDep, limit: int = Query(50, ge=1, le=500),
                       search: str | None = Query(None, max_length=128)) -> list[dict[str, Any]]:
     """Hub text-generation models merged with the pulled base models; offline: the pulled ones."""
-    pulled = await BaseModelDoc.find(BaseModelDoc.status == "ready").sort("-updated_at").to_list()
+    pulled = await BaseLLM.find(BaseLLM.status == "ready").sort("-updated_at").to_list()
     by_repo = {d.repo_id: d for d in pulled}
     hub, why = await hub_models(settings, limit, search)
     response.headers["X-CodeTune-Hub"] = "online" if hub is not None else "offline"

@@ -25,9 +25,10 @@ import nats.errors
 from fastapi import APIRouter, HTTPException
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from core.errors import CodeTuneError, UnsafeKeyError
+from core.keys import check_key
 from events import subjects as s
 from events.client import CodeTuneClient
-from events.errors import CodeTuneError, UnsafeKeyError
 from events.payloads import (
     ChatMessage,
     OllamaChatReply,
@@ -38,7 +39,6 @@ from events.payloads import (
 )
 from handlers.bridge.errors import field_errors, invalid, invalid_field
 from handlers.bridge.services import ClientDep, StoreDep
-from storage.keys import check_key
 from storage.objects import ObjectStore
 
 router = APIRouter(prefix="/api/v1/ollama", tags=["ollama"])

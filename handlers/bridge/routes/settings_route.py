@@ -16,9 +16,9 @@ from typing import Any
 from fastapi import APIRouter
 from pydantic import BaseModel, ConfigDict, Field
 
+from core.settings import Settings
 from handlers.bridge.errors import invalid_field
 from handlers.bridge.services import MongoDB, SettingsDep
-from infra.settings import Settings
 from storage.documents import ClientSettings
 
 router = APIRouter(prefix="/api/v1/settings", tags=["settings"], dependencies=[MongoDB])

@@ -27,10 +27,10 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ValidationError
 
+from core.errors import InvalidPayloadError
 from events import subjects as s
 from events.client import CodeTuneClient, Published
 from events.envelope import SPECVERSION, derived_id, new_event_id, parse_json, unwrap
-from events.errors import InvalidPayloadError
 from handlers.bridge.auth import bearer, check_token, secret
 from handlers.bridge.errors import field_errors, invalid_field
 from handlers.bridge.receipts import fingerprint

@@ -16,7 +16,7 @@ sentencepiece (SentencePiece vocabularies), protobuf, and — via the vendored `
 requests. `converter_env` puts the vendored `gguf-py` first on `PYTHONPATH` (the scripts also insert it
 themselves) so the `gguf` package that matches the scripts wins over the PyPI `gguf` in the venv.
 
-CLI: `python -m infra.llamacpp [--version X] [--force]` installs and prints the folder.
+CLI: `python -m handlers.export.llamacpp [--version X] [--force]` installs and prints the folder.
 """
 
 from __future__ import annotations
@@ -35,8 +35,8 @@ import time
 from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
 
-from events.errors import ConvertersUnavailableError, ExportError
-from infra.settings import Settings, get_settings
+from core.errors import ConvertersUnavailableError, ExportError
+from core.settings import Settings, get_settings
 
 LLAMA_CPP_PYTHON_VERSION = "0.3.36"
 SDIST_PROJECT = "llama-cpp-python"
@@ -251,7 +251,7 @@ def _file_lock(path: Path) -> Iterator[None]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m infra.llamacpp", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m handlers.export.llamacpp", description=__doc__.splitlines()[0])
     parser.add_argument("--version", default=LLAMA_CPP_PYTHON_VERSION, help="llama-cpp-python sdist version")
     parser.add_argument("--force", action="store_true", help="re-extract even if already installed")
     args = parser.parse_args(argv)
