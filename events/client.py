@@ -15,17 +15,19 @@ from typing import Any, TypeVar
 import nats
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
+from nats.js import JetStreamContext
 from nats.js.api import PubAck
 from pydantic import BaseModel
 
 from core.errors import CodeTuneError
+from core.settings import Settings
 from events import subjects as s
 from events.envelope import ce_headers, new_event_id, unwrap
 
 T = TypeVar("T", bound=BaseModel)
 
 
-def connect_options(settings: Any, role: str = "client") -> dict[str, Any]:
+def connect_options(settings: Settings, role: str = "client") -> dict[str, Any]:
     """nats-py connect options for a process of `role` (admin, client, stages or one stage).
 
     An explicit `nats_user`/`nats_password` (or token) wins; otherwise the role's password, when settings
@@ -44,18 +46,17 @@ def connect_options(settings: Any, role: str = "client") -> dict[str, Any]:
     return opts
 
 
-def _role_password(settings: Any, role: str) -> str | None:
-    getter = getattr(settings, "nats_password_for", None)
-    secret = getter(role) if getter is not None else None
+def _role_password(settings: Settings, role: str) -> str | None:
+    secret = settings.nats_password_for(role)
     return secret.get_secret_value() if secret is not None else None
 
 
-def uses_roles(settings: Any) -> bool:
+def uses_roles(settings: Settings) -> bool:
     """True when connections log in as role users (the local stack, or role passwords configured)."""
     return not settings.nats_user and _role_password(settings, "admin") is not None
 
 
-async def provision_as_admin(settings: Any, js: Any | None = None) -> None:
+async def provision_as_admin(settings: Settings, js: JetStreamContext | None = None) -> None:
     """Provision streams and consumers as the admin user when settings have its password; otherwise with
     `js` (or a client connection), which changes nothing that is already as defined."""
     from events.streams import provision
@@ -83,7 +84,7 @@ class CodeTuneClient:
 
     @classmethod
     async def connect(
-        cls, settings: Any, *, source: str = "codetune/client", role: str = "client", **kw: Any
+        cls, settings: Settings, *, source: str = "codetune/client", role: str = "client", **kw: Any
     ) -> CodeTuneClient:
         opts = connect_options(settings, role) | {"connect_timeout": 3, "max_reconnect_attempts": 3} | kw
         return cls(await nats.connect(**opts), source=source)

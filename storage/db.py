@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 from beanie import init_beanie
 from pymongo import AsyncMongoClient
 
+from core.settings import Settings
 from storage.documents import DOCUMENTS
 
 
-async def init_db(settings: Any) -> AsyncMongoClient:
+async def init_db(settings: Settings) -> AsyncMongoClient:
     client: AsyncMongoClient = AsyncMongoClient(
         settings.mongodb_uri, tz_aware=True, serverSelectionTimeoutMS=5000, appname="codetune"
     )

@@ -22,6 +22,7 @@ from minio.error import S3Error
 
 from core.errors import NotFoundError, StorageUnavailableError, UnsafeKeyError
 from core.keys import check_key
+from core.settings import Settings
 
 PART_SIZE = 16 * 1024 * 1024
 CHUNK = 1024 * 1024
@@ -41,7 +42,7 @@ def local_path(root: Path, key: str) -> Path:
     return path
 
 
-def _client(settings: Any) -> Minio:
+def _client(settings: Settings) -> Minio:
     http = urllib3.PoolManager(
         timeout=urllib3.Timeout(connect=5, read=300), retries=urllib3.Retry(total=3, backoff_factor=0.2,
                                                                             status_forcelist=[500, 502, 503, 504]),
@@ -88,7 +89,7 @@ def _read_some(it: Iterator[bytes], chunk: int) -> tuple[list[bytes], bool]:
 
 
 class ObjectStore:
-    def __init__(self, settings: Any) -> None:
+    def __init__(self, settings: Settings) -> None:
         self.bucket = settings.s3_bucket
         self.client = _client(settings)
 

@@ -11,18 +11,17 @@ Checks (thresholds from settings, README "Evaluation report and quality gate"):
 
 from __future__ import annotations
 
-from typing import Any
-
+from core.settings import Settings
 from events.payloads import EvaluationReport, GateResult
 
 
-def thresholds(settings: Any) -> dict[str, float | int | bool]:
+def thresholds(settings: Settings) -> dict[str, float | int | bool]:
     return {"min_loss_improvement": settings.gate_min_loss_improvement, "require_stop": settings.gate_require_stop,
             "require_answers": settings.gate_require_answers, "min_agree_tokens": settings.gate_min_agree_tokens,
             "max_new_tokens": settings.eval_max_new_tokens}
 
 
-def reasons(r: EvaluationReport, settings: Any) -> list[str]:
+def reasons(r: EvaluationReport, settings: Settings) -> list[str]:
     """Why the report fails the gate (empty: it passes)."""
     out: list[str] = []
     if r.error:
@@ -58,6 +57,6 @@ def reasons(r: EvaluationReport, settings: Any) -> list[str]:
     return out
 
 
-def decide(r: EvaluationReport, settings: Any, enabled: bool) -> GateResult:
+def decide(r: EvaluationReport, settings: Settings, enabled: bool) -> GateResult:
     why = reasons(r, settings)
     return GateResult(enabled=enabled, passed=not why, reasons=why, thresholds=thresholds(settings))

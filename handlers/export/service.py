@@ -20,9 +20,9 @@ import os
 import shutil
 import time
 from pathlib import Path
-from typing import Any
 
 from core.errors import CodeTuneError, ExportError, FactMismatchError, JobNotFoundError, QualityGateError
+from core.settings import Settings
 from events.payloads import (
     ErrorInfo,
     EvaluationReport,
@@ -76,7 +76,7 @@ async def claim_export(event: TuningCompleted, *, redelivered: bool = False) -> 
     return await update_if(event.job_id, {"status": "succeeded", "stage": {"$nin": busy}}, stage="exporting")
 
 
-async def export(event: TuningCompleted, store: ObjectStore, settings: Any, *, redelivered: bool = False
+async def export(event: TuningCompleted, store: ObjectStore, settings: Settings, *, redelivered: bool = False
                  ) -> list[Payload]:
     """Export the job's model, check the GGUF and apply the quality gate; returns the events to emit, in
     order (`model.evaluated`, then `model.exported` or `model.export.failed`); none when there is nothing
@@ -157,7 +157,7 @@ async def export(event: TuningCompleted, store: ObjectStore, settings: Any, *, r
 
 
 async def check_runtime(report: EvaluationReport, model_path: Path, adapter_path: Path | None, tokenizer_dir: Path,
-                        template: str, stop: list[str], settings: Any) -> EvaluationReport:
+                        template: str, stop: list[str], settings: Settings) -> EvaluationReport:
     """The report completed with the GGUF's answer to its first held-out prompt (none: nothing to check)."""
     from handlers.export.runtime_check import check
 

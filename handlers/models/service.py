@@ -17,6 +17,7 @@ from huggingface_hub import errors as hf_errors
 from huggingface_hub import snapshot_download
 
 from core.errors import CodeTuneError, GatedRepoError, HubRefusedError, RepoNotFoundError, TransientError
+from core.settings import Settings
 from events.payloads import (
     ErrorInfo,
     ModelPulled,
@@ -34,7 +35,7 @@ from storage.objects import ObjectStore
 ALLOW = ["*.json", "*.safetensors", "tokenizer.model", "*.tiktoken", "*.txt", "*.jinja", "*.model"]
 
 
-def download_snapshot(settings: Any, repo_id: str, revision: str) -> Path:
+def download_snapshot(settings: Settings, repo_id: str, revision: str) -> Path:
     """Blocking: the hub snapshot in the local cache. Raises CodeTuneError subclasses with the hub's reason."""
     token = settings.hf_token.get_secret_value() if settings.hf_token else None
     try:
@@ -61,7 +62,7 @@ def _first_line(e: BaseException) -> str:
     return (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
 
 
-async def pull(event: ModelPullRequested, store: ObjectStore, settings: Any) -> ModelPulled | ModelPullFailed:
+async def pull(event: ModelPullRequested, store: ObjectStore, settings: Settings) -> ModelPulled | ModelPullFailed:
     existing = await BaseLLM.find_one(BaseLLM.repo_id == event.repo_id, BaseLLM.revision == event.revision)
     if existing and existing.status == "ready" and existing.sha and existing.prefix:
         return _pulled(existing)  # the same repo and revision again: a no-op that re-emits model.pulled
@@ -92,7 +93,7 @@ def _pulled(doc: BaseLLM) -> ModelPulled:
 SEARCH_FIELDS = ("id", "downloads", "task", "tags")
 
 
-def search_hub(settings: Any, limit: int = 50, search: str | None = None) -> list[dict[str, Any]]:
+def search_hub(settings: Settings, limit: int = 50, search: str | None = None) -> list[dict[str, Any]]:
     """Blocking: the hub's text-generation models, most downloaded first, as `{id, downloads, task, tags}`.
     Raises on any hub or network error (the caller answers offline)."""
     from huggingface_hub import HfApi
@@ -138,7 +139,7 @@ def _pushed(doc: HubPush) -> ModelPushed:
                        files=doc.files)
 
 
-def upload_to_hub(settings: Any, token: str, repo_id: str, private: bool, root: Path, job_id: str) -> str | None:
+def upload_to_hub(settings: Settings, token: str, repo_id: str, private: bool, root: Path, job_id: str) -> str | None:
     """Blocking: create the repo (if missing) and commit the folder. CodeTuneError with the hub's reason."""
     from huggingface_hub import HfApi
 
@@ -157,7 +158,7 @@ def upload_to_hub(settings: Any, token: str, repo_id: str, private: bool, root: 
     return str(getattr(info, "commit_url", None) or "") or None
 
 
-async def push(event: ModelPushRequested, store: ObjectStore, settings: Any) -> ModelPushed | ModelPushFailed:
+async def push(event: ModelPushRequested, store: ObjectStore, settings: Settings) -> ModelPushed | ModelPushFailed:
     key = {"job_id": event.job_id, "repo_id": event.repo_id}
     done = await HubPush.find_one(key)
     if done is not None and done.status == "pushed":
@@ -195,7 +196,7 @@ async def push(event: ModelPushRequested, store: ObjectStore, settings: Any) -> 
     return _pushed(doc)
 
 
-def _scratch(settings: Any) -> str:
+def _scratch(settings: Settings) -> str:
     path = settings.scratch_dir / "push"
     path.mkdir(parents=True, exist_ok=True)
     return str(path)

@@ -13,6 +13,7 @@ from typing import Any
 
 from faststream.nats import NatsRouter
 
+from core.settings import Settings
 from events import subjects as sj
 from events.payloads import (
     ModelExported,
@@ -51,7 +52,7 @@ async def on_model_exported(
         await emitter.emit(answer, parent)
 
 
-def _client(settings: Any) -> Any:
+def _client(settings: Settings) -> Any:
     return ollama_ops.make_client(settings.ollama_host)
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 from typing import Any
 
 from core.errors import CodeTuneError, FactMismatchError, InvalidInputError, JobNotFoundError
+from core.settings import Settings
 from events.payloads import ErrorInfo, ModelExported, ModelPublished, ModelPublishFailed, OllamaCreateRequest
 from handlers.serving import ollama_ops
 from handlers.tuning.jobs import update, update_if
@@ -42,7 +43,7 @@ def check_exported(job: TuningJob | None, event: ModelExported) -> TuningJob:
     return job
 
 
-async def publish(event: ModelExported, store: ObjectStore, settings: Any, *, redelivered: bool = False
+async def publish(event: ModelExported, store: ObjectStore, settings: Settings, *, redelivered: bool = False
                   ) -> ModelPublished | ModelPublishFailed | None:
     """Create the model in Ollama; None when the job is already publishing or published (a duplicate)."""
     check_exported(await TuningJob.find_one(TuningJob.job_id == event.job_id), event)
@@ -70,7 +71,7 @@ async def publish(event: ModelExported, store: ObjectStore, settings: Any, *, re
     return ModelPublished(job_id=event.job_id, name=event.name, ollama_host=settings.ollama_host)
 
 
-async def create_from_modelfile(req: OllamaCreateRequest, store: ObjectStore, settings: Any) -> dict[str, Any]:
+async def create_from_modelfile(req: OllamaCreateRequest, store: ObjectStore, settings: Settings) -> dict[str, Any]:
     """The original's /ollama/create: a Modelfile whose FROM is a GGUF in the bucket (or an Ollama model)."""
     from core.keys import check_key
     from handlers.serving.modelfile_parse import parse

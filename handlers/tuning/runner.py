@@ -20,12 +20,13 @@ import logging
 import shutil
 import threading
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from core.errors import CodeTuneError, TransientError
+from core.settings import Settings
 from events.payloads import (
     ErrorInfo,
     EvaluationReport,
@@ -91,7 +92,7 @@ async def train_on_worker_thread(*args: Any) -> Any:
 @dataclass
 class RunContext:
     store: ObjectStore
-    settings: Any
+    settings: Settings
     publish: Publish  # emits an event (progress or terminal)
     heartbeat: Callable[[], Awaitable[None]]  # keeps the JetStream message alive
     lease_s: float
@@ -127,8 +128,8 @@ class _Hooks:
         await self.ctx.publish(TuningProgress(job_id=self.job.job_id, status="running", step=step,
                                               max_steps=max_steps, message=message))
 
-    def _submit(self, coro: Awaitable[Any]) -> Any:
-        return asyncio.run_coroutine_threadsafe(coro, self.loop)  # type: ignore[arg-type]
+    def _submit(self, coro: Coroutine[Any, Any, Any]) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop)
 
     def on_step(self, info: Any) -> None:
         estimate = self.estimator.observe(info) if self.estimator else None
@@ -177,7 +178,7 @@ class _Hooks:
         return self.cancel.is_set()
 
 
-def local_model_dir(settings: Any, model: BaseLLM) -> Path:
+def local_model_dir(settings: Settings, model: BaseLLM) -> Path:
     """Where a base model snapshot is mirrored on this host (one copy per commit sha)."""
     return settings.scratch_dir / "models" / (model.prefix or "").replace("/", "__")
 
@@ -248,7 +249,7 @@ async def run(job: TuningJob, model: BaseLLM, dataset: Dataset, ctx: RunContext,
 
 
 async def evaluate_job(job: TuningJob, base_dir: Path, data_path: Path, dataset: Dataset, hp: Hyperparameters,
-                       adapter_dir: Path, settings: Any, eval_data: tuple[Path, str] | None = None
+                       adapter_dir: Path, settings: Settings, eval_data: tuple[Path, str] | None = None
                        ) -> EvaluationReport:
     """The report's first part: base vs tuned on the held-out rows (an error is reported, not raised:
     the trained adapter is kept, and the gate fails a job whose evaluation did not run)."""
@@ -297,7 +298,7 @@ def completed_event(doc: TuningJob) -> TuningCompleted:
         adapter_key=doc.adapter_key or "", plot_key=doc.plot_key, metrics=TrainMetrics.model_validate(doc.metrics),
         loss_history=thin_history([LossPoint.model_validate(p) for p in doc.loss_history], EVENT_HISTORY_POINTS),
         name=doc.name,
-        export=doc.export,  # type: ignore[arg-type]
+        export=doc.export,
     )
 
 
