@@ -19,8 +19,9 @@ from events import subjects as s
 
 DUPLICATE_WINDOW_S = 120.0
 
+EVENTS_NAME = "CODETUNE"
 EVENTS = StreamConfig(
-    name="CODETUNE",
+    name=EVENTS_NAME,
     subjects=[
         "dataset.>",
         "model.>",
@@ -65,7 +66,7 @@ class Consumer:
     max_deliver: int = 5
     backoff_s: tuple[float, ...] = field(default=())
     max_ack_pending: int = 1000
-    stream: str = EVENTS.name
+    stream: str = EVENTS_NAME
     # False when another durable on the same subject dead-letters its malformed messages: this one then
     # terminates a malformed message without a second letter (one letter per message, see FailurePolicy)
     letters_malformed: bool = True
@@ -119,9 +120,9 @@ CONSUMERS: tuple[Consumer, ...] = (
 )
 
 
-def _same(cur: object, want: object) -> bool:
+def _same(cur: object, want: StreamConfig | ConsumerConfig) -> bool:
     """Every field the wanted config sets has that value on the server."""
-    for f in dataclasses.fields(want):  # type: ignore[arg-type]
+    for f in dataclasses.fields(want):
         b = getattr(want, f.name)
         if b is None:
             continue
@@ -148,11 +149,11 @@ async def provision(js: JetStreamContext) -> None:
         if not _same(info.config, cfg):
             await js.update_stream(cfg)
     for c in CONSUMERS:
-        cfg = c.config()
+        ccfg = c.config()
         try:
             cinfo = await js.consumer_info(c.stream, c.durable)
         except NotFoundError:
-            await js.add_consumer(c.stream, cfg)
+            await js.add_consumer(c.stream, ccfg)
             continue
-        if not _same(cinfo.config, cfg):
-            await js.add_consumer(c.stream, cfg)  # add with an existing durable name updates it
+        if not _same(cinfo.config, ccfg):
+            await js.add_consumer(c.stream, ccfg)  # add with an existing durable name updates it

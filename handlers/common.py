@@ -40,7 +40,7 @@ from events import subjects as s
 from events.client import CodeTuneClient
 from events.envelope import EventMeta, body_text, derived_id, unwrap
 from events.payloads import DeadLetter, ErrorInfo, Payload
-from events.streams import CONSUMERS, EVENTS, Consumer
+from events.streams import CONSUMERS, EVENTS, EVENTS_NAME, Consumer
 from storage.objects import ObjectStore
 
 log = logging.getLogger("codetune")
@@ -96,7 +96,7 @@ async def cloudevents_decoder(msg: NatsMessage, original: Any) -> Any:
     envelope's attributes on the message for `incoming`, so the body is parsed once)."""
     data, meta = unwrap(msg.body, dict(msg.headers or {}))
     with contextlib.suppress(AttributeError):  # a slotted message class: `incoming` parses again
-        msg._codetune_meta = meta  # type: ignore[attr-defined]
+        msg._codetune_meta = meta  # type: ignore[attr-defined]  # our own stash on FastStream's message
     return data
 
 
@@ -148,7 +148,7 @@ async def _failure_payload(subject: str, body: bytes, error: ErrorInfo) -> Paylo
         failure = model.model_validate({**ids, "error": error.model_dump()})
         if not await _nothing_depends_on(ids):
             return None
-        return failure  # type: ignore[return-value]
+        return failure if isinstance(failure, Payload) else None  # every contract payload is a Payload
     except Exception:  # the database unreachable or an odd body: emit nothing rather than fail valid work
         return None
 
@@ -169,6 +169,7 @@ def reason(exc: BaseException) -> ErrorInfo:
 
 
 class FailurePolicy(BaseMiddleware):
+    # override: FastStream types `msg` as StreamMessage[Any]; a NATS subscriber always passes a NatsMessage
     async def consume_scope(self, call_next: Any, msg: NatsMessage) -> Any:  # type: ignore[override]
         try:
             result = await call_next(msg)
@@ -283,6 +284,7 @@ async def dead_letter(emitter: Emitter, msg: NatsMessage, reason: ErrorInfo, sto
 class ErrorReplies(BaseMiddleware):
     """Request-reply policy: every request gets an answer; a failure is `{ok: false, error: {code, message}}`."""
 
+    # override: FastStream types `msg` as StreamMessage[Any]; a NATS subscriber always passes a NatsMessage
     async def consume_scope(self, call_next: Any, msg: NatsMessage) -> Any:  # type: ignore[override]
         try:
             return await call_next(msg)
@@ -311,6 +313,7 @@ class Injected(Context):
     `faststream.context.Context` is the public class; `use` is fast_depends' documented custom-field hook.
     """
 
+    # override: deliberately async where the base's `use` is sync (see above); fast_depends awaits either
     async def use(self, /, **kwargs: Any) -> dict[str, Any]:  # type: ignore[override]
         return super().use(**kwargs)
 
@@ -334,7 +337,7 @@ EmitterDep = Annotated[Emitter, Injected("emitter")]
 
 
 # FastStream's view of the events stream: provisioned by events.streams.provision, never declared by a worker.
-EVENTS_STREAM = JStream(EVENTS.name, subjects=list(EVENTS.subjects or []), declare=False)
+EVENTS_STREAM = JStream(EVENTS_NAME, subjects=list(EVENTS.subjects or []), declare=False)
 
 
 def jetstream_subscriber(consumer: Consumer, *, batch_size: int = 1, max_workers: int = 1) -> dict[str, Any]:

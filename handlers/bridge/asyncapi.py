@@ -27,9 +27,9 @@ def generate() -> dict[str, Any]:
     from handlers.app import available_stages, build_app
 
     # home=os.devnull: the document must not depend on a local stack's generated NATS users
-    fixed = Settings(_env_file=None, nats_url=SERVER, home=Path(os.devnull))  # type: ignore[call-arg]
+    fixed = Settings(_env_file=None, nats_url=SERVER, home=Path(os.devnull))
     app = build_app(available_stages(), fixed)
-    return app.schema.to_specification().to_jsonable()  # type: ignore[no-any-return]
+    return app.schema.to_specification().to_jsonable()
 
 
 def render(spec: dict[str, Any]) -> str:

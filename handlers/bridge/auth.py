@@ -16,6 +16,7 @@ from typing import Annotated
 from urllib.parse import urlsplit
 
 from fastapi import Depends, HTTPException, Request
+from fastapi.requests import HTTPConnection
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import SecretStr
 
@@ -51,7 +52,7 @@ def check_binding(settings: Settings, host: str | None = None) -> None:
         )
 
 
-def check_token(request: Request, settings: Settings, credentials: HTTPAuthorizationCredentials | None) -> None:
+def check_token(request: HTTPConnection, settings: Settings, credentials: HTTPAuthorizationCredentials | None) -> None:
     token = secret(settings.bridge_token)
     if token is None:
         server = request.scope.get("server") or ("127.0.0.1", 0)

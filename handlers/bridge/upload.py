@@ -14,7 +14,7 @@ import contextlib
 import io
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import IO, Generic, TypeVar
+from typing import IO, Any, Generic, TypeVar, cast
 
 from fastapi import HTTPException
 from python_multipart.multipart import MultipartParser, parse_options_header
@@ -53,14 +53,14 @@ class ChunkPipe(io.RawIOBase):
 
     # -------------------------------------------------------------- writer (event loop)
 
-    async def write_async(self, data: bytes, reader: asyncio.Future[object]) -> None:
+    async def write_async(self, data: bytes, reader: asyncio.Future[Any]) -> None:
         self._pending += data
         self.size += len(data)
         if len(self._pending) >= self._block:
             block, self._pending = bytes(self._pending), bytearray()
             await self._put(block, reader)
 
-    async def close_async(self, reader: asyncio.Future[object]) -> None:
+    async def close_async(self, reader: asyncio.Future[Any]) -> None:
         if self._pending:
             block, self._pending = bytes(self._pending), bytearray()
             await self._put(block, reader)
@@ -72,7 +72,7 @@ class ChunkPipe(io.RawIOBase):
         with contextlib.suppress(asyncio.QueueFull):
             self._queue.put_nowait(None)  # wakes a reader waiting on an empty queue
 
-    async def _put(self, item: bytes | None, reader: asyncio.Future[object]) -> None:
+    async def _put(self, item: bytes | None, reader: asyncio.Future[Any]) -> None:
         if not self._queue.full():
             self._queue.put_nowait(item)
             return
@@ -122,7 +122,8 @@ class _FormEvents:
     """python-multipart callbacks collected as (kind, value) events: part headers, data, part end."""
 
     def __init__(self, boundary: bytes) -> None:
-        self.events: list[tuple[str, object]] = []
+        # value: the part's headers (dict[str, str]) for "part", bytes for "data", None for "end"
+        self.events: list[tuple[str, Any]] = []
         self.finished = False
         self._headers: dict[str, str] = {}
         self._name = bytearray()
@@ -146,7 +147,7 @@ class _FormEvents:
     def _end(self) -> None:
         self.finished = True
 
-    def feed(self, chunk: bytes) -> list[tuple[str, object]]:
+    def feed(self, chunk: bytes) -> list[tuple[str, Any]]:
         self.parser.write(chunk)
         events, self.events = self.events, []
         return events
@@ -184,11 +185,11 @@ async def receive_file(
         async for chunk in body:
             for kind, value in form.feed(chunk):
                 if kind == "part":
-                    name, part_file = _disposition(value)  # type: ignore[arg-type]
+                    name, part_file = _disposition(value)
                     if name == field_name and part_file is not None and upload is None:
                         filename = part_file
                         pipe = ChunkPipe(loop)
-                        upload = asyncio.ensure_future(sink(filename, pipe))
+                        upload = asyncio.ensure_future(sink(filename, cast(IO[bytes], pipe)))  # a readable stream
                         current = None
                     else:
                         if len(fields) >= MAX_FIELDS:
@@ -196,11 +197,11 @@ async def receive_file(
                         current, text = name, bytearray()
                 elif kind == "data":
                     if current is not None:
-                        text += value  # type: ignore[operator]
+                        text += value
                         if len(text) > MAX_FIELD_BYTES:
                             raise HTTPException(413, f"form field {current!r} is over {MAX_FIELD_BYTES} bytes")
                     elif pipe is not None and upload is not None and received is None:
-                        await pipe.write_async(value, upload)  # type: ignore[arg-type]
+                        await pipe.write_async(value, upload)
                 elif current is not None:
                     fields[current] = text.decode("utf-8", "replace")
                     current = None

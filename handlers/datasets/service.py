@@ -26,7 +26,7 @@ async def store_upload(store: ObjectStore, stream: IO[bytes], filename: str, *, 
     dataset_id = dataset_id or new_dataset_id()
     key = keys.dataset_key(dataset_id, filename)
     await store.put_stream(key, stream, content_type="text/plain")
-    return DatasetUploaded(dataset_id=dataset_id, key=key, name=keys.safe_name(filename), format=fmt)  # type: ignore[arg-type]
+    return DatasetUploaded(dataset_id=dataset_id, key=key, name=keys.safe_name(filename), format=fmt)
 
 
 async def record_upload(event: DatasetUploaded, size: int | None = None) -> Dataset:

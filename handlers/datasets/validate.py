@@ -112,7 +112,7 @@ def lint_warning(code: str, lines: list[int], message: str) -> LintWarning | Non
     """A warning for `lines` (None when there are none); `{n}` in `message` becomes their count."""
     if not lines:
         return None
-    return LintWarning(code=code, count=len(lines), message=message.format(n=len(lines)),  # type: ignore[arg-type]
+    return LintWarning(code=code, count=len(lines), message=message.format(n=len(lines)),
                        lines=lines[:MAX_WARNING_LINES])
 
 
@@ -148,8 +148,8 @@ class Report:
 
     @property
     def summary(self) -> str:
-        if self.ok:
-            return f"{self.profile.rows} rows"  # type: ignore[union-attr]
+        if self.ok and self.profile is not None:
+            return f"{self.profile.rows} rows"
         if self.total_lines == 0 or (self.profile is None and not self.invalid_lines):
             return "dataset is empty: no non-blank lines"
         first = self.line_errors[0]

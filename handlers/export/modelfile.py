@@ -26,6 +26,7 @@ add BOS when tokenizing, so keeping it would double it.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import re
@@ -33,7 +34,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from core.errors import ExportError
 
@@ -281,7 +282,7 @@ class _Parser:
         return _Action(_parse_pipe(toks, line))
 
     def _branchy(self, word: str, toks: list[_Tok], line: int) -> Any:
-        branches = [(_parse_pipe(toks, line), [])]
+        branches: list[tuple[_Pipe, list[Any]]] = [(_parse_pipe(toks, line), [])]
         else_ = None
         while True:
             body, term = self._list()
@@ -645,7 +646,7 @@ class _Exec:
         return self._operand(head, dot)
 
     def _logic(self, name: str, ops: list[_Operand], dot: Any, piped: Any) -> Any:
-        thunks: list[Callable[[], Any]] = [lambda op=op: self._operand(op, dot) for op in ops]
+        thunks: list[Callable[[], Any]] = [functools.partial(self._operand, op, dot) for op in ops]
         if piped is not _MISSING:
             thunks.append(lambda: piped)
         if not thunks:
@@ -1011,8 +1012,10 @@ def chat_format_from_jinja(chat_template: str, *, bos_token: str | None = "<s>",
     from transformers.utils.chat_template_utils import render_jinja_template
 
     def render(messages: list[Message], gen: bool) -> str:
-        texts, _ = render_jinja_template([messages], chat_template=chat_template, add_generation_prompt=gen,
-                                         bos_token=bos_token or "", eos_token=eos_token or "")
+        # transformers annotates `-> str`; it returns (rendered conversations, generation indices)
+        texts, _ = cast("tuple[list[str], Any]", render_jinja_template(
+            [messages], chat_template=chat_template, add_generation_prompt=gen,
+            bos_token=bos_token or "", eos_token=eos_token or ""))
         return texts[0]
 
     return recover_chat_format(render, bos_token=bos_token, eos_token=eos_token, add_bos=add_bos,

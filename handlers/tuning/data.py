@@ -209,7 +209,9 @@ def _encode(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
 def _render(tokenizer: PreTrainedTokenizerBase, messages: Messages, generation_prompt: bool) -> str:
     if not messages:
         return ""
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+    assert isinstance(text, str)  # tokenize=False renders text
+    return text
 
 
 def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:

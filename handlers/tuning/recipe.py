@@ -34,7 +34,7 @@ import warnings
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 import numpy as np
 import torch
@@ -176,7 +176,7 @@ def _seed_all(seed: int) -> None:
 
 def _rng_state() -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     py = random.getstate()
-    npy = np.random.get_state()
+    npy = cast("tuple[str, np.ndarray, int, int, float]", np.random.get_state())  # the legacy tuple form
     plain = {"python": [py[0], list(py[1]), py[2]],
              "numpy": [npy[0], npy[1].tolist(), int(npy[2]), int(npy[3]), float(npy[4])]}
     tensors = {"torch": torch.get_rng_state()}
@@ -213,7 +213,7 @@ def _load_model(base_dir: Path, hp: Hyperparameters, device: torch.device, dtype
     model.config.use_cache = False
     lora = LoraConfig(
         r=hp.lora_r,
-        lora_alpha=hp.lora_alpha,
+        lora_alpha=hp.lora_alpha,  # type: ignore[arg-type]  # peft annotates int; a float alpha works (alpha / r)
         lora_dropout=hp.lora_dropout,
         target_modules=hp.target_modules,
         bias="none",
@@ -245,7 +245,7 @@ def _lora_state(model: Any) -> dict[str, torch.Tensor]:
 def _load_lora_state(model: Any, state: dict[str, torch.Tensor]) -> None:
     from peft import set_peft_model_state_dict
 
-    result = set_peft_model_state_dict(model, state)
+    result: Any = set_peft_model_state_dict(model, state)  # peft annotates `namedtuple`: torch's _IncompatibleKeys
     bad = [k for k in (*result.unexpected_keys, *result.missing_keys) if "lora_" in k]
     if bad:
         raise InvalidInputError(f"checkpoint adapter does not match the model: {bad[:3]}")

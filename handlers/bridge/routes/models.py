@@ -29,7 +29,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from core.settings import Settings
 from events import subjects as s
-from events.payloads import ModelPullRequested, ModelPushRequested
+from events.payloads import ModelPullRequested, ModelPushed, ModelPushFailed, ModelPushRequested
 from handlers.bridge.errors import field_errors, invalid, invalid_field
 from handlers.bridge.seed import JOB_ID_PATTERN
 from handlers.bridge.services import ClientDep, MongoDB, SettingsDep
@@ -189,8 +189,9 @@ async def push_model(body: PushBody, client: ClientDep, settings: SettingsDep) -
     except TimeoutError:
         return JSONResponse(PushAnswer(status="pending", repo_id=command.repo_id, job_id=job_id,
                                        private=command.private).model_dump(), status_code=202)
-    if subject == s.MODEL_PUSH_FAILED:
-        error = answer.error  # type: ignore[attr-defined]
+    if isinstance(answer, ModelPushFailed):
+        error = answer.error
         raise HTTPException(PUSH_STATUS.get(error.code, 502), f"{error.code}: {error.message}")
+    assert isinstance(answer, ModelPushed), subject  # publish_and_wait parses each subject's own payload
     return PushAnswer(status="ok", repo_id=command.repo_id, job_id=job_id, private=command.private,
-                      commit_url=answer.commit_url, files=answer.files)  # type: ignore[attr-defined]
+                      commit_url=answer.commit_url, files=answer.files)

@@ -46,7 +46,7 @@ def _authorized(websocket: WebSocket, services: Services) -> bool:
     credentials = HTTPAuthorizationCredentials(scheme=scheme, credentials=token) if scheme.lower() == "bearer" \
         and token else None
     try:
-        check_token(websocket, services.settings, credentials)  # type: ignore[arg-type]
+        check_token(websocket, services.settings, credentials)
     except HTTPException:
         return False
     return True
