@@ -54,10 +54,6 @@ class NotFoundError(CodeTuneError):
     code = "not_found"
 
 
-class DatasetNotFoundError(NotFoundError):
-    code = "dataset_not_found"
-
-
 class RepoNotFoundError(NotFoundError):
     code = "model_not_found"
 

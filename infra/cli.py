@@ -7,7 +7,7 @@ import contextlib
 import json
 import os
 import sys
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -757,10 +757,6 @@ def contract() -> None:
     from events.subjects import contract_markdown
 
     print(contract_markdown())
-
-
-def register(extra: Callable[[typer.Typer], None]) -> None:
-    extra(app)
 
 
 def main() -> None:
