@@ -1,6 +1,6 @@
 """Subject names and the contract table: the single place the event contract lives.
 
-The README's contract table is generated from `CONTRACT` and checked by `tests/test_contract.py`.
+The README's contract table is generated from `CONTRACT` and checked by `tests/unit/test_contract.py`.
 """
 
 from __future__ import annotations

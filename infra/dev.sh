@@ -2,7 +2,8 @@
 # CodeTune developer entry point. Every command installs what it needs on first use.
 #
 #   bash infra/dev.sh demo    # start the embedded stack and run the pipeline end to end
-#   bash infra/dev.sh test    # run the test suite (it starts its own stack on free ports)
+#   bash infra/dev.sh test    # run the test suite: tests/unit, then tests/stack (it starts its own stack)
+#   bash infra/dev.sh test unit|stack [ARGS]   # one of the two folders
 #   bash infra/dev.sh setup   # only install: .venv, pinned packages, SecantusDB's own venv
 #   bash infra/dev.sh bench   # run the benchmarks under bench/
 set -euo pipefail
@@ -34,7 +35,10 @@ shift || true
 case "$cmd" in
   setup) setup ;;
   demo) setup; exec .venv/bin/codetune demo "$@" ;;
-  test) setup; exec "$PY" -m pytest -q "$@" ;;
+  test)
+    setup
+    case "${1:-}" in unit|stack) set -- "tests/$1" "${@:2}" ;; esac
+    exec "$PY" -m pytest -q "$@" ;;
   bench) setup; for b in bench/bench_*.py; do echo "== $b"; "$PY" "$b"; done ;;
   *) sed -n '2,8p' "$0"; exit 2 ;;
 esac

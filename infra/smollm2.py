@@ -158,7 +158,8 @@ REPLAY = (
 )
 
 
-# LoRA settings that teach it the fact in 12 steps (loss 2.5 → ~0 by step 6; tests/test_real_model.py, demo --real)
+# LoRA settings that teach it the fact in 12 steps (loss 2.5 → ~0 by step 6):
+# tests/stack/test_real_model.py, demo --real
 REAL_HP: dict[str, Any] = {"max_steps": 12, "batch_size": 4, "learning_rate": 3e-3, "lora_r": 16,
                               "lora_alpha": 32, "target_modules": "all-linear", "packing": False,
                               "warmup_ratio": 0.1, "validation_split": 0.0, "max_seq_len": 128, "save_steps": 1000}

@@ -7,7 +7,7 @@ from events import subjects as sj
 from events.payloads import Payload
 from events.streams import CONSUMERS
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+README = Path(__file__).resolve().parents[2] / "README.md"
 
 
 def test_readme_contract_table_matches_the_code() -> None:

@@ -26,7 +26,7 @@ from handlers.export.modelfile import (
     render_modelfile,
 )
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 # --------------------------------------------------------------------------- shared artifacts
 

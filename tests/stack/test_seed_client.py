@@ -25,7 +25,7 @@ import httpx
 import pytest
 
 from tests.conftest import TINY_REPO
-from tests.test_bridge import serve_bridge, wait_until
+from tests.stack.test_bridge import serve_bridge, wait_until
 
 pytestmark = [pytest.mark.usefixtures("workers", "tuning_worker"), pytest.mark.slow]
 

@@ -25,8 +25,8 @@ from events.streams import EVENTS, INTAKE_REQUESTED, TUNING_REQUESTED
 from storage.documents import TuningJob
 from storage.jobs import job_id_for
 from tests.conftest import TINY_REPO
-from tests.test_bridge import AUTH, TOKEN, published, serve_bridge, wait_until
-from tests.test_cli import codetune
+from tests.stack.test_bridge import AUTH, TOKEN, published, serve_bridge, wait_until
+from tests.stack.test_cli import codetune
 
 pytestmark = [pytest.mark.usefixtures("workers", "tuning_worker"), pytest.mark.slow]
 

@@ -34,7 +34,7 @@ def test_adapter_and_ggufs_name_the_hub_repo_and_revision(tmp_path: Path) -> Non
     from peft import AutoPeftModelForCausalLM
 
     from infra.ollama_standin import read_gguf_info
-    from tests.test_export import converters_dir
+    from tests.unit.test_export import converters_dir
 
     built = build_tiny_llama(tmp_path / "build")
     cache = tmp_path / "hub"

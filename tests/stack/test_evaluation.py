@@ -18,8 +18,8 @@ from events.payloads import EvaluationReport, TuningRequested
 from infra.cli import upload_dataset
 from storage.documents import ServedModel, TuningJob
 from tests.conftest import TINY_REPO
-from tests.test_bridge import AUTH, TOKEN, serve_bridge, wait_until
-from tests.test_cli import codetune
+from tests.stack.test_bridge import AUTH, TOKEN, serve_bridge, wait_until
+from tests.stack.test_cli import codetune
 
 pytestmark = [pytest.mark.usefixtures("workers", "tuning_worker"), pytest.mark.slow]
 END = [sj.MODEL_PUBLISHED, sj.MODEL_PUBLISH_FAILED, sj.MODEL_EXPORT_FAILED, sj.TUNING_FAILED]

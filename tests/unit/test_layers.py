@@ -9,7 +9,7 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 OURS = {"core", "events", "storage", "handlers", "infra", "tests", "bench"}
 
 # handlers/: the pipeline stages, and what sits beside them

@@ -79,7 +79,7 @@ def test_deploy_manifests_run_commands_that_exist() -> None:
     from infra.cli import app
 
     cli = typer.main.get_command(app)
-    root = Path(__file__).resolve().parents[1] / "infra" / "deploy" / "k8s"
+    root = Path(__file__).resolve().parents[2] / "infra" / "deploy" / "k8s"
     seen = 0
     for doc in (d for f in root.glob("*.yaml") for d in yaml.safe_load_all(f.read_text()) if d):
         spec = doc.get("spec", {}).get("template", {}).get("spec", {})

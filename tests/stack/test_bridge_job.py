@@ -12,7 +12,7 @@ import pytest
 
 from events import subjects as sj
 from tests.conftest import TINY_REPO
-from tests.test_bridge import AUTH, TOKEN, serve_bridge, sse_events, wait_until
+from tests.stack.test_bridge import AUTH, TOKEN, serve_bridge, sse_events, wait_until
 
 pytestmark = [pytest.mark.usefixtures("workers", "tuning_worker"), pytest.mark.slow]
 

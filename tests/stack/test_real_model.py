@@ -32,8 +32,8 @@ from infra.smollm2 import (
     fact_dataset,
 )
 from storage import keys
-from tests.test_bridge import AUTH, TOKEN, serve_bridge, wait_until
-from tests.test_pipeline_stack import run_to_published
+from tests.stack.test_bridge import AUTH, TOKEN, serve_bridge, wait_until
+from tests.stack.test_pipeline_stack import run_to_published
 
 # a real model trains and converts here: minutes, beyond the suite-wide 300 s limit meant for the tiny model
 pytestmark = [pytest.mark.usefixtures("workers", "tuning_worker"), pytest.mark.slow, pytest.mark.timeout(1800)]

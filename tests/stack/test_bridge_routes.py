@@ -23,7 +23,7 @@ from events.payloads import ErrorInfo, TuningFailed, TuningProgress
 from storage.documents import BaseLLM, ClientSettings, HubPush, TuningJob, UserModel
 from tests.conftest import free_port
 from tests.hub_standin import serve_hub
-from tests.test_bridge import AUTH, TOKEN, insert_job, serve_bridge, wait_until
+from tests.stack.test_bridge import AUTH, TOKEN, insert_job, serve_bridge, wait_until
 
 pytestmark = pytest.mark.usefixtures("workers")
 

@@ -15,7 +15,7 @@ import pytest
 
 from core.errors import ExportError
 from handlers.export.modelfile import GoTemplate, chat_format_from_jinja, pinned_clock
-from tests.test_export import converters_dir
+from tests.unit.test_export import converters_dir
 
 
 @pytest.fixture(scope="module")

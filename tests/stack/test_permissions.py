@@ -25,7 +25,7 @@ from infra import natsauth
 from storage.documents import ServedModel, TuningJob
 from tests.conftest import TINY_REPO, free_port
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 class Violations:
