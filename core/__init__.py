@@ -1,0 +1,1 @@
+"""CodeTune's neutral base: errors, settings, dataset formats; imports nothing of ours."""
