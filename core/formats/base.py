@@ -7,7 +7,6 @@ Standard library only: the datasets stage (which never imports torch) and the tr
 from __future__ import annotations
 
 import json
-from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -38,14 +37,15 @@ class UnknownFormatError(ValueError):
     """A format name that no module in `core/formats/` defines."""
 
 
-@dataclass(frozen=True)
+@dataclass
 class Example:
     """One checked row, independent of any tokenizer.
 
     Exactly one of `text` (a plain causal-LM example: every token is trained on) and `messages` (a
     conversation in `ROLES`: only `TRAINED_ROLE` turns are trained on, the rest is prompt) is set.
     `chars` and `roles` are what the dataset profile counts for the row; `key` is its canonical text
-    (equal keys are exact duplicates).
+    (equal keys are exact duplicates). `answers` / `empty_answers` (derived): the turns trained on and
+    those of them with no content (a text example counts as one answer).
     """
 
     text: str | None = None
@@ -53,20 +53,20 @@ class Example:
     chars: int = 0
     roles: Mapping[str, int] = field(default_factory=dict)
     key: str = ""
+    answers: int = field(init=False, default=1)
+    empty_answers: int = field(init=False, default=0)
 
-    @property
-    def answers(self) -> int:
-        """Turns trained on (a text example counts as one)."""
+    def __post_init__(self) -> None:
         if self.messages is None:
-            return 1
-        return sum(1 for m in self.messages if m["role"] == TRAINED_ROLE)
-
-    @property
-    def empty_answers(self) -> int:
-        """Trained-on turns with no content (a blank text line counts as one)."""
-        if self.messages is None:
-            return 0 if (self.text or "").strip() else 1
-        return sum(1 for m in self.messages if m["role"] == TRAINED_ROLE and not m["content"].strip())
+            self.empty_answers = 0 if (self.text or "").strip() else 1
+            return
+        answers = empty = 0
+        for m in self.messages:
+            if m["role"] == TRAINED_ROLE:
+                answers += 1
+                if not m["content"].strip():
+                    empty += 1
+        self.answers, self.empty_answers = answers, empty
 
     @property
     def trainable(self) -> bool:
@@ -101,7 +101,8 @@ class Format:
         """One non-blank line (already decoded) → its `Example` with its duplicate key set."""
         obj = json_object(line)
         ex = self.check(obj)
-        return Example(ex.text, ex.messages, ex.chars, ex.roles, canonical(obj))
+        ex.key = canonical(obj)
+        return ex
 
 
 # --------------------------------------------------------------------------- helpers for format modules
@@ -141,12 +142,13 @@ def conversation(turns: Sequence[tuple[str, str]], where: str) -> Example:
     assistant turn (empty ones are allowed: the profile warns, training skips a row with no text)."""
     if not turns:
         raise RowProblem(f"'{where}' must be a non-empty list")
-    roles: Counter[str] = Counter()
-    for i, (role, _) in enumerate(turns):
-        if role == "system" and i != 0:
+    roles: dict[str, int] = {}
+    chars = 0
+    for i, (role, content) in enumerate(turns):
+        if role == "system" and i:
             raise RowProblem(f"{where}[{i}]: a system message may only come first")
-        roles[role] += 1
-    if not roles[TRAINED_ROLE]:
+        roles[role] = roles.get(role, 0) + 1
+        chars += len(content)
+    if TRAINED_ROLE not in roles:
         raise RowProblem("no assistant message: nothing to learn from this example")
-    return Example(messages=[{"role": r, "content": c} for r, c in turns],
-                   chars=sum(len(c) for _, c in turns), roles=dict(roles))
+    return Example(messages=[{"role": r, "content": c} for r, c in turns], chars=chars, roles=roles)
