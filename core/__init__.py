@@ -1,1 +1,1 @@
-"""The neutral base layer: errors, settings and the bucket key rule; it imports nothing of CodeTune's."""
+"""The neutral base layer: errors, settings, the bucket key rule, the dataset formats; imports nothing of ours."""

@@ -13,6 +13,7 @@ from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from core import formats
 from core.errors import UnsafeKeyError
 from core.keys import check_key
 
@@ -91,7 +92,9 @@ class ErrorInfo(BaseModel):
 
 # --------------------------------------------------------------------------- datasets
 
-DatasetFormat = Literal["text", "alpaca", "chat"]
+# Derived from the format registry (core/formats/, one module per format): never listed by hand.
+DatasetFormat = Literal[formats.NAMES]  # type: ignore[valid-type]
+UploadFormat = Literal[("auto", *formats.NAMES)]  # type: ignore[valid-type]  # "auto": detected from the file
 
 
 class LineError(BaseModel):
@@ -161,7 +164,7 @@ class DatasetUploaded(Payload):
     dataset_id: Id
     key: Key = Field(description="object key in the bucket")
     name: FileName
-    format: Literal["auto", "text", "alpaca", "chat"] = "auto"
+    format: UploadFormat = "auto"
     failure_subject: ClassVar[str | None] = "dataset.failed"
 
 

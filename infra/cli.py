@@ -15,6 +15,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from core import formats
 from core.settings import Settings, get_settings
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__)
@@ -172,7 +173,7 @@ def worker(
 def dataset_upload(
     file: Path = typer.Argument(..., exists=True, dir_okay=False, readable=True),
     name: str | None = typer.Option(None, help="name to record (default: the file name)"),
-    fmt: str = typer.Option("auto", "--format", help="auto | text | alpaca | chat"),
+    fmt: str = typer.Option("auto", "--format", help=" | ".join(("auto", *formats.NAMES))),
     wait: bool = typer.Option(True, help="wait for the datasets stage's verdict"),
     timeout: float = typer.Option(120.0),
 ) -> None:

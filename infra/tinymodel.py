@@ -26,17 +26,11 @@ import tempfile
 from pathlib import Path
 from typing import Literal
 
+from core.formats import CHATML_TEMPLATE  # ChatML: every turn ends with <|im_end|>, the eos token here
+
 BOS, EOS, UNK, PAD = "<s>", "</s>", "<unk>", "<pad>"
 IM_START, IM_END = "<|im_start|>", "<|im_end|>"
 
-# ChatML, the template of Qwen and many others. Every turn ends with <|im_end|>, which is the tokenizer's
-# eos token: `generate()` and llama.cpp both stop at end of turn (the classic "never stops" bug).
-CHATML_TEMPLATE = (
-    "{% for message in messages %}"
-    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
-)
 
 # --------------------------------------------------------------------------- toy knowledge
 

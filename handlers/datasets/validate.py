@@ -1,9 +1,8 @@
 """Dataset validation and profiling: pure functions over a stream of byte chunks.
 
-Formats (detected from the first non-blank line unless the upload names one):
-- `text`:   one training example per line (the seed's format);
-- `alpaca`: JSONL `{"instruction": str, "input": str?, "output": str}`;
-- `chat`:   JSONL `{"messages": [{"role": ..., "content": ...}, ...]}` (OpenAI fine-tuning style).
+The formats (detected from the first non-blank line unless the upload names one) and their row checks
+are the registry's (`core/formats/`, one module per format); this module streams the lines through it,
+collects line errors and profiles the valid rows.
 
 Every line is checked; up to `max_errors` line errors are reported with 1-based line numbers, the way
 OpenAI's training-file validation reports them.
@@ -12,98 +11,13 @@ OpenAI's training-file validation reports them.
 from __future__ import annotations
 
 import hashlib
-import json
 from collections import Counter
 from collections.abc import AsyncIterable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+from core import formats
 from events.payloads import DatasetFormat, DatasetProfile, LineError, LintWarning
-
-CHAT_ROLES = {"system", "user", "assistant", "tool"}
-MAX_LINE_CHARS = 1_000_000
-
-
-class LineProblem(ValueError):
-    pass
-
-
-def str_field(obj: dict[str, Any], name: str, *, required: bool) -> str:
-    if name not in obj:
-        if required:
-            raise LineProblem(f"missing required key '{name}'")
-        return ""
-    value = obj[name]
-    if not isinstance(value, str):
-        raise LineProblem(f"'{name}' must be a string, got {type(value).__name__}")
-    if required and not value.strip():
-        raise LineProblem(f"'{name}' is empty")
-    return value
-
-
-def json_object(line: str) -> dict[str, Any]:
-    try:
-        obj = json.loads(line)
-    except json.JSONDecodeError as e:
-        raise LineProblem(f"invalid JSON: {e.msg} at column {e.colno}") from None
-    if not isinstance(obj, dict):
-        raise LineProblem(f"expected a JSON object, got {type(obj).__name__}")
-    return obj
-
-
-@dataclass
-class RowInfo:
-    """What profiling and lint need from one valid row."""
-
-    chars: int
-    roles: Counter[str] = field(default_factory=Counter)
-    key: str = ""  # canonical text: equal keys are exact duplicates
-    empty_turns: int = 0  # assistant turns with no content
-    trainable: bool = True  # there is assistant (or plain) text to learn from
-
-
-def _canonical(obj: dict[str, Any]) -> str:
-    return json.dumps(obj, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
-
-
-def check_text(line: str) -> RowInfo:
-    return RowInfo(len(line), key=line)
-
-
-def check_alpaca(line: str) -> RowInfo:
-    obj = json_object(line)
-    chars = sum(len(str_field(obj, k, required=k == "instruction")) for k in ("instruction", "input", "output"))
-    if "output" not in obj:
-        raise LineProblem("missing required key 'output'")
-    return RowInfo(chars, key=_canonical(obj), trainable=bool(obj["output"].strip()))
-
-
-def check_chat(line: str) -> RowInfo:
-    obj = json_object(line)
-    messages = obj.get("messages")
-    if not isinstance(messages, list) or not messages:
-        raise LineProblem("'messages' must be a non-empty list")
-    roles: Counter[str] = Counter()
-    chars = empty = 0
-    for i, m in enumerate(messages):
-        if not isinstance(m, dict):
-            raise LineProblem(f"messages[{i}] must be an object")
-        role = m.get("role")
-        if role not in CHAT_ROLES:
-            raise LineProblem(f"messages[{i}].role must be one of {sorted(CHAT_ROLES)}, got {role!r}")
-        if role == "system" and i != 0:
-            raise LineProblem(f"messages[{i}]: a system message may only come first")
-        content = m.get("content")
-        if not isinstance(content, str):
-            raise LineProblem(f"messages[{i}].content must be a string")
-        if role == "assistant" and not content.strip():
-            empty += 1
-        roles[role] += 1
-        chars += len(content)
-    if not roles["assistant"]:
-        raise LineProblem("no assistant message: nothing to learn from this example")
-    return RowInfo(chars, roles, _canonical(obj), empty, trainable=empty < roles["assistant"])
-
 
 MAX_WARNING_LINES = 20
 
@@ -114,24 +28,6 @@ def lint_warning(code: str, lines: list[int], message: str) -> LintWarning | Non
         return None
     return LintWarning(code=code, count=len(lines), message=message.format(n=len(lines)),
                        lines=lines[:MAX_WARNING_LINES])
-
-
-CHECKERS = {"text": check_text, "alpaca": check_alpaca, "chat": check_chat}
-
-
-def detect_format(first_line: str) -> DatasetFormat:
-    stripped = first_line.lstrip()
-    if not stripped.startswith("{"):
-        return "text"
-    try:
-        obj = json.loads(stripped)
-    except json.JSONDecodeError:
-        return "text"
-    if isinstance(obj, dict) and "messages" in obj:
-        return "chat"
-    if isinstance(obj, dict) and ("instruction" in obj or "output" in obj):
-        return "alpaca"
-    return "text"
 
 
 @dataclass
@@ -163,7 +59,7 @@ class DatasetValidator:
 
     format: str = "auto"
     max_errors: int = 20
-    _fmt: DatasetFormat | None = None
+    _fmt: formats.Format | None = None
     _buf: bytes = b""
     _line_no: int = 0
     _lines: int = 0
@@ -188,35 +84,26 @@ class DatasetValidator:
 
     def _line(self, raw: bytes) -> None:
         self._line_no += 1
-        if raw.endswith(b"\r"):
-            raw = raw[:-1]
         try:
-            line = raw.decode("utf-8")
-        except UnicodeDecodeError as e:
-            self._error(f"not valid UTF-8 at byte {e.start}")
-            return
-        if not line.strip():
-            return
-        if self._fmt is None:
-            self._fmt = detect_format(line) if self.format == "auto" else self.format  # type: ignore[assignment]
-        if len(line) > MAX_LINE_CHARS:
-            self._error(f"line is longer than {MAX_LINE_CHARS} characters")
-            return
-        try:
-            info = CHECKERS[self._fmt](line)  # type: ignore[index]
-        except LineProblem as e:
+            line = formats.read_line(raw)
+            if line is None:
+                return
+            if self._fmt is None:
+                self._fmt = formats.detect(line) if self.format == "auto" else formats.get(self.format)
+            ex = self._fmt.parse(line)
+        except formats.RowProblem as e:
             self._error(str(e))
             return
         self._lines += 1
-        self._sizes.append(info.chars)
-        self._roles.update(info.roles)
-        digest = hashlib.blake2b(info.key.encode(), digest_size=16).digest()
+        self._sizes.append(ex.chars)
+        self._roles.update(ex.roles)
+        digest = hashlib.blake2b(ex.key.encode(), digest_size=16).digest()
         if digest in self._seen:
             self._dups.append(self._line_no)
         self._seen.add(digest)
-        if not info.trainable:
+        if not ex.trainable:
             self._untrainable.append(self._line_no)
-        elif info.empty_turns:
+        elif ex.empty_answers:
             self._empty_turns.append(self._line_no)
 
     def _error(self, message: str) -> None:
@@ -245,12 +132,12 @@ class DatasetValidator:
         if valid and self._fmt:
             chars = sum(self._sizes)
             profile = DatasetProfile(
-                format=self._fmt, rows=valid, bytes=self._bytes, chars=chars,
+                format=self._fmt.name, rows=valid, bytes=self._bytes, chars=chars,
                 tokens_estimate=(chars + 3) // 4, min_chars=min(self._sizes), max_chars=max(self._sizes),
                 mean_chars=round(chars / valid, 2), roles=dict(self._roles), sha256=self._sha.hexdigest(),
                 warnings=self.warnings(),
             )
-        return Report(self._fmt, profile, self._errors, self._invalid, self._lines)
+        return Report(self._fmt.name if self._fmt else None, profile, self._errors, self._invalid, self._lines)
 
 
 def validate_bytes(chunks: Iterable[bytes], fmt: str = "auto", max_errors: int = 20) -> Report:

@@ -1,6 +1,6 @@
 """Tuning stage: LoRA fine-tuning of a pulled base model on a validated dataset.
 
-- `data.py`: loads and checks a dataset file (text / alpaca / chat), tokenizes it with assistant-only
+- `data.py`: reads a dataset file through the format registry (`core/formats/`), tokenizes it with assistant-only
   labels, splits off validation, packs or pads batches. No broker imports.
 - `recipe.py`: one readable training loop (peft LoRA, AdamW, warmup + schedule, grad accumulation,
   eval, early stopping, resumable checkpoints). No broker imports: the stage handler calls `train()` from

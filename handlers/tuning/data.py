@@ -1,16 +1,16 @@
 """Training data for the tuning stage: read → check → tokenize (with loss masks) → split → pack/pad.
 
 Like litgpt's data modules, this module checks its own input instead of trusting that the dataset stage
-ran: a file can be re-uploaded, or a format mis-declared. A row that cannot be used is an error naming its
-1-based line (`DatasetRowsError`, a `DatasetFormatError`), never a silent skip or a crash deep in a loop.
+ran: a file can be re-uploaded, or a format mis-declared. Rows are read through the format registry
+(`core/formats/`, one module per format), the same checks the datasets stage runs, so the trainer never
+accepts a row the validator rejects. A row that cannot be used is an error naming its 1-based line
+(`DatasetRowsError`, a `DatasetFormatError`), never a silent skip or a crash deep in a loop.
 
-Formats:
-- `text`:   one example per line; causal LM, loss on every token, each example ends with EOS.
-- `alpaca`: `{"instruction", "input"?, "output"}` rendered as a user/assistant chat through the
-            tokenizer's own chat template, so the tune matches how the model is prompted when served.
-- `chat`:   `{"messages": [{"role", "content"}, ...]}` through `tokenizer.apply_chat_template`.
-For alpaca/chat only assistant turns (including their end-of-turn token, so the model learns to stop)
-carry labels; everything else is `IGNORE_INDEX`.
+Each format turns a row into a tokenizer-independent example: plain text (a causal LM, loss on every
+token, each example ends with EOS) or a conversation rendered through the tokenizer's own chat template
+(ChatML when it has none), so the tune matches how the model is prompted when served; only assistant turns
+(including their end-of-turn token, so the model learns to stop) carry labels, everything else is
+`IGNORE_INDEX`.
 
 Packing puts whole examples into sequences of up to `max_seq_len` tokens (best-fit decreasing: blocks
 come out nearly full, and no example is cut off from its prompt). Each example restarts its
@@ -30,11 +30,12 @@ import random
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
+from core import formats
 from core.errors import DatasetFormatError
+from core.formats import TRAINED_ROLE, Messages, RowProblem
 from events.payloads import LineError
-from handlers.datasets.validate import LineProblem, json_object, str_field
 
 if TYPE_CHECKING:
     import torch
@@ -43,20 +44,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("codetune.tuning.data")
 
 IGNORE_INDEX = -100
-FORMATS = ("text", "alpaca", "chat")
-ROLES = frozenset({"system", "user", "assistant", "tool"})
 MAX_REPORTED_ERRORS = 20
-
-# Used only when a tokenizer has no chat template of its own (a base model): the adapter directory then
-# carries this template, so export/serving render prompts exactly as training did.
-DEFAULT_CHAT_TEMPLATE = (
-    "{% for message in messages %}"
-    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
-)
-
-Messages = list[dict[str, str]]
 
 
 class DatasetRowsError(DatasetFormatError):
@@ -69,11 +57,18 @@ class DatasetRowsError(DatasetFormatError):
 
 @dataclass(frozen=True)
 class Row:
-    """One usable source row: its 1-based line and either plain text or chat messages."""
+    """One usable source row: its 1-based line and its format's example (plain text or chat messages)."""
 
     line: int
-    text: str | None = None
-    messages: Messages | None = None
+    example: formats.Example
+
+    @property
+    def text(self) -> str | None:
+        return self.example.text
+
+    @property
+    def messages(self) -> Messages | None:
+        return self.example.messages
 
 
 @dataclass
@@ -96,57 +91,9 @@ class Example:
 # --------------------------------------------------------------------------- reading and checking
 
 
-# The same per-line checks as the datasets stage (a row that passed validation parses here too).
-_RowProblem = LineProblem
-_json_object = json_object
-
-
-def _string(obj: dict[str, Any], key: str, *, required: bool) -> str:
-    return str_field(obj, key, required=required)
-
-
-def alpaca_messages(obj: dict[str, Any]) -> Messages:
-    """Alpaca record → a user/assistant chat (the input, if any, follows the instruction)."""
-    instruction = _string(obj, "instruction", required=True)
-    extra = _string(obj, "input", required=False)
-    if "output" not in obj:
-        raise _RowProblem("missing required key 'output'")
-    output = _string(obj, "output", required=False)  # empty: nothing to learn, dropped by tokenize_rows
-    prompt = f"{instruction}\n\n{extra}" if extra.strip() else instruction
-    return [{"role": "user", "content": prompt}, {"role": "assistant", "content": output}]
-
-
-def chat_messages(obj: dict[str, Any]) -> Messages:
-    messages = obj.get("messages")
-    if not isinstance(messages, list) or not messages:
-        raise _RowProblem("'messages' must be a non-empty list")
-    out: Messages = []
-    for i, m in enumerate(messages):
-        if not isinstance(m, dict):
-            raise _RowProblem(f"messages[{i}] must be an object")
-        role, content = m.get("role"), m.get("content")
-        if role not in ROLES:
-            raise _RowProblem(f"messages[{i}].role must be one of {sorted(ROLES)}, got {role!r}")
-        if not isinstance(content, str):
-            raise _RowProblem(f"messages[{i}].content must be a string")
-        out.append({"role": role, "content": content})
-    if not any(m["role"] == "assistant" for m in out):
-        raise _RowProblem("no assistant message: nothing to learn from this row")
-    return out  # all assistant turns empty: valid, but dropped by tokenize_rows (nothing to learn)
-
-
 def has_answer(row: Row) -> bool:
     """Whether the row has text to learn from (plain text, or a non-empty assistant turn)."""
-    if row.messages is None:
-        return bool((row.text or "").strip())
-    return any(m["role"] == "assistant" and m["content"].strip() for m in row.messages)
-
-
-def _parse(fmt: str, line: str) -> Row:
-    if fmt == "text":
-        return Row(0, text=line)
-    obj = _json_object(line)
-    return Row(0, messages=alpaca_messages(obj) if fmt == "alpaca" else chat_messages(obj))
+    return row.example.trainable
 
 
 def _rows_error(path: Path, fmt: str, errors: list[LineError], bad: int, total: int) -> DatasetRowsError:
@@ -159,30 +106,26 @@ def _rows_error(path: Path, fmt: str, errors: list[LineError], bad: int, total: 
 
 def read_rows(path: Path, fmt: str) -> list[Row]:
     """Parse and check every non-blank line; raise `DatasetRowsError` naming the bad ones."""
-    if fmt not in FORMATS:
-        raise DatasetFormatError(f"unknown dataset format {fmt!r}; expected one of {list(FORMATS)}")
+    try:
+        parser = formats.get(fmt)
+    except formats.UnknownFormatError as e:
+        raise DatasetFormatError(str(e)) from None
     rows: list[Row] = []
     errors: list[LineError] = []
     bad = total = 0
     with Path(path).open("rb") as f:
         for line_no, raw in enumerate(f, start=1):
             try:
-                line = raw.decode("utf-8").rstrip("\r\n")
-                if not line.strip():
-                    continue
+                example = formats.parse_line(parser, raw.removesuffix(b"\n"))
+            except RowProblem as e:
                 total += 1
-                row = _parse(fmt, line)
-            except UnicodeDecodeError:
-                total += 1
-                problem = "not valid UTF-8"
-            except _RowProblem as e:
-                problem = str(e)
-            else:
-                rows.append(Row(line_no, row.text, row.messages))
+                bad += 1
+                if len(errors) < MAX_REPORTED_ERRORS:
+                    errors.append(LineError(line=line_no, message=str(e)))
                 continue
-            bad += 1
-            if len(errors) < MAX_REPORTED_ERRORS:
-                errors.append(LineError(line=line_no, message=problem))
+            if example is not None:
+                total += 1
+                rows.append(Row(line_no, example))
     if bad:
         raise _rows_error(Path(path), fmt, errors, bad, total)
     if not rows:
@@ -194,10 +137,12 @@ def read_rows(path: Path, fmt: str) -> list[Row]:
 
 
 def ensure_chat_template(tokenizer: PreTrainedTokenizerBase) -> bool:
-    """Give a template-less (base-model) tokenizer ChatML; return True when it had to."""
+    """Give a template-less (base-model) tokenizer ChatML; return True when it had to.
+
+    `tokenize_chat` calls it, so the first conversation rendered sets it (it is saved with the adapter)."""
     if getattr(tokenizer, "chat_template", None):
         return False
-    tokenizer.chat_template = DEFAULT_CHAT_TEMPLATE
+    tokenizer.chat_template = formats.CHATML_TEMPLATE
     log.warning("tokenizer has no chat template; using ChatML (saved with the adapter)")
     return True
 
@@ -235,7 +180,7 @@ def _assistant_char_spans(tokenizer: PreTrainedTokenizerBase, messages: Messages
     cursor = 0
     eos = tokenizer.eos_token or ""
     for k, message in enumerate(messages):
-        if message["role"] != "assistant":
+        if message["role"] != TRAINED_ROLE:
             continue
         before = _render(tokenizer, messages[:k], True)
         upto = _render(tokenizer, messages[: k + 1], False)
@@ -244,7 +189,7 @@ def _assistant_char_spans(tokenizer: PreTrainedTokenizerBase, messages: Messages
         else:
             start = full.find(message["content"], cursor)
             if start < 0:
-                raise _RowProblem(f"chat template dropped assistant turn {k}: cannot locate it to train on")
+                raise RowProblem(f"chat template dropped assistant turn {k}: cannot locate it to train on")
             end = start + len(message["content"])
             if eos and full.startswith(eos, end):
                 end += len(eos)
@@ -263,6 +208,7 @@ def _token_index(tokenizer: PreTrainedTokenizerBase, full: str, full_ids: list[i
 
 
 def tokenize_chat(tokenizer: PreTrainedTokenizerBase, messages: Messages, max_seq_len: int) -> Example:
+    ensure_chat_template(tokenizer)
     full = _render(tokenizer, messages, False)
     ids = _encode(tokenizer, full)
     labels = [IGNORE_INDEX] * len(ids)
@@ -298,7 +244,7 @@ def tokenize_rows(
                 ex = tokenize_text(tokenizer, row.text, max_seq_len)
             else:
                 ex = tokenize_chat(tokenizer, row.messages or [], max_seq_len)
-        except _RowProblem as e:
+        except RowProblem as e:
             raise DatasetRowsError(f"line {row.line}: {e}", [LineError(line=row.line, message=str(e))]) from None
         if ex.trainable < (2 if row.text is not None else 1):
             dropped.append(LineError(line=row.line, message=f"no trainable tokens within max_seq_len "
@@ -375,8 +321,6 @@ def prepare(
     seed: int, packing: bool,
 ) -> tuple[list[Example], list[Example]]:
     """The whole pipeline: (train, validation) sequences ready for `batches`/`to_tensors`."""
-    if fmt != "text":
-        ensure_chat_template(tokenizer)
     examples = tokenize_rows(tokenizer, read_rows(path, fmt), max_seq_len, Path(path).name)
     train, val = split(examples, validation_split, seed)
     if packing:

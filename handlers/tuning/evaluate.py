@@ -50,8 +50,6 @@ def heldout(tokenizer: Any, dataset_path: Path, fmt: str, hp: Hyperparameters, m
             eval_data: tuple[Path, str] | None = None) -> tuple[str, list[D.Example], dict[int, D.Row]]:
     """The request's eval file (every row), else the rows training held out (unpacked), else the training
     rows when there was no validation split."""
-    if fmt != "text" or (eval_data and eval_data[1] != "text"):
-        D.ensure_chat_template(tokenizer)
     if eval_data is not None:
         rows = D.read_rows(Path(eval_data[0]), eval_data[1])
         examples = D.tokenize_rows(tokenizer, rows, hp.max_seq_len, Path(eval_data[0]).name)

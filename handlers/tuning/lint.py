@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from core.formats import RowProblem
 from events.payloads import DatasetLint, LengthBucket, LineError, TrainEstimate
 from handlers.datasets.validate import lint_warning
 from handlers.tuning import data as D
@@ -84,14 +85,14 @@ def _tokenize(tokenizer: PreTrainedTokenizerBase, rows: list[D.Row], max_seq_len
         if not D.has_answer(row):
             out.dropped.append(LineError(line=row.line, message="no assistant text to learn from"))
             continue
-        if row.messages and any(m["role"] == "assistant" and not m["content"].strip() for m in row.messages):
+        if row.example.empty_answers:
             out.empty_turns.append(row.line)
         try:
             if row.text is not None:
                 full = D.tokenize_text(tokenizer, row.text, sys.maxsize)
             else:
                 full = D.tokenize_chat(tokenizer, row.messages or [], sys.maxsize)
-        except D.LineProblem as e:
+        except RowProblem as e:
             raise D.DatasetRowsError(f"line {row.line}: {e}", [LineError(line=row.line, message=str(e))]) from None
         out.lengths.append(len(full))
         if len(full) > max_seq_len:
@@ -111,8 +112,6 @@ def prepare_with_lint(
     seed: int, packing: bool,
 ) -> tuple[DatasetLint, list[D.Example], list[D.Example]]:
     """`data.prepare` (same train/validation sequences) plus the lint of the data it read."""
-    if fmt != "text":
-        D.ensure_chat_template(tokenizer)
     rows = D.read_rows(path, fmt)
     t = _tokenize(tokenizer, rows, max_seq_len)
     if t.dropped:

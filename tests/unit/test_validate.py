@@ -2,7 +2,8 @@
 
 import json
 
-from handlers.datasets.validate import detect_format, validate_bytes
+from core import formats
+from handlers.datasets.validate import validate_bytes
 
 
 def chunks(text: str, size: int = 7) -> list[bytes]:
@@ -61,6 +62,6 @@ def test_invalid_utf8_and_empty_file() -> None:
 
 
 def test_explicit_format_overrides_detection() -> None:
-    assert detect_format('{"messages": []}') == "chat"
+    assert formats.detect('{"messages": []}').name == "chat"
     r = validate_bytes([b'{"messages": []}\n'], fmt="text")
     assert r.ok and r.format == "text"

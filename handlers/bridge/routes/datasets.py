@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import logging
-from typing import IO, Any, Literal
+from typing import IO, Any, get_args
 
 from fastapi import APIRouter, Query, Request
 from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, TypeAdapter, ValidationError
 
 from events.envelope import derived_id
-from events.payloads import DatasetUploaded
+from events.payloads import DatasetUploaded, UploadFormat
 from events.subjects import DATASET_UPLOADED
 from handlers.bridge.errors import field_errors, invalid
 from handlers.bridge.seed import dataset_view
@@ -22,11 +22,10 @@ from storage.documents import Dataset
 router = APIRouter(prefix="/api/v1/datasets", tags=["datasets"])
 log = logging.getLogger("codetune.bridge")
 
-Format = Literal["auto", "text", "alpaca", "chat"]
 MULTIPART = {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
     "type": "object", "required": ["file"], "properties": {
         "file": {"type": "string", "format": "binary", "description": "the dataset (.jsonl / .txt), any size"},
-        "format": {"type": "string", "enum": ["auto", "text", "alpaca", "chat"], "default": "auto"},
+        "format": {"type": "string", "enum": list(get_args(UploadFormat)), "default": "auto"},
         "name": {"type": "string", "description": "name to record (default: the file name)"}}}}}}}
 
 
@@ -35,13 +34,13 @@ class Uploaded(BaseModel):
     key: str
     name: str
     size: int
-    format: Format
+    format: UploadFormat
     event_id: str
 
 
-def form_options(fields: dict[str, str]) -> tuple[Format, str | None]:
+def form_options(fields: dict[str, str]) -> tuple[UploadFormat, str | None]:
     try:
-        fmt = TypeAdapter(Format).validate_python(fields.get("format") or "auto")
+        fmt = TypeAdapter(UploadFormat).validate_python(fields.get("format") or "auto")
     except ValidationError as e:
         raise invalid(field_errors(e, ("body", "format"))) from None
     return fmt, fields.get("name") or None
