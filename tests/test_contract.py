@@ -4,6 +4,8 @@ The README's table is generated from both and must not drift; every declaration 
 import re
 from pathlib import Path
 
+import pytest
+
 from events import subjects as sj
 from events.payloads import Payload
 from events.streams import CONSUMERS
@@ -65,3 +67,14 @@ def test_every_design_subject_has_a_versioned_payload() -> None:
 def test_every_consumed_subject_is_in_the_contract() -> None:
     for c in CONSUMERS:
         assert sj.spec_for(c.subject).kind in {"command", "fact"}
+
+
+def test_a_stage_publishes_only_what_it_declares() -> None:
+    from handlers.datasets.router import outputs as datasets
+    from handlers.tuning.router import outputs as tuning
+
+    assert datasets.publisher(sj.DATASET_VALIDATED) is datasets.publishers[sj.DATASET_VALIDATED]
+    with pytest.raises(RuntimeError, match="does not declare"):
+        datasets.publisher(sj.MODEL_PULLED)  # a forged fact would also be refused by its NATS user
+    # one declared publisher covers every job's progress subject
+    assert tuning.publisher(sj.progress_subject("job-1")) is tuning.publishers[sj.TUNING_PROGRESS + ".{job_id}"]
