@@ -312,7 +312,9 @@ async def dead_letter(msg: NatsMessage, reason: ErrorInfo, store: ObjectStore | 
     its key, size, sha256 and a bounded prefix."""
     raw = msg.raw_message
     md = raw.metadata
-    outputs = _LETTERS[md.consumer or ""]
+    outputs = _LETTERS.get(md.consumer or "")
+    if outputs is None:  # a programming error: a pipeline subscriber whose stage declares no letters for it
+        raise RuntimeError(f"no stage declares the dead letters of consumer {md.consumer!r} (Outputs(letters=...))")
     body: bytes = msg.body or b""
     headers = _bounded_headers(dict(msg.headers or {}))
     text = body_text(body)
