@@ -14,7 +14,7 @@ temporary folder on free loopback ports (`tests.conftest.stack_env`), provisions
     subject per row. A worker PROCESS (like a stage worker) consumes the input through a durable pull
     consumer created with the project's settings (`events.streams.Consumer(...).config()`: explicit ack,
     ack_wait 30 s, max_deliver 5, max_ack_pending 1000), re-publishes the body to the output subject with
-    `js.publish` (awaiting the PubAck, as `Emitter` -> `CodeTuneClient` does) and acks:
+    `js.publish` (awaiting the PubAck, as a stage's declared publisher does) and acks:
     - faststream: a stage handler as the stages have it: a `handlers.common.pipeline_router()` subscriber
       with `jetstream_subscriber()`'s arguments (PullSub(batch_size, timeout=1), AckPolicy.MANUAL with
       FailurePolicy acking after the handler, the CloudEvents decoder) on the bench stream; the handler
@@ -22,7 +22,7 @@ temporary folder on free loopback ports (`tests.conftest.stack_env`), provisions
       `async def use`, handlers.common.Injected) and calls `incoming(msg)`, on a `NatsBroker` configured as
       `build_app` does (access lines at DEBUG, dropped at the worker's INFO).
       faststream-before: the handler as the stages had it: FastStream's `NatsMessage` and a `Context()`
-      EmitterDep, whose sync `use` fast_depends runs through `anyio.to_thread.run_sync` (a worker-thread
+      client parameter, whose sync `use` fast_depends runs through `anyio.to_thread.run_sync` (a worker-thread
       round trip per parameter per message), and access lines at INFO (written to a file here).
       faststream-noctx: no context parameter at all and the access log off (`logger=None`): FastStream's
       own floor for a hop.
@@ -114,7 +114,7 @@ async def _serve_until_term(ctl: Path) -> None:
 async def _faststream_worker(tag: str, batch: int, ctl: Path, variant: str = "") -> None:
     """variant "": a stage handler as the stages have it (handlers.common: the message and the services as
     two context parameters resolved in the loop, `incoming(msg)`; build_app's access lines at DEBUG);
-    "before": as the stages had it before (FastStream's `NatsMessage` and `EmitterDep` as sync Context
+    "before": as the stages had it before (FastStream's `NatsMessage` and the publishing client as sync Context
     parameters, access lines at INFO); "noctx": no context parameter at all, access log off (the floor)."""
     import logging
     from typing import Annotated
@@ -126,7 +126,6 @@ async def _faststream_worker(tag: str, batch: int, ctl: Path, variant: str = "")
     from core.settings import Settings
     from events.client import CodeTuneClient, connect_options
     from handlers.common import (
-        Emitter,
         MessageDep,
         Services,
         ServicesDep,
@@ -149,24 +148,24 @@ async def _faststream_worker(tag: str, batch: int, ctl: Path, variant: str = "")
     kw = jetstream_subscriber(consumer, batch_size=batch)
     kw["stream"] = JStream(BENCH_STREAM, subjects=[f"{IN}.>", f"{OUT}.>"], declare=False)
 
-    emitters: list[Emitter] = []
+    clients: list[CodeTuneClient] = []
 
     if variant == "noctx":
         @router.subscriber(**kw, title=f"bench:{tag}")
         async def hop_noctx(event: HopEvent) -> None:
-            await emitters[0].client.publish_raw(out_subject, event.model_dump_json().encode())
+            await clients[0].publish_raw(out_subject, event.model_dump_json().encode())
     elif variant == "before":
-        SyncEmitterDep = Annotated[Emitter, Context("emitter")]
+        SyncClientDep = Annotated[CodeTuneClient, Context("client")]
 
         @router.subscriber(**kw, title=f"bench:{tag}")
-        async def hop_before(event: HopEvent, msg: NatsMessage, emitter: SyncEmitterDep) -> None:
+        async def hop_before(event: HopEvent, msg: NatsMessage, client: SyncClientDep) -> None:
             incoming(msg)
-            await emitter.client.publish_raw(out_subject, msg.body)
+            await client.publish_raw(out_subject, msg.body)
     else:
         @router.subscriber(**kw, title=f"bench:{tag}")
         async def hop(event: HopEvent, msg: MessageDep, services: ServicesDep) -> None:
             incoming(msg)
-            await services.emitter.client.publish_raw(out_subject, msg.body)
+            await clients[0].publish_raw(out_subject, msg.body)
 
     opts = connect_options(settings, "admin")
     servers = opts.pop("servers")
@@ -186,9 +185,9 @@ async def _faststream_worker(tag: str, batch: int, ctl: Path, variant: str = "")
     @app.on_startup
     async def _startup() -> None:
         await broker.connect()
-        emitters.append(Emitter(CodeTuneClient(broker.connection, source="codetune/bench")))
-        app.context.set_global("emitter", emitters[0])
-        app.context.set_global("services", Services(settings, ObjectStore(settings), emitters[0]))
+        clients.append(CodeTuneClient(broker.connection, source="codetune/bench"))
+        app.context.set_global("client", clients[0])
+        app.context.set_global("services", Services(settings, ObjectStore(settings)))
 
     await app.start()
     cpu0 = _cpu_s()
@@ -289,7 +288,6 @@ async def _provision(settings: Any) -> None:
 def _child_env(env: dict[str, str]) -> dict[str, str]:
     out = {k: v for k, v in os.environ.items() if not k.startswith("CODETUNE_")} | env
     out["PYTHONPATH"] = str(ROOT) + os.pathsep + out.get("PYTHONPATH", "")
-    out["CODETUNE_BUILD_APP"] = "0"
     return out
 
 
@@ -806,7 +804,6 @@ def main() -> None:
     if a.quick:
         a.events, a.paced, a.size_mb = 1000, 200, 250
     configs = [(side, int(b)) for side, _, b in (x.partition(":") for x in a.hops.split(","))]
-    os.environ.setdefault("CODETUNE_BUILD_APP", "0")
     t0 = time.perf_counter()
     load0 = os.getloadavg()[0]
     with tempfile.TemporaryDirectory(prefix="codetune-bench-") as d, local_stack(Path(d)) as (env, settings):

@@ -1,6 +1,8 @@
-"""Subject names and the contract table: the single place the event contract lives.
+"""Subject names and the contract: each subject's payload, kind, meaning and its outside parties.
 
-The README's contract table is generated from `CONTRACT` and checked by `tests/unit/test_contract.py`.
+Which stage emits or consumes a subject is not written here: the stages declare it in code (their
+routers' FastStream publishers and subscribers), and handlers/contract.py joins both into the README's
+contract table and the NATS permissions (infra/natsauth.py), checked by `tests/unit/test_contract.py`.
 """
 
 from __future__ import annotations
@@ -55,66 +57,59 @@ Kind = Literal["command", "fact", "request-reply"]
 
 @dataclass(frozen=True)
 class SubjectSpec:
+    """`clients_emit` / `clients_consume`: the outside parties (CLI, bridge, any client, operators, anyone)
+    that publish / read the subject, "" for none; the stages that do come from their routers."""
+
     subject: str
     payload: type[BaseModel]
     kind: Kind
-    emitted_by: str
-    consumed_by: str
+    clients_emit: str
+    clients_consume: str
     meaning: str
 
 
 CONTRACT: tuple[SubjectSpec, ...] = (
-    SubjectSpec(DATASET_UPLOADED, p.DatasetUploaded, "fact", "CLI, bridge, any client", "datasets",
+    SubjectSpec(DATASET_UPLOADED, p.DatasetUploaded, "fact", "CLI, bridge, any client", "",
                 "a file is in the bucket; validate and profile it"),
-    SubjectSpec(DATASET_VALIDATED, p.DatasetValidated, "fact", "datasets", "tuning (waiting jobs)",
-                "format, rows, token estimate"),
-    SubjectSpec(DATASET_FAILED, p.DatasetFailed, "fact", "datasets", "tuning (waiting jobs)",
-                "reason and line errors (line number + message)"),
-    SubjectSpec(MODEL_PULL_REQUESTED, p.ModelPullRequested, "command", "CLI, bridge, tuning", "models",
+    SubjectSpec(DATASET_VALIDATED, p.DatasetValidated, "fact", "", "", "format, rows, token estimate"),
+    SubjectSpec(DATASET_FAILED, p.DatasetFailed, "fact", "", "", "reason and line errors (line number + message)"),
+    SubjectSpec(MODEL_PULL_REQUESTED, p.ModelPullRequested, "command", "CLI, bridge", "",
                 "snapshot a hub repo (revision pinned) into the bucket"),
-    SubjectSpec(MODEL_PULLED, p.ModelPulled, "fact", "models", "tuning (waiting jobs)",
-                "base model is in the bucket under its commit sha"),
-    SubjectSpec(MODEL_PULL_FAILED, p.ModelPullFailed, "fact", "models", "tuning (waiting jobs)",
-                "the hub's reason (missing, gated, ...)"),
-    SubjectSpec(MODEL_PUSH_REQUESTED, p.ModelPushRequested, "command", "CLI (pipeline --push), bridge", "models",
+    SubjectSpec(MODEL_PULLED, p.ModelPulled, "fact", "", "", "base model is in the bucket under its commit sha"),
+    SubjectSpec(MODEL_PULL_FAILED, p.ModelPullFailed, "fact", "", "", "the hub's reason (missing, gated, ...)"),
+    SubjectSpec(MODEL_PUSH_REQUESTED, p.ModelPushRequested, "command", "CLI (pipeline --push), bridge", "",
                 "push a finished job's adapter, GGUFs, Modelfile and model card to a hub repo"),
-    SubjectSpec(MODEL_PUSHED, p.ModelPushed, "fact", "models", "CLI, bridge, anyone",
+    SubjectSpec(MODEL_PUSHED, p.ModelPushed, "fact", "", "CLI, bridge, anyone",
                 "the job's artifacts are in the hub repo (commit url, files)"),
-    SubjectSpec(MODEL_PUSH_FAILED, p.ModelPushFailed, "fact", "models", "CLI, bridge, anyone",
+    SubjectSpec(MODEL_PUSH_FAILED, p.ModelPushFailed, "fact", "", "CLI, bridge, anyone",
                 "the reason (no token, job not exported, hub refused, ...)"),
-    SubjectSpec(TUNING_REQUESTED, p.TuningRequested, "command",
-                "CLI, bridge, user-model import, tuning (a waiting job once ready)",
-                "intake (records it `queued` at once), tuning (trains it)",
+    SubjectSpec(TUNING_REQUESTED, p.TuningRequested, "command", "CLI, bridge, user-model import", "",
                 "a job spec: base model, dataset, typed hyperparameters"),
-    SubjectSpec(TUNING_PROGRESS + ".<job_id>", p.TuningProgress, "fact", "tuning", "CLI, bridge (SSE), anyone",
+    SubjectSpec(TUNING_PROGRESS + ".<job_id>", p.TuningProgress, "fact", "", "CLI, bridge (SSE), anyone",
                 "step, loss, eval loss, tokens/s, ETA"),
-    SubjectSpec(TUNING_CANCEL_REQUESTED, p.TuningCancelRequested, "command", "CLI, bridge", "tuning",
+    SubjectSpec(TUNING_CANCEL_REQUESTED, p.TuningCancelRequested, "command", "CLI, bridge", "",
                 "stop a job at the next step"),
-    SubjectSpec(TUNING_EVALUATED, p.TuningEvaluated, "fact", "tuning", "anyone",
+    SubjectSpec(TUNING_EVALUATED, p.TuningEvaluated, "fact", "", "anyone",
                 "evaluation report: base vs tuned loss and token accuracy on held-out rows, sample answers"),
-    SubjectSpec(TUNING_COMPLETED, p.TuningCompleted, "fact", "tuning", "export",
-                "adapter + metrics + loss history"),
-    SubjectSpec(TUNING_FAILED, p.TuningFailed, "fact", "tuning, intake (a malformed request)", "anyone",
-                "a reason {code, message}"),
-    SubjectSpec(TUNING_CANCELLED, p.TuningCancelled, "fact", "tuning", "anyone", "the job stopped on request"),
-    SubjectSpec(MODEL_EXPORTED, p.ModelExported, "fact", "export", "serving",
-                "GGUF (+ adapter GGUF) + Modelfile in the bucket"),
-    SubjectSpec(MODEL_EVALUATED, p.ModelEvaluated, "fact", "export", "anyone",
+    SubjectSpec(TUNING_COMPLETED, p.TuningCompleted, "fact", "", "", "adapter + metrics + loss history"),
+    SubjectSpec(TUNING_FAILED, p.TuningFailed, "fact", "", "anyone", "a reason {code, message}"),
+    SubjectSpec(TUNING_CANCELLED, p.TuningCancelled, "fact", "", "anyone", "the job stopped on request"),
+    SubjectSpec(MODEL_EXPORTED, p.ModelExported, "fact", "", "", "GGUF (+ adapter GGUF) + Modelfile in the bucket"),
+    SubjectSpec(MODEL_EVALUATED, p.ModelEvaluated, "fact", "", "anyone",
                 "the complete report: GGUF runtime check (answers, stops, agrees) and the quality gate"),
-    SubjectSpec(MODEL_EXPORT_FAILED, p.ModelExportFailed, "fact", "export", "anyone",
+    SubjectSpec(MODEL_EXPORT_FAILED, p.ModelExportFailed, "fact", "", "anyone",
                 "a reason (code `quality_gate`: the report did not pass)"),
-    SubjectSpec(MODEL_PUBLISHED, p.ModelPublished, "fact", "serving", "anyone",
-                "the model exists in Ollama under its name"),
-    SubjectSpec(MODEL_PUBLISH_FAILED, p.ModelPublishFailed, "fact", "serving", "anyone", "a reason"),
-    SubjectSpec(OLLAMA_MODELS, p.OllamaListRequest, "request-reply", "CLI, bridge", "serving", "list models"),
-    SubjectSpec(OLLAMA_PULL, p.OllamaModelRef, "request-reply", "CLI, bridge", "serving", "pull a model"),
-    SubjectSpec(OLLAMA_SHOW, p.OllamaModelRef, "request-reply", "CLI, bridge", "serving", "show a model"),
-    SubjectSpec(OLLAMA_DELETE, p.OllamaModelRef, "request-reply", "CLI, bridge", "serving", "delete a model"),
-    SubjectSpec(OLLAMA_CHAT, p.OllamaChatRequest, "request-reply", "CLI, bridge", "serving",
+    SubjectSpec(MODEL_PUBLISHED, p.ModelPublished, "fact", "", "anyone", "the model exists in Ollama under its name"),
+    SubjectSpec(MODEL_PUBLISH_FAILED, p.ModelPublishFailed, "fact", "", "anyone", "a reason"),
+    SubjectSpec(OLLAMA_MODELS, p.OllamaListRequest, "request-reply", "CLI, bridge", "", "list models"),
+    SubjectSpec(OLLAMA_PULL, p.OllamaModelRef, "request-reply", "CLI, bridge", "", "pull a model"),
+    SubjectSpec(OLLAMA_SHOW, p.OllamaModelRef, "request-reply", "CLI, bridge", "", "show a model"),
+    SubjectSpec(OLLAMA_DELETE, p.OllamaModelRef, "request-reply", "CLI, bridge", "", "delete a model"),
+    SubjectSpec(OLLAMA_CHAT, p.OllamaChatRequest, "request-reply", "CLI, bridge", "",
                 "chat once; reply `OllamaChatReply`: answer, done_reason, token counts, durations"),
-    SubjectSpec(OLLAMA_CREATE, p.OllamaCreateRequest, "request-reply", "bridge", "serving",
+    SubjectSpec(OLLAMA_CREATE, p.OllamaCreateRequest, "request-reply", "bridge", "",
                 "create a model from a Modelfile + GGUF in the bucket"),
-    SubjectSpec(DEAD_LETTER + ".<subject>", p.DeadLetter, "fact", "every stage", "operators",
+    SubjectSpec(DEAD_LETTER + ".<subject>", p.DeadLetter, "fact", "", "operators",
                 "a message that could not be handled, with the reason"),
 )
 
@@ -145,13 +140,3 @@ def subject_of(payload: BaseModel) -> str:
         if type(payload) is spec.payload and "<" not in spec.subject:
             return spec.subject
     raise KeyError(type(payload).__name__)
-
-
-def contract_markdown() -> str:
-    """The README's contract table."""
-    rows = ["| subject | kind | payload | emitted by | consumed by | meaning |", "|---|---|---|---|---|---|"]
-    for s in CONTRACT:
-        rows.append(
-            f"| `{s.subject}` | {s.kind} | `{s.payload.__name__}` | {s.emitted_by} | {s.consumed_by} | {s.meaning} |"
-        )
-    return "\n".join(rows)

@@ -1,8 +1,10 @@
 """Compose stage routers into one FastStream app; any subset of stages can run alone.
 
-    faststream run handlers.app:app                     # every stage in one process
-    CODETUNE_STAGES=tuning faststream run handlers.app:app   # a GPU host runs tuning only
-    codetune worker datasets tuning                     # the same, via the CLI
+    faststream run handlers.app:build_app --factory                          # every stage in one process
+    CODETUNE_STAGES=tuning faststream run handlers.app:build_app --factory   # a GPU host runs tuning only
+    codetune worker datasets tuning                                          # some stages, via the CLI
+
+`build_app` is the app factory: importing this module builds nothing and connects to nothing.
 
 The light stages (datasets, intake, models, ...) never import torch: a trainer busy for hours on a GPU
 host does not delay the intake stage recording new jobs as `queued`.
@@ -27,8 +29,8 @@ from faststream.security import SASLPlaintext
 from faststream.specification import AsyncAPI
 
 from core.settings import Settings, get_settings
-from events.client import CodeTuneClient, connect_options, provision_as_admin
-from handlers.common import Emitter, Services
+from events.client import connect_options, provision_as_admin
+from handlers.common import Services
 from storage.objects import ObjectStore
 
 # Stage name → module exposing `router`. Imported lazily: a datasets worker never imports torch.
@@ -62,11 +64,14 @@ def worker_role(stages: list[str]) -> str:
 def build_app(
     stages: Iterable[str] | None = None, settings: Settings | None = None, *, access_log_level: int = logging.DEBUG
 ) -> FastStream:
-    """`access_log_level`: the level FastStream's per-message "Received"/"Processed" lines are logged at;
-    DEBUG by default (two formatted lines per message cost a hop ~100 us of CPU; `codetune worker
-    --access-log` logs them at INFO)."""
+    """The stages' FastStream app (the factory `faststream run handlers.app:build_app --factory` calls).
+
+    `stages`: which stages to run; by default those `CODETUNE_STAGES` names (comma or space separated),
+    else every available stage. `access_log_level`: the level FastStream's per-message
+    "Received"/"Processed" lines are logged at; DEBUG by default (two formatted lines per message cost
+    a hop ~100 us of CPU; `codetune worker --access-log` logs them at INFO)."""
     settings = settings or get_settings()
-    names = list(stages or available_stages())
+    names = list(stages or env_stages() or available_stages())
     unknown = [n for n in names if n not in STAGES]
     if unknown:
         raise ValueError(f"unknown stage(s) {unknown}; choose from {sorted(STAGES)}")
@@ -98,9 +103,8 @@ def build_app(
         ctx.set_global("settings", settings)
         ctx.set_global("store", store)
         ctx.set_global("mongo", client)
-        emitter = Emitter(CodeTuneClient(broker.connection, source=f"codetune/{'+'.join(names)}"))
-        ctx.set_global("emitter", emitter)
-        ctx.set_global("services", Services(settings=settings, store=store, emitter=emitter))
+        ctx.set_global("max_payload", broker.connection.max_payload)  # the server's, for dead letters
+        ctx.set_global("services", Services(settings=settings, store=store))
         logging.getLogger("codetune").info("stages %s ready", ", ".join(names))
 
     @app.on_shutdown
@@ -112,9 +116,6 @@ def build_app(
     return app
 
 
-def _env_stages() -> list[str] | None:
-    raw = os.environ.get("CODETUNE_STAGES", "").replace(",", " ").split()
-    return raw or None
-
-
-app = build_app(_env_stages()) if os.environ.get("CODETUNE_BUILD_APP", "1") == "1" else None
+def env_stages() -> list[str]:
+    """The stages `CODETUNE_STAGES` names (comma or space separated); empty when unset."""
+    return os.environ.get("CODETUNE_STAGES", "").replace(",", " ").split()

@@ -23,24 +23,24 @@ import contextlib
 import hashlib
 import json
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Annotated, Any
 
 from faststream import AckPolicy, BaseMiddleware
 from faststream.context import Context
-from faststream.nats import JStream, NatsRouter, PullSub
+from faststream.nats import JStream, NatsRouter, PubAck, PullSub
 from faststream.nats.message import NatsMessage
+from faststream.nats.publisher.usecase import LogicPublisher
 from pydantic import BaseModel, ValidationError
 
 from core.errors import CodeTuneError, InvalidPayloadError
 from core.settings import Settings
 from events import subjects as s
-from events.client import CodeTuneClient
-from events.envelope import EventMeta, body_text, derived_id, unwrap
+from events.envelope import EventMeta, body_text, ce_headers, derived_id, new_event_id, unwrap
 from events.payloads import DeadLetter, ErrorInfo, Payload
-from events.streams import CONSUMERS, EVENTS, EVENTS_NAME, Consumer
+from events.streams import CONSUMERS, EVENTS, STREAMS, Consumer
 from storage.objects import ObjectStore
 
 log = logging.getLogger("codetune")
@@ -71,16 +71,81 @@ def incoming(msg: NatsMessage) -> Incoming:
     return Incoming(id=event_id, subject=raw.subject, num_delivered=md.num_delivered, meta=meta)
 
 
-class Emitter:
-    """Publishes a stage's events; ids derive from the incoming event so a replay is deduplicated."""
+# FastStream's view of the streams: provisioned by events.streams.provision, never declared by a worker.
+_JSTREAMS = {str(cfg.name): JStream(str(cfg.name), subjects=list(cfg.subjects or []), declare=False) for cfg in STREAMS}
+EVENTS_STREAM = _JSTREAMS[str(EVENTS.name)]
+PUBLISH_TIMEOUT_S = 5.0  # how long a publish waits for the stream's ack (nats-py's own default)
 
-    def __init__(self, client: CodeTuneClient) -> None:
-        self.client = client
+# stage durable → the outputs that dead-letter its messages (filled as the stage routers are imported)
+_LETTERS: dict[str, Outputs] = {}
+
+
+def _stream_of(subject: str) -> JStream:
+    """FastStream's view of the stream that stores `subject` (provisioned by events.streams, never declared)."""
+    for cfg in STREAMS:
+        for pattern in cfg.subjects or []:
+            head = pattern.removesuffix(">")
+            if subject == pattern or (pattern.endswith(">") and subject.startswith(head)):
+                return _JSTREAMS[str(cfg.name)]
+    raise KeyError(f"no stream stores {subject!r}")
+
+
+class Outputs:
+    """What one stage publishes, declared as FastStream publishers on its router.
+
+    Each declared subject is a publisher (an AsyncAPI send operation, and the contract's "emitted by");
+    `letters` adds, for each of the stage's JetStream consumers, its dead-letter subject and the
+    subject's `*.failed` event (what `FailurePolicy` publishes for an unusable message). Publishing an
+    undeclared subject is an error. Every event goes out as a binary-mode CloudEvent through a JetStream
+    publish acked by the stream; an answer's id (its `Nats-Msg-Id`) derives from the event it answers
+    (+ `key`), so a replay is dropped by the stream's duplicate window.
+    """
+
+    def __init__(self, router: NatsRouter, stage: str, *subjects: str, letters: Iterable[Consumer] = (),
+                 notes: Mapping[str, str] | None = None) -> None:
+        self.stage = stage
+        self.source = f"codetune/{stage}"
+        notes = dict(notes or {})
+        declared = list(subjects)
+        for consumer in letters:
+            declared.append(s.dead_letter_subject(consumer.subject))
+            failure = getattr(s.payload_for(consumer.subject), "failure_subject", None)
+            if failure and failure not in declared:
+                declared.append(failure)
+                notes.setdefault(failure, f"a malformed `{consumer.subject}`")
+            _LETTERS[consumer.durable] = self
+        self.publishers: dict[str, LogicPublisher] = {
+            subject: router.publisher(
+                subject, stream=_stream_of(subject.split("{", 1)[0]), timeout=PUBLISH_TIMEOUT_S,
+                schema=s.payload_for(subject), title=f"{stage}:publish:{subject}",
+                description=notes.get(subject),
+            )
+            for subject in dict.fromkeys(declared)
+        }
+
+    def publisher(self, subject: str) -> LogicPublisher:
+        """The declared publisher for `subject` (`tuning.progress.{job_id}` covers every job's progress)."""
+        pub = self.publishers.get(subject)
+        if pub is None:
+            pub = next((p for key, p in self.publishers.items()
+                        if "{" in key and subject.startswith(key.split("{", 1)[0])), None)
+        if pub is None:
+            raise RuntimeError(f"the {self.stage} stage publishes {subject!r} but does not declare it")
+        return pub
+
+    async def publish(self, payload: BaseModel, event_id: str, subject: str | None = None) -> PubAck:
+        subject = subject or s.subject_of(payload)
+        headers = ce_headers(subject, event_id, self.source, version=getattr(payload, "v", 1))
+        body = payload.model_dump_json(exclude_none=False).encode()
+        return await self.publisher(subject).publish(body, subject=subject, headers=headers,
+                                                     correlation_id=event_id, stream=_stream_of(subject).name)
 
     async def emit(self, payload: BaseModel, parent: Incoming | None = None, *, key: str = "") -> str:
+        """Publish `payload` on its subject; answering `parent`, its id derives from it (+ `key`)."""
         subject = s.subject_of(payload)
-        event_id = derived_id(parent.id + key, subject) if parent else None
-        return (await self.client.publish(payload, subject=subject, event_id=event_id)).id
+        event_id = derived_id(parent.id + key, subject) if parent else new_event_id()
+        await self.publish(payload, event_id, subject)
+        return event_id
 
     def answering(self, parent: Incoming) -> Callable[..., Awaitable[str]]:
         """`emit` bound to the event being handled: `await emit(payload, key="...")`."""
@@ -201,7 +266,7 @@ class FailurePolicy(BaseMiddleware):
             if not permanent:
                 why = ErrorInfo(code=why.code, message=f"gave up after {md.num_delivered} deliveries: {why.message}")
                 log.exception("giving up on %s", msg.raw_message.subject, exc_info=exc)
-            await dead_letter(self.context.get("emitter"), msg, why, self.context.get("store"))
+            await dead_letter(msg, why, self.context.get("store"), self.context.get("max_payload"))
             await msg.reject()  # JetStream TERM: never redelivered
             return
         delay = RETRY_DELAYS_S[min(md.num_delivered - 1, len(RETRY_DELAYS_S) - 1)]
@@ -241,23 +306,21 @@ def _bounded_headers(headers: dict[str, str]) -> dict[str, str]:
     return out
 
 
-def _max_payload(emitter: Emitter) -> int:
-    try:
-        return int(emitter.client.nc.max_payload) or 1024 * 1024
-    except Exception:
-        return 1024 * 1024
-
-
-async def dead_letter(emitter: Emitter, msg: NatsMessage, reason: ErrorInfo, store: ObjectStore | None = None) -> None:
-    """Publish `dlq.<subject>`; a body that would not fit the server's max payload goes to the bucket
-    (`dlq/<stream>-<seq>`) and the letter keeps its key, size, sha256 and a bounded prefix."""
+async def dead_letter(msg: NatsMessage, reason: ErrorInfo, store: ObjectStore | None = None,
+                      max_payload: int | None = None) -> None:
+    """Publish `dlq.<subject>` (through the outputs of the stage whose consumer delivered it); a body that
+    would not fit the server's max payload goes to the bucket (`dlq/<stream>-<seq>`) and the letter keeps
+    its key, size, sha256 and a bounded prefix."""
     raw = msg.raw_message
     md = raw.metadata
+    outputs = _LETTERS.get(md.consumer or "")
+    if outputs is None:  # a programming error: a pipeline subscriber whose stage declares no letters for it
+        raise RuntimeError(f"no stage declares the dead letters of consumer {md.consumer!r} (Outputs(letters=...))")
     body: bytes = msg.body or b""
     headers = _bounded_headers(dict(msg.headers or {}))
     text = body_text(body)
     extra: dict[str, Any] = {"body_size": len(body), "body_sha256": hashlib.sha256(body).hexdigest()}
-    room = _max_payload(emitter) - _LETTER_MARGIN - len(reason.model_dump_json())
+    room = (max_payload or 1024 * 1024) - _LETTER_MARGIN - len(reason.model_dump_json())
     if len(json.dumps(text)) > room:
         key = f"dlq/{md.stream}-{md.sequence.stream}"
         if store is not None:
@@ -273,11 +336,11 @@ async def dead_letter(emitter: Emitter, msg: NatsMessage, reason: ErrorInfo, sto
         num_delivered=md.num_delivered, stream_seq=md.sequence.stream, at=datetime.now(UTC), **extra,
     )
     dlq_id = derived_id(f"{md.stream}-{md.sequence.stream}", "dlq")
-    await emitter.client.publish(letter, subject=s.dead_letter_subject(raw.subject), event_id=dlq_id)
+    await outputs.publish(letter, dlq_id, s.dead_letter_subject(raw.subject))
     failure = await _failure_payload(raw.subject, body, reason)
     if failure is not None:
         with contextlib.suppress(Exception):
-            await emitter.client.publish(failure, event_id=derived_id(dlq_id, "failure"))
+            await outputs.publish(failure, derived_id(dlq_id, "failure"))
     log.error("dead-lettered %s seq=%s: %s", raw.subject, md.sequence.stream, reason.message)
 
 
@@ -320,11 +383,10 @@ class Injected(Context):
 
 @dataclass(frozen=True)
 class Services:
-    """What a stage handler uses, set once at startup: one context parameter instead of three."""
+    """What a stage handler uses, set once at startup: one context parameter instead of two."""
 
     settings: Settings
     store: ObjectStore
-    emitter: Emitter
 
 
 # Injected per message (set into the app context at startup by handlers.app). Every parameter costs a
@@ -333,11 +395,6 @@ MessageDep = Annotated[NatsMessage, Injected("message")]
 ServicesDep = Annotated[Services, Injected("services")]
 SettingsDep = Annotated[Settings, Injected("settings")]
 StoreDep = Annotated[ObjectStore, Injected("store")]
-EmitterDep = Annotated[Emitter, Injected("emitter")]
-
-
-# FastStream's view of the events stream: provisioned by events.streams.provision, never declared by a worker.
-EVENTS_STREAM = JStream(EVENTS_NAME, subjects=list(EVENTS.subjects or []), declare=False)
 
 
 def jetstream_subscriber(consumer: Consumer, *, batch_size: int = 1, max_workers: int = 1) -> dict[str, Any]:

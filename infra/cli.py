@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import os
 import sys
 from collections.abc import AsyncIterator, Awaitable
 from pathlib import Path
@@ -158,7 +157,6 @@ def worker(
     """Run stage handlers in this process. Start several to scale out: they share durable consumers."""
     import logging
 
-    os.environ["CODETUNE_BUILD_APP"] = "0"
     from handlers.app import build_app
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
@@ -755,7 +753,7 @@ def pipeline(
 @app.command()
 def contract() -> None:
     """Print the event contract table (subjects, payloads, producers, consumers)."""
-    from events.subjects import contract_markdown
+    from handlers.contract import contract_markdown
 
     print(contract_markdown())
 

@@ -31,7 +31,6 @@ DEMO_REPO = "codetune-demo/tiny-llama"
 
 @contextlib.asynccontextmanager
 async def running_stages(settings: Settings, stages: list[str] | None = None) -> AsyncIterator[Any]:
-    os.environ["CODETUNE_BUILD_APP"] = "0"
     from handlers.app import build_app
 
     logging.getLogger("faststream").setLevel(logging.WARNING)

@@ -1,4 +1,5 @@
-"""The NATS permission model, derived from the contract (events/subjects.py says who emits and consumes what).
+"""The NATS permission model, derived from the contract: the stages' declared publishers and subscribers
+(handlers/contract.py) and the outside parties events/subjects.py names.
 
 Users (one per role):
 - `admin`: provisions streams and consumers; may do everything.
@@ -24,8 +25,10 @@ from typing import Any
 
 from events import subjects as sj
 from events.streams import CONSUMERS, STREAMS
+from handlers.app import STAGES as STAGE_MODULES
+from handlers.contract import parties
 
-STAGES: tuple[str, ...] = ("datasets", "intake", "models", "tuning", "export", "serving")
+STAGES: tuple[str, ...] = tuple(STAGE_MODULES)
 ROLES: tuple[str, ...] = ("admin", "client", "stages", *STAGES)
 INBOX = "_INBOX.>"
 JS_API = "$JS.API.>"
@@ -39,28 +42,21 @@ def _pattern(subject: str) -> str:
     return head + ".>" if sep else subject
 
 
-def _parties(text: str) -> set[str]:
-    """The roles named in a contract's `emitted_by` / `consumed_by`: a stage by name, `every stage`, and
-    anything else (CLI, bridge, any client, user-model import, anyone, operators) is an outside party."""
-    out: set[str] = set()
-    for token in text.split(","):
-        word = token.strip().lower()
-        first = word.split(" ", 1)[0]
-        if word == "every stage":
-            out.update(STAGES)
-        elif first in STAGES:
-            out.add(first)
-        else:
-            out.add("client")
-    return out
-
-
 def emits(role: str) -> list[str]:
-    return sorted({_pattern(s.subject) for s in sj.CONTRACT if role in _parties(s.emitted_by)})
+    """The subject patterns `role` publishes: a stage's declared outputs; the client's, what outside parties
+    emit according to the contract."""
+    if role == "client":
+        return sorted({_pattern(s.subject) for s in sj.CONTRACT if s.clients_emit})
+    found = parties()
+    return sorted({_pattern(s.subject) for s in sj.CONTRACT if role in {p.stage for p in found[s.subject].emitters}})
 
 
 def consumes(role: str) -> list[str]:
-    return sorted({_pattern(s.subject) for s in sj.CONTRACT if role in _parties(s.consumed_by)})
+    """The subject patterns `role` reads: a stage's subscribers; the client's, what outside parties read."""
+    if role == "client":
+        return sorted({_pattern(s.subject) for s in sj.CONTRACT if s.clients_consume})
+    found = parties()
+    return sorted({_pattern(s.subject) for s in sj.CONTRACT if role in {p.stage for p in found[s.subject].consumers}})
 
 
 def _guarded_js_api() -> list[str]:

@@ -22,8 +22,6 @@ from pathlib import Path
 
 import pytest
 
-os.environ.setdefault("CODETUNE_BUILD_APP", "0")  # importing handlers.app must not build an app
-
 ROOT = Path(__file__).resolve().parents[1]
 
 

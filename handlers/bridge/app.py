@@ -2,7 +2,8 @@
 
 Routers and their guards:
 - `root` (`GET /`), `health` (liveness/readiness) and `docs` (/docs, /openapi.json, /asyncapi,
-  /asyncapi.json): public; `WS /ws` (in `root`) checks the bearer token on its handshake;
+  /asyncapi.json and their assets, served offline): public; `WS /ws` (in `root`) checks the bearer token
+  on its handshake;
 - `webhooks` (`POST /events/{subject}`): HMAC signature (or the bearer token when no webhook secret);
 - the seed's `/api/v1/...` routes: bearer token.
 Browser origins: CORS with `CODETUNE_CORS_ORIGINS` and an Origin guard (`origins.py`).
@@ -76,6 +77,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     app = FastAPI(
         title="CodeTune bridge", version=VERSION, lifespan=lifespan,
+        docs_url=None, redoc_url=None,  # /docs is served with local assets (routes/docs.py); no CDN page
         summary="Webhooks → events, and the CodeTune REST API over the event pipeline.",
         description="Events published here follow the contract in `/asyncapi` (AsyncAPI 3.0).",
     )
@@ -85,7 +87,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(OriginGuard, origins=Origins(settings))  # outermost: a refused origin reaches nothing
     app.include_router(root.router)  # GET / (public) and WS /ws (checks the token itself)
     app.include_router(health.router)
-    app.include_router(docs.router)
+    docs.install(app)  # /docs, /asyncapi and their assets from installed packages (works offline)
     app.include_router(webhooks.router)
     for router in API_ROUTERS:
         app.include_router(router, dependencies=[Authenticated])

@@ -22,7 +22,6 @@ SERVER = "nats://127.0.0.1:4222"
 
 
 def generate() -> dict[str, Any]:
-    os.environ.setdefault("CODETUNE_BUILD_APP", "0")  # importing handlers.app must not build its own app
     from core.settings import Settings
     from handlers.app import available_stages, build_app
 

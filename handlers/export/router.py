@@ -11,26 +11,21 @@ nothing; a second `tuning.completed` for a job already exporting or exported is 
 """
 
 
+from events import subjects as sj
 from events.payloads import TuningCompleted
 from events.streams import EXPORT_ON_COMPLETED
-from handlers.common import (
-    EmitterDep,
-    MessageDep,
-    SettingsDep,
-    StoreDep,
-    incoming,
-    jetstream_subscriber,
-    pipeline_router,
-)
+from handlers.common import MessageDep, Outputs, SettingsDep, StoreDep, incoming, jetstream_subscriber, pipeline_router
 from handlers.export.service import export
 
 router = pipeline_router()
+outputs = Outputs(router, "export", sj.MODEL_EVALUATED, sj.MODEL_EXPORTED, sj.MODEL_EXPORT_FAILED,
+                  letters=[EXPORT_ON_COMPLETED])
 
 
 @router.subscriber(**jetstream_subscriber(EXPORT_ON_COMPLETED), title="export:tuning.completed")
 async def on_tuning_completed(
-    event: TuningCompleted, msg: MessageDep, store: StoreDep, settings: SettingsDep, emitter: EmitterDep
+    event: TuningCompleted, msg: MessageDep, store: StoreDep, settings: SettingsDep
 ) -> None:
     parent = incoming(msg)
     for answer in await export(event, store, settings, redelivered=parent.num_delivered > 1):
-        await emitter.emit(answer, parent)
+        await outputs.emit(answer, parent)

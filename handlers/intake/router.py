@@ -9,12 +9,15 @@ from faststream.nats import NatsMessage
 
 from events.payloads import TuningRequested
 from events.streams import INTAKE_REQUESTED
-from handlers.common import incoming, jetstream_subscriber, pipeline_router
+from handlers.common import Outputs, incoming, jetstream_subscriber, pipeline_router
 from handlers.intake.service import record_queued
 
 router = pipeline_router()
+# intake answers nothing: it dead-letters a malformed request (and fails its job, when the body names one)
+outputs = Outputs(router, "intake", letters=[INTAKE_REQUESTED])
 
 
-@router.subscriber(**jetstream_subscriber(INTAKE_REQUESTED), title="intake:tuning.requested")
+@router.subscriber(**jetstream_subscriber(INTAKE_REQUESTED), title="intake:tuning.requested",
+                   description="records it `queued` at once")
 async def on_tuning_requested(event: TuningRequested, msg: NatsMessage) -> None:
     await record_queued(event, incoming(msg).id)

@@ -11,33 +11,28 @@ message (`in_progress`) while it uploads.
 import asyncio
 import contextlib
 
+from events import subjects as sj
 from events.payloads import ModelPullRequested, ModelPushRequested
 from events.streams import MODELS_PULL, MODELS_PUSH
-from handlers.common import (
-    EmitterDep,
-    MessageDep,
-    SettingsDep,
-    StoreDep,
-    incoming,
-    jetstream_subscriber,
-    pipeline_router,
-)
+from handlers.common import MessageDep, Outputs, SettingsDep, StoreDep, incoming, jetstream_subscriber, pipeline_router
 from handlers.models.service import pull, push
 
 router = pipeline_router()
+outputs = Outputs(router, "models", sj.MODEL_PULLED, sj.MODEL_PULL_FAILED, sj.MODEL_PUSHED, sj.MODEL_PUSH_FAILED,
+                  letters=[MODELS_PULL, MODELS_PUSH])
 
 
 @router.subscriber(**jetstream_subscriber(MODELS_PULL), title="models:model.pull.requested")
 async def on_pull_requested(
-    event: ModelPullRequested, msg: MessageDep, store: StoreDep, settings: SettingsDep, emitter: EmitterDep
+    event: ModelPullRequested, msg: MessageDep, store: StoreDep, settings: SettingsDep
 ) -> None:
     answer = await pull(event, store, settings)
-    await emitter.emit(answer, incoming(msg))
+    await outputs.emit(answer, incoming(msg))
 
 
 @router.subscriber(**jetstream_subscriber(MODELS_PUSH), title="models:model.push.requested")
 async def on_push_requested(
-    event: ModelPushRequested, msg: MessageDep, store: StoreDep, settings: SettingsDep, emitter: EmitterDep
+    event: ModelPushRequested, msg: MessageDep, store: StoreDep, settings: SettingsDep
 ) -> None:
     async def heartbeat() -> None:
         while True:
@@ -50,4 +45,4 @@ async def on_push_requested(
         answer = await push(event, store, settings)
     finally:
         beat.cancel()
-    await emitter.emit(answer, incoming(msg))
+    await outputs.emit(answer, incoming(msg))

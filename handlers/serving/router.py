@@ -25,8 +25,8 @@ from events.payloads import (
 )
 from events.streams import SERVING_ON_EXPORTED
 from handlers.common import (
-    EmitterDep,
     MessageDep,
+    Outputs,
     SettingsDep,
     StoreDep,
     incoming,
@@ -38,18 +38,19 @@ from handlers.serving import ollama_ops
 from handlers.serving.service import create_from_modelfile, publish
 
 events = pipeline_router()
+outputs = Outputs(events, "serving", sj.MODEL_PUBLISHED, sj.MODEL_PUBLISH_FAILED, letters=[SERVING_ON_EXPORTED])
 requests = request_router()
 QUEUE = "serving"
 
 
 @events.subscriber(**jetstream_subscriber(SERVING_ON_EXPORTED), title="serving:model.exported")
 async def on_model_exported(
-    event: ModelExported, msg: MessageDep, store: StoreDep, settings: SettingsDep, emitter: EmitterDep
+    event: ModelExported, msg: MessageDep, store: StoreDep, settings: SettingsDep
 ) -> None:
     parent = incoming(msg)
     answer = await publish(event, store, settings, redelivered=parent.num_delivered > 1)
     if answer is not None:
-        await emitter.emit(answer, parent)
+        await outputs.emit(answer, parent)
 
 
 def _client(settings: Settings) -> Any:

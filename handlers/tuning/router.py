@@ -8,7 +8,7 @@ Ack policies (all MANUAL via FailurePolicy):
   acked after the affected jobs are updated and their follow-up events published.
 """
 
-
+from events import subjects as sj
 from events.payloads import (
     DatasetFailed,
     DatasetValidated,
@@ -26,31 +26,32 @@ from events.streams import (
     TUNING_ON_MODEL_FAILED,
     TUNING_REQUESTED,
 )
-from handlers.common import (
-    EmitterDep,
-    MessageDep,
-    SettingsDep,
-    StoreDep,
-    incoming,
-    jetstream_subscriber,
-    pipeline_router,
-)
+from handlers.common import MessageDep, Outputs, SettingsDep, StoreDep, incoming, jetstream_subscriber, pipeline_router
 from handlers.tuning import jobs
 from handlers.tuning.runner import RunContext
 from handlers.tuning.service import handle_request, request_cancel, resume_waiting
 
 router = pipeline_router()
+outputs = Outputs(
+    router, "tuning",
+    sj.TUNING_COMPLETED, sj.TUNING_FAILED, sj.TUNING_CANCELLED, sj.TUNING_EVALUATED, sj.TUNING_PROGRESS + ".{job_id}",
+    sj.MODEL_PULL_REQUESTED, sj.TUNING_REQUESTED,
+    letters=[TUNING_REQUESTED, TUNING_CANCEL, TUNING_ON_MODEL, TUNING_ON_MODEL_FAILED, TUNING_ON_DATASET,
+             TUNING_ON_DATASET_FAILED],
+    notes={sj.TUNING_REQUESTED: "a waiting job once ready"},
+)
 
 
-@router.subscriber(**jetstream_subscriber(TUNING_REQUESTED), title="tuning:tuning.requested")
+@router.subscriber(**jetstream_subscriber(TUNING_REQUESTED), title="tuning:tuning.requested",
+                   description="trains it")
 async def on_tuning_requested(
-    event: TuningRequested, msg: MessageDep, store: StoreDep, settings: SettingsDep, emitter: EmitterDep
+    event: TuningRequested, msg: MessageDep, store: StoreDep, settings: SettingsDep
 ) -> None:
     parent = incoming(msg)
-    emit = emitter.answering(parent)
+    emit = outputs.answering(parent)
 
     def make_ctx() -> RunContext:
-        return RunContext(store=store, settings=settings, publish=emitter.emit, heartbeat=msg.in_progress,
+        return RunContext(store=store, settings=settings, publish=outputs.emit, heartbeat=msg.in_progress,
                           lease_s=TUNING_REQUESTED.ack_wait_s)
 
     await handle_request(event.job_id or jobs.job_id_for(parent.id), event, store, emit, make_ctx,
@@ -58,27 +59,31 @@ async def on_tuning_requested(
 
 
 @router.subscriber(**jetstream_subscriber(TUNING_CANCEL), title="tuning:tuning.cancel.requested")
-async def on_cancel(event: TuningCancelRequested, msg: MessageDep, emitter: EmitterDep) -> None:
-    await request_cancel(event.job_id, emitter.answering(incoming(msg)))
+async def on_cancel(event: TuningCancelRequested, msg: MessageDep) -> None:
+    await request_cancel(event.job_id, outputs.answering(incoming(msg)))
 
 
-@router.subscriber(**jetstream_subscriber(TUNING_ON_MODEL), title="tuning:model.pulled")
-async def on_model_pulled(event: ModelPulled, msg: MessageDep, emitter: EmitterDep) -> None:
-    await resume_waiting(jobs.model_key(event.repo_id, event.revision), emitter.answering(incoming(msg)))
+@router.subscriber(**jetstream_subscriber(TUNING_ON_MODEL), title="tuning:model.pulled",
+                   description="waiting jobs")
+async def on_model_pulled(event: ModelPulled, msg: MessageDep) -> None:
+    await resume_waiting(jobs.model_key(event.repo_id, event.revision), outputs.answering(incoming(msg)))
 
 
-@router.subscriber(**jetstream_subscriber(TUNING_ON_MODEL_FAILED), title="tuning:model.pull.failed")
-async def on_model_failed(event: ModelPullFailed, msg: MessageDep, emitter: EmitterDep) -> None:
-    await resume_waiting(jobs.model_key(event.repo_id, event.revision), emitter.answering(incoming(msg)),
+@router.subscriber(**jetstream_subscriber(TUNING_ON_MODEL_FAILED), title="tuning:model.pull.failed",
+                   description="waiting jobs")
+async def on_model_failed(event: ModelPullFailed, msg: MessageDep) -> None:
+    await resume_waiting(jobs.model_key(event.repo_id, event.revision), outputs.answering(incoming(msg)),
                          failure=event.error)
 
 
-@router.subscriber(**jetstream_subscriber(TUNING_ON_DATASET), title="tuning:dataset.validated")
-async def on_dataset_validated(event: DatasetValidated, msg: MessageDep, emitter: EmitterDep) -> None:
-    await resume_waiting(jobs.dataset_key(event.dataset_id), emitter.answering(incoming(msg)))
+@router.subscriber(**jetstream_subscriber(TUNING_ON_DATASET), title="tuning:dataset.validated",
+                   description="waiting jobs")
+async def on_dataset_validated(event: DatasetValidated, msg: MessageDep) -> None:
+    await resume_waiting(jobs.dataset_key(event.dataset_id), outputs.answering(incoming(msg)))
 
 
-@router.subscriber(**jetstream_subscriber(TUNING_ON_DATASET_FAILED), title="tuning:dataset.failed")
-async def on_dataset_failed(event: DatasetFailed, msg: MessageDep, emitter: EmitterDep) -> None:
+@router.subscriber(**jetstream_subscriber(TUNING_ON_DATASET_FAILED), title="tuning:dataset.failed",
+                   description="waiting jobs")
+async def on_dataset_failed(event: DatasetFailed, msg: MessageDep) -> None:
     failure = ErrorInfo(code="invalid_dataset", message=f"dataset {event.dataset_id}: {event.error.message}")
-    await resume_waiting(jobs.dataset_key(event.dataset_id), emitter.answering(incoming(msg)), failure=failure)
+    await resume_waiting(jobs.dataset_key(event.dataset_id), outputs.answering(incoming(msg)), failure=failure)
