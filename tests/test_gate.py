@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from events.payloads import EvalSample, EvalScores, EvaluationReport, RuntimeCheck
 from handlers.export.gate import decide
-from handlers.tuning.report import lint_warnings, render_markdown
+from handlers.report import lint_warnings, render_markdown
 from infra.settings import Settings
 
 SETTINGS = Settings(_env_file=None)

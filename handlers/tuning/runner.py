@@ -38,12 +38,13 @@ from events.payloads import (
     TuningFailed,
     TuningProgress,
 )
-from handlers.tuning import jobs
+from handlers.report import job_lint
+from handlers.report import save as save_report
 from handlers.tuning.lint import Estimator, estimate_summary, lint_summary, prepare_with_lint
-from handlers.tuning.report import job_lint
-from handlers.tuning.report import save as save_report
-from storage import keys
-from storage.documents import BaseModel, Dataset, TuningJob
+from storage import jobs, keys
+from storage.documents import BaseModel, Dataset, TuningJob, now
+from storage.jobs import CANCELLED, FAILED, RUNNING, SUCCEEDED
+from storage.local import local_model_dir
 from storage.objects import ObjectStore
 
 log = logging.getLogger("codetune.tuning")
@@ -123,7 +124,7 @@ class _Hooks:
 
     async def _note(self, message: str, step: int, max_steps: int, **fields: Any) -> None:
         """Store `fields` on the job and announce `message` as a progress event (at `step`)."""
-        await jobs.update(self.job.job_id, **fields)
+        await jobs.set_fields(self.job.job_id, {RUNNING}, **fields)
         await self.ctx.publish(TuningProgress(job_id=self.job.job_id, status="running", step=step,
                                               max_steps=max_steps, message=message))
 
@@ -148,9 +149,9 @@ class _Hooks:
                                epoch=info.epoch, loss=info.loss, eval_loss=info.eval_loss,
                                learning_rate=info.learning_rate, tokens_per_s=info.tokens_per_s, eta_s=info.eta_s)
         try:
-            await jobs.update(self.job.job_id, step=info.step, max_steps=info.max_steps, epoch=info.epoch,
-                              loss=info.loss, eval_loss=info.eval_loss, tokens_per_s=info.tokens_per_s,
-                              eta_s=info.eta_s)
+            await jobs.set_fields(self.job.job_id, {RUNNING}, step=info.step, max_steps=info.max_steps,
+                                  epoch=info.epoch, loss=info.loss, eval_loss=info.eval_loss,
+                                  tokens_per_s=info.tokens_per_s, eta_s=info.eta_s)
             await self.ctx.publish(event)
         except Exception as e:
             log.warning("progress of %s not published: %s", self.job.job_id, e)
@@ -167,7 +168,7 @@ class _Hooks:
     async def _upload_checkpoint(self, ckpt_dir: Path, step: int) -> None:
         prefix = keys.checkpoint_prefix(self.job.job_id, step)
         await self.ctx.store.upload_dir(prefix, ckpt_dir)
-        await jobs.update(self.job.job_id, checkpoint_key=prefix, checkpoint_step=step)
+        await jobs.set_fields(self.job.job_id, {RUNNING}, checkpoint_key=prefix, checkpoint_step=step)
         old = sorted({"/".join(k.split("/")[:4]) for k, _ in await self.ctx.store.list(
             keys.join("jobs", self.job.job_id, "checkpoints") + "/")})
         for stale in old[:-KEEP_CHECKPOINTS]:
@@ -175,11 +176,6 @@ class _Hooks:
 
     def should_stop(self) -> bool:
         return self.cancel.is_set()
-
-
-def local_model_dir(settings: Any, model: BaseModel) -> Path:
-    """Where a base model snapshot is mirrored on this host (one copy per commit sha)."""
-    return settings.scratch_dir / "models" / (model.prefix or "").replace("/", "__")
 
 
 async def _heartbeat(job: TuningJob, hooks: _Hooks, ctx: RunContext) -> None:
@@ -197,7 +193,8 @@ async def run(job: TuningJob, model: BaseModel, dataset: Dataset, ctx: RunContex
 
     hp = Hyperparameters.model_validate(job.hyperparameters)
     work = ctx.settings.scratch_dir / "jobs" / job.job_id
-    base_dir = await ctx.store.mirror(model.prefix or "", local_model_dir(ctx.settings, model), model.sha or "")
+    base_dir = await ctx.store.mirror(model.prefix or "", local_model_dir(ctx.settings.scratch_dir, model),
+                                      model.sha or "")
     data_path = work / "data" / keys.safe_name(dataset.name)
     await ctx.store.download(dataset.key, data_path)
     eval_data = None
@@ -210,7 +207,7 @@ async def run(job: TuningJob, model: BaseModel, dataset: Dataset, ctx: RunContex
         shutil.rmtree(resume_dir, ignore_errors=True)
         await ctx.store.download_prefix(job.checkpoint_key, resume_dir)
         log.info("job %s resumes from %s", job.job_id, job.checkpoint_key)
-    await jobs.update(job.job_id, started_at=job.started_at or jobs.now(), sha=model.sha)
+    await jobs.set_fields(job.job_id, {RUNNING}, started_at=job.started_at or now(), sha=model.sha)
     await ctx.publish(TuningProgress(job_id=job.job_id, status="running", step=job.checkpoint_step or 0,
                                      max_steps=job.max_steps, message="resumed" if resume_dir else "started"))
 
@@ -239,7 +236,7 @@ async def run(job: TuningJob, model: BaseModel, dataset: Dataset, ctx: RunContex
     history = [p.model_dump() for p in thin_history(result.loss_history, DOC_HISTORY_POINTS)]
     try:
         if result.cancelled:
-            await jobs.finish(job.job_id, "cancelled", step=result.metrics.steps, loss_history=history)
+            await jobs.must_transition(job.job_id, CANCELLED, step=result.metrics.steps, loss_history=history)
             return TuningCancelled(job_id=job.job_id, step=result.metrics.steps)
         assert report is not None
         return await _succeeded(job, model, result, work, ctx, report)
@@ -276,8 +273,8 @@ async def _succeeded(job: TuningJob, model: BaseModel, result: Any, work: Path, 
     plot_key = keys.plot_key(job.job_id)
     png = plot_loss(result.loss_history, work / "loss.png")
     await ctx.store.put_file(plot_key, png)
-    doc = await jobs.finish(
-        job.job_id, "succeeded", step=result.metrics.steps, max_steps=result.metrics.steps,
+    doc = await jobs.must_transition(
+        job.job_id, SUCCEEDED, step=result.metrics.steps, max_steps=result.metrics.steps,
         adapter_key=adapter_key, plot_key=plot_key, metrics=result.metrics.model_dump(),
         loss_history=[p.model_dump() for p in thin_history(result.loss_history, DOC_HISTORY_POINTS)],
         loss=result.metrics.train_loss,
@@ -302,5 +299,5 @@ def completed_event(doc: TuningJob) -> TuningCompleted:
 
 
 async def _failed(job: TuningJob, error: ErrorInfo) -> TuningFailed:
-    await jobs.finish(job.job_id, "failed", error=error.model_dump())
+    await jobs.must_transition(job.job_id, FAILED, error=error.model_dump())
     return TuningFailed(job_id=job.job_id, error=error)

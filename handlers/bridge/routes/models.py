@@ -28,9 +28,9 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from events import subjects as s
+from events.ids import ID_PATTERN
 from events.payloads import ModelPullRequested, ModelPushRequested
 from handlers.bridge.errors import field_errors, invalid, invalid_field
-from handlers.bridge.seed import JOB_ID_PATTERN
 from handlers.bridge.services import ClientDep, MongoDB, SettingsDep
 from infra.settings import Settings
 from storage.documents import BaseModel as BaseModelDoc
@@ -40,7 +40,7 @@ router = APIRouter(prefix="/api/v1/models", tags=["models"])
 
 CACHE_S = 60.0
 PUSH_WAIT_S = 600.0
-_ID = re.compile(JOB_ID_PATTERN)
+_ID = re.compile(ID_PATTERN)
 _cache: dict[tuple[str | None, int, str | None], tuple[float, list[dict[str, Any]] | None, str | None]] = {}
 
 
