@@ -166,16 +166,41 @@ class _Hooks:
         shutil.rmtree(ckpt_dir, ignore_errors=True)  # durable in the bucket; the disk copy is not needed
 
     async def _upload_checkpoint(self, ckpt_dir: Path, step: int) -> None:
+        """Upload the checkpoint, its state file last (what makes it complete, see `latest_checkpoint`),
+        then record it on the job and drop all but the newest `KEEP_CHECKPOINTS`."""
         prefix = keys.checkpoint_prefix(self.job.job_id, step)
-        await self.ctx.store.upload_dir(prefix, ckpt_dir)
-        await jobs.set_fields(self.job.job_id, {RUNNING}, checkpoint_key=prefix, checkpoint_step=step)
+        state = ckpt_dir / keys.CHECKPOINT_STATE_FILE
+        for path in sorted(p for p in ckpt_dir.rglob("*") if p.is_file() and p != state):
+            await self.ctx.store.put_file(f"{prefix}/{path.relative_to(ckpt_dir).as_posix()}", path)
+        await self.ctx.store.put_file(f"{prefix}/{keys.CHECKPOINT_STATE_FILE}", state)
+        try:
+            await jobs.set_fields(self.job.job_id, {RUNNING}, checkpoint_key=prefix, checkpoint_step=step)
+        except Exception as e:  # the checkpoint is durable: a resume finds it in the bucket (latest_checkpoint)
+            log.warning("checkpoint %s of %s is in the bucket but not recorded: %s", step, self.job.job_id, e)
         old = sorted({"/".join(k.split("/")[:4]) for k, _ in await self.ctx.store.list(
-            keys.join("jobs", self.job.job_id, "checkpoints") + "/")})
+            keys.checkpoints_prefix(self.job.job_id) + "/")})
         for stale in old[:-KEEP_CHECKPOINTS]:
             await self.ctx.store.remove_prefix(stale + "/")
 
     def should_stop(self) -> bool:
         return self.cancel.is_set()
+
+
+async def latest_checkpoint(store: ObjectStore, job_id: str) -> tuple[str, int] | None:
+    """The job's newest complete checkpoint in the bucket, as (prefix, step), whether or not the job's
+    record names it (a MongoDB outage may have kept a checkpoint from being recorded). Complete: it holds
+    its state file, which is uploaded last; a prefix without one (an upload cut short) is skipped."""
+    root = keys.checkpoints_prefix(job_id)
+    best: tuple[str, int] | None = None
+    for key, _ in await store.list(root + "/"):
+        rest = key[len(root) + 1:]
+        name, _, file = rest.partition("/")
+        if file != keys.CHECKPOINT_STATE_FILE or not name.startswith("step-") or not name[5:].isdigit():
+            continue
+        step = int(name[5:])
+        if best is None or step > best[1]:
+            best = (f"{root}/{name}", step)
+    return best
 
 
 async def _heartbeat(job: TuningJob, hooks: _Hooks, ctx: RunContext) -> None:
@@ -202,11 +227,17 @@ async def run(job: TuningJob, model: BaseModel, dataset: Dataset, ctx: RunContex
         eval_data = (work / "eval" / keys.safe_name(eval_dataset.name), eval_dataset.format or "text")
         await ctx.store.download(eval_dataset.key, eval_data[0])
     resume_dir = None
-    if job.checkpoint_key:
-        resume_dir = work / "resume" / job.checkpoint_key.rsplit("/", 1)[-1]
+    found = await latest_checkpoint(ctx.store, job.job_id)
+    if found is not None:
+        key, step = found
+        if key != job.checkpoint_key:  # newer than the record says (or never recorded): record it now
+            log.info("job %s: checkpoint %s is in the bucket but was not recorded", job.job_id, key)
+            job = job.model_copy(update={"checkpoint_key": key, "checkpoint_step": step})
+            await jobs.set_fields(job.job_id, {RUNNING}, checkpoint_key=key, checkpoint_step=step)
+        resume_dir = work / "resume" / key.rsplit("/", 1)[-1]
         shutil.rmtree(resume_dir, ignore_errors=True)
-        await ctx.store.download_prefix(job.checkpoint_key, resume_dir)
-        log.info("job %s resumes from %s", job.job_id, job.checkpoint_key)
+        await ctx.store.download_prefix(key, resume_dir)
+        log.info("job %s resumes from %s", job.job_id, key)
     await jobs.set_fields(job.job_id, {RUNNING}, started_at=job.started_at or now(), sha=model.sha)
     await ctx.publish(TuningProgress(job_id=job.job_id, status="running", step=job.checkpoint_step or 0,
                                      max_steps=job.max_steps, message="resumed" if resume_dir else "started"))
