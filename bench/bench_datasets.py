@@ -13,8 +13,8 @@ temporary folder on free loopback ports (`tests.conftest.stack_env`), provisions
 (a) Event hop. A bench stream `BENCH_HOP` (`bench.hop.>`, file storage) holds one input and one output
     subject per row. A worker PROCESS (like a stage worker) consumes the input through a durable pull
     consumer created with the project's settings (`events.streams.Consumer(...).config()`: explicit ack,
-    ack_wait 30 s, max_deliver 5, max_ack_pending 1000), re-publishes the body to the output subject with
-    `js.publish` (awaiting the PubAck, as `Emitter` -> `CodeTuneClient` does) and acks:
+    ack_wait 30 s, max_deliver from the default RetryPolicy, max_ack_pending 1000), re-publishes the body
+    to the output subject with `js.publish` (awaiting the PubAck, as `Emitter` -> `CodeTuneClient` does) and acks:
     - faststream: a stage handler as the stages have it: a `handlers.common.pipeline_router()` subscriber
       with `jetstream_subscriber()`'s arguments (PullSub(batch_size, timeout=1), AckPolicy.MANUAL with
       FailurePolicy acking after the handler, the CloudEvents decoder) on the bench stream; the handler

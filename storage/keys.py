@@ -74,7 +74,7 @@ def checkpoints_prefix(job_id: str) -> str:
 
 
 def checkpoint_prefix(job_id: str, step: int) -> str:
-    return join(checkpoints_prefix(job_id), f"step-{step:08d}")
+    return join("jobs", job_id, "checkpoints", f"step-{step:08d}")
 
 
 def adapter_prefix(job_id: str) -> str:

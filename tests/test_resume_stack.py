@@ -20,7 +20,7 @@ from storage.documents import TuningJob
 from tests.conftest import TINY_REPO
 
 TERMINAL = [sj.TUNING_COMPLETED, sj.TUNING_FAILED, sj.TUNING_CANCELLED]
-MAX = 400
+MAX = 150  # long enough that the kill lands mid-training (a tiny-model step takes milliseconds idle)
 
 
 async def test_only_complete_checkpoints_are_found_newest_first(store, uid) -> None:
@@ -70,7 +70,7 @@ async def test_a_checkpoint_whose_record_was_never_written_is_resumed_from(
                 resumed.append(d["step"])
             return s in TERMINAL and d["job_id"] == req.job_id
 
-        subject, done = await client.wait_for(q, seen, 240)
+        subject, done = await client.wait_for(q, seen, 600)  # slow when the machine is shared
     assert subject == sj.TUNING_COMPLETED, done
     assert done.metrics.resumed_from_step == in_bucket[1]  # not from step 0
     assert resumed == [in_bucket[1]]
