@@ -102,6 +102,15 @@ class Settings(BaseSettings):
     intake_wait_s: float = 5.0
     work_dir: Path | None = None
 
+    # --- Retries (README "Retries and outages"; events.streams.RetryPolicy): a failed delivery N is
+    # retried after retry_delays_s[N-1] (the last repeating, at most retry_cap_s). An unreachable store
+    # (S3, MongoDB, NATS, Ollama) is retried until those delays add up to retry_window_s; any other
+    # error of unknown kind gets retry_attempts deliveries; then the message is dead-lettered once.
+    retry_delays_s: tuple[float, ...] = Field((1.0, 5.0, 15.0, 30.0, 60.0), min_length=1)
+    retry_cap_s: float = Field(60.0, gt=0)
+    retry_window_s: float = Field(600.0, ge=0, description="how long an unreachable store is retried")
+    retry_attempts: int = Field(5, ge=1, description="deliveries for an error of unknown kind")
+
     @field_validator("cors_origins", mode="before")
     @classmethod
     def _origins(cls, v: Any) -> Any:

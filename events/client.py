@@ -59,13 +59,14 @@ def uses_roles(settings: Settings) -> bool:
 async def provision_as_admin(settings: Settings, js: JetStreamContext | None = None) -> None:
     """Provision streams and consumers as the admin user when settings have its password; otherwise with
     `js` (or a client connection), which changes nothing that is already as defined."""
-    from events.streams import provision
+    from events.streams import RetryPolicy, provision
 
+    retry = RetryPolicy.from_settings(settings)
     if js is not None and not uses_roles(settings):
-        await provision(js)
+        await provision(js, retry)
         return
     async with await CodeTuneClient.connect(settings, source="codetune/provision", role="admin") as admin:
-        await provision(admin.js)
+        await provision(admin.js, retry)
 
 
 class Published(BaseModel):

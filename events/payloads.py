@@ -16,13 +16,13 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validat
 from core import formats
 from core.errors import UnsafeKeyError
 from core.keys import check_key
+from events.ids import ID_PATTERN
 
 SCHEMA_VERSION = 1
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _REPO_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}(/[A-Za-z0-9][A-Za-z0-9._-]{0,95})?$")
 _OLLAMA_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._/-]{0,127}(:[A-Za-z0-9._-]{1,64})?$")
-_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_-]{2,63}$"
 _REVISION_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,127}$")
 
 
@@ -64,7 +64,7 @@ def _ollama_name(v: str) -> str:
 
 Key = Annotated[str, AfterValidator(_key)]
 """A bucket key (or prefix) from outside: relative, no `..`/NUL, safe characters, bounded (core.keys)."""
-Id = Annotated[str, Field(pattern=_ID_PATTERN, description="3-64 of [A-Za-z0-9_-]")]
+Id = Annotated[str, Field(pattern=ID_PATTERN, description="3-64 of [A-Za-z0-9_-]")]
 Sha = Annotated[str, AfterValidator(_sha)]
 Revision = Annotated[str, AfterValidator(_revision)]
 RepoId = Annotated[str, AfterValidator(_repo_id)]

@@ -7,8 +7,13 @@ and lets `FailurePolicy` decide):
 - not JSON / schema-invalid  → dead-letter (`dlq.<subject>`, body + headers + reason) and the stage's
                                `*.failed` event when the body names its id; then `term` (never redelivered);
 - permanent `CodeTuneError`  → dead-letter with its code and message, then `term`;
-- anything else (S3 or Mongo down, a bug) → `nak` with backoff; on the consumer's last delivery
-                               (`max_deliver`) it is dead-lettered and terminated instead of dropped.
+- a store unreachable (`unreachable`: S3, MongoDB, NATS or Ollama down) → `nak` with the retry policy's
+                               capped backoff until the delays add up to its window (`retry_window_s`),
+                               then dead-lettered once, the reason saying for how long it was unreachable;
+- anything else (a bug, an object not there yet) → `nak` with backoff; after the consumer's `attempts`
+                               deliveries it is dead-lettered and terminated instead of dropped.
+The delays and bounds are one `events.streams.RetryPolicy`, built from the worker's settings; the
+consumers' JetStream `max_deliver` is provisioned from the same policy, so it never ends a window early.
 
 One letter per message: where two durables consume one subject (`tuning.requested`: intake and the
 trainers), only the one marked `letters_malformed` dead-letters a malformed body; the other terminates it
@@ -40,13 +45,12 @@ from core.settings import Settings
 from events import subjects as s
 from events.envelope import EventMeta, body_text, ce_headers, derived_id, new_event_id, unwrap
 from events.payloads import DeadLetter, ErrorInfo, Payload
-from events.streams import CONSUMERS, EVENTS, STREAMS, Consumer
+from events.streams import CONSUMERS, DEFAULT_RETRY, EVENTS, STREAMS, Consumer, RetryPolicy
 from storage.objects import ObjectStore
 
 log = logging.getLogger("codetune")
 
-RETRY_DELAYS_S = (1.0, 5.0, 15.0, 30.0, 60.0)
-_MAX_DELIVER = {c.durable: c.max_deliver for c in CONSUMERS}
+_CONSUMERS = {c.durable: c for c in CONSUMERS}
 _QUIET_ON_MALFORMED = frozenset(c.durable for c in CONSUMERS if not c.letters_malformed)
 
 
@@ -233,6 +237,29 @@ def reason(exc: BaseException) -> ErrorInfo:
     return ErrorInfo(code="internal", message=f"{type(exc).__name__}: {exc}"[:2000])
 
 
+def unreachable(exc: BaseException) -> bool:
+    """Whether `exc` (or an error it was raised from) says a store could not be reached: S3 connection
+    errors, MongoDB server selection / reconnects / network timeouts, NATS timeouts and lost connections,
+    Ollama unreachable. Those are retried for the policy's whole window; nothing else is."""
+    from nats import errors as nats_errors
+    from pymongo.errors import ConnectionFailure
+    from urllib3.exceptions import HTTPError as Urllib3Error
+
+    from core.errors import OllamaUnavailableError, StorageUnavailableError
+
+    kinds = (StorageUnavailableError, OllamaUnavailableError, ConnectionFailure, Urllib3Error, ConnectionError,
+             TimeoutError, nats_errors.TimeoutError, nats_errors.ConnectionClosedError, nats_errors.NoServersError,
+             nats_errors.StaleConnectionError)
+    seen: set[int] = set()
+    e: BaseException | None = exc
+    while e is not None and id(e) not in seen:
+        if isinstance(e, kinds):
+            return True
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return False
+
+
 class FailurePolicy(BaseMiddleware):
     # override: FastStream types `msg` as StreamMessage[Any]; a NATS subscriber always passes a NatsMessage
     async def consume_scope(self, call_next: Any, msg: NatsMessage) -> Any:  # type: ignore[override]
@@ -252,7 +279,14 @@ class FailurePolicy(BaseMiddleware):
         permanent = isinstance(exc, (ValidationError, InvalidPayloadError)) or (
             isinstance(exc, CodeTuneError) and not exc.retryable
         )
-        last = md.num_delivered >= _MAX_DELIVER.get(md.consumer or "", 5)
+        settings = self.context.get("settings")
+        policy = RetryPolicy.from_settings(settings) if settings is not None else DEFAULT_RETRY
+        consumer = _CONSUMERS.get(md.consumer or "")
+        attempts = (consumer.attempts if consumer else None) or policy.attempts
+        down = not permanent and unreachable(exc)
+        # the consumer's JetStream bound is the last delivery there is: never let a message drop silently
+        last = md.num_delivered >= policy.max_deliver(attempts) or (
+            policy.window_spent(md.num_delivered) if down else md.num_delivered >= attempts)
         why = reason(exc)
         if permanent and md.consumer in _QUIET_ON_MALFORMED and malformed(msg):
             log.info("%s seq=%s is malformed; terminated (the subject's other consumer dead-letters it): %s",
@@ -263,15 +297,20 @@ class FailurePolicy(BaseMiddleware):
             if isinstance(exc, ValidationError) and not malformed(msg):  # the body is fine: a bug of ours
                 log.error("%s seq=%s: a valid message failed in the handler", msg.raw_message.subject,
                           md.sequence.stream, exc_info=exc)
-            if not permanent:
+            if down:
+                why = ErrorInfo(code=why.code, message=(
+                    f"store unreachable for {policy.waited(md.num_delivered):.0f}s of retries "
+                    f"({md.num_delivered} deliveries, window {policy.transient_window_s:.0f}s): {why.message}"))
+                log.error("giving up on %s: %s", msg.raw_message.subject, why.message)
+            elif not permanent:
                 why = ErrorInfo(code=why.code, message=f"gave up after {md.num_delivered} deliveries: {why.message}")
                 log.exception("giving up on %s", msg.raw_message.subject, exc_info=exc)
             await dead_letter(msg, why, self.context.get("store"), self.context.get("max_payload"))
             await msg.reject()  # JetStream TERM: never redelivered
             return
-        delay = RETRY_DELAYS_S[min(md.num_delivered - 1, len(RETRY_DELAYS_S) - 1)]
-        log.warning("%s failed (delivery %d), retrying in %.0fs: %s", msg.raw_message.subject,
-                    md.num_delivered, delay, why.message)
+        delay = policy.delay(md.num_delivered)
+        log.warning("%s failed (delivery %d%s), retrying in %.0fs: %s", msg.raw_message.subject,
+                    md.num_delivered, ", store unreachable" if down else "", delay, why.message)
         await msg.nack(delay=delay)
 
 

@@ -16,6 +16,7 @@ from rich.table import Table
 
 from core import formats
 from core.settings import Settings, get_settings
+from events.ids import new_job_id
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__)
 stack_app = typer.Typer(no_args_is_help=True, help="The embedded local stack (NATS, MongoDB-wire, S3).")
@@ -371,12 +372,6 @@ def tune(
         raise typer.Exit(2)
 
 
-def new_job_id() -> str:
-    import uuid
-
-    return f"ftjob-{uuid.uuid4().hex[:20]}"
-
-
 async def submit_job(s: Settings, event: Any, wait: bool, timeout: float = 24 * 3600) -> tuple[str, Any] | None:
     from events import subjects as sj
 
@@ -486,7 +481,7 @@ def show_report(doc: Any) -> None:
     """The job's evaluation report card (README "Evaluation report and quality gate"), if it has one."""
     from rich.markdown import Markdown
 
-    from handlers.tuning.report import of_job, render_markdown
+    from handlers.report import of_job, render_markdown
 
     report = of_job(doc)
     if report is None:

@@ -35,7 +35,8 @@ class PipelineError(RuntimeError):
 async def run_pipeline(settings: Settings, repo_id: str, dataset: Path, name: str, hp: Hyperparameters,
                        export: ExportOptions, prompt: str, push: str | None = None,
                        timeout: float = 24 * 3600) -> dict[str, Any]:
-    from infra.cli import client, follow_job, new_job_id, upload_dataset
+    from events.ids import new_job_id
+    from infra.cli import client, follow_job, upload_dataset
 
     console.rule("[bold]1/5 dataset")
     uploaded = await upload_dataset(settings, dataset, None, "auto", True, 600)
@@ -107,7 +108,7 @@ async def run_pipeline(settings: Settings, repo_id: str, dataset: Path, name: st
 def show_report(report: Any) -> None:
     from rich.markdown import Markdown
 
-    from handlers.tuning.report import render_markdown
+    from handlers.report import render_markdown
 
     console.print(Markdown(render_markdown(report)))
 

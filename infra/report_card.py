@@ -49,9 +49,9 @@ def main(argv: list[str] | None = None) -> None:
     from handlers.export.llamacpp import ensure_converters
     from handlers.export.modelfile import ollama_template
     from handlers.export.runtime_check import check
+    from handlers.report import render_markdown
     from handlers.tuning import recipe
     from handlers.tuning.evaluate import evaluate
-    from handlers.tuning.report import render_markdown
     from infra.smollm2 import REPO_ID, checkpoint_dir
 
     out = Path((argv or sys.argv[1:])[0])

@@ -37,6 +37,15 @@ def job_prefix(job_id: str) -> str:
     return join("jobs", job_id)
 
 
+# The file a training checkpoint writes last, and the tuning stage uploads last: a checkpoint (on disk or
+# in the bucket) is complete exactly when it holds this file.
+CHECKPOINT_STATE_FILE = "trainer_state.json"
+
+
+def checkpoints_prefix(job_id: str) -> str:
+    return join("jobs", job_id, "checkpoints")
+
+
 def checkpoint_prefix(job_id: str, step: int) -> str:
     return join("jobs", job_id, "checkpoints", f"step-{step:08d}")
 

@@ -175,12 +175,12 @@ async def store(settings):
 @pytest.fixture(scope="session")
 async def client(settings) -> AsyncIterator:
     from events.client import CodeTuneClient
-    from events.streams import provision
+    from events.streams import RetryPolicy, provision
 
     # the tests play every party (they publish raw facts too), so this connection logs in as `admin`;
     # the CLI's functions, the bridge and the workers use their own users (README "Security")
     c = await CodeTuneClient.connect(settings, source="codetune/tests", role="admin")
-    await provision(c.js)
+    await provision(c.js, RetryPolicy.from_settings(settings))
     yield c
     await c.close()
 

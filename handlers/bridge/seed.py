@@ -30,27 +30,22 @@ while queued its views carry `queue_position` (1 = the next to start), otherwise
 
 from __future__ import annotations
 
-import uuid
 from datetime import UTC, datetime
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from events.ids import new_job_id
 from events.payloads import SEED_QUANTIZATION, ExportOptions, Hyperparameters, TuningRequested
 from handlers.bridge.errors import field_errors, invalid, invalid_field
 from storage.documents import Dataset, TuningJob, UserModel
+from storage.jobs import TERMINAL
 from storage.keys import job_prefix
 
-JOB_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_-]{2,63}$"
 SEED_LEARNING_RATE = 5e-5
 
 Quantization = Literal["none", "int8", "int4"]
 QUANTIZATION: dict[str, ExportOptions] = SEED_QUANTIZATION
-TERMINAL = {"succeeded", "failed", "cancelled"}
-
-
-def new_job_id() -> str:
-    return f"job-{uuid.uuid4().hex[:20]}"
 
 
 class SeedParameters(BaseModel):

@@ -22,7 +22,7 @@ from pymongo import AsyncMongoClient
 
 from core.settings import Settings
 from events.client import CodeTuneClient
-from events.streams import provision
+from events.streams import RetryPolicy, provision
 from handlers.bridge.receipts import Receipts
 from storage.objects import ObjectStore
 
@@ -77,7 +77,7 @@ class Services:
     async def start(cls, settings: Settings) -> Services:
         client = await CodeTuneClient.connect(settings, source="codetune/bridge", name="codetune-bridge",
                                               max_reconnect_attempts=-1)
-        await provision(client.js)
+        await provision(client.js, RetryPolicy.from_settings(settings))
         services = cls(settings=settings, client=client, receipts=await Receipts.open(client.js),
                        store=ObjectStore(settings), mongodb=Background("mongodb"), s3=Background("s3"))
         services.mongodb.start(services._connect_mongo)

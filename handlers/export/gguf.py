@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any, Literal, get_args
 
 from core.errors import ExportError
+from storage.local import TOKENIZER_FILES
 
 log = logging.getLogger("codetune.export")
 
@@ -41,12 +42,6 @@ GGUF_MAGIC = b"GGUF"
 BASE_SCRIPT = "convert_hf_to_gguf.py"
 LORA_SCRIPT = "convert_lora_to_gguf.py"
 
-# Files that make up a tokenizer; all of those present are copied into a merged model folder so the
-# converter sees exactly what the base model had (tokenizer.model → the SentencePiece path).
-TOKENIZER_FILES = (
-    "tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-    "added_tokens.json", "chat_template.jinja", "chat_template.json", "vocab.json", "merges.txt",
-)
 _ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
 Source = tuple[str, str]  # (hub repo id, revision) a base model was pulled from
 _ERROR_LINES = 12

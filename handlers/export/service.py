@@ -33,16 +33,13 @@ from events.payloads import (
     TuningCompleted,
 )
 from handlers.export.gate import decide
-from handlers.tuning.jobs import update, update_if
-from handlers.tuning.report import of_job as report_of
-from handlers.tuning.report import save as save_report
-from handlers.tuning.runner import local_model_dir
+from handlers.report import of_job as report_of
+from handlers.report import save as save_report
 from storage import keys
 from storage.documents import BaseLLM, TuningJob
+from storage.jobs import must_transition, transition
+from storage.local import local_model_dir
 from storage.objects import ObjectStore
-
-# stages at or after a finished export: a new tuning.completed for such a job changes nothing
-AFTER_EXPORT = ("exported", "publishing", "published", "publish_failed")
 
 
 def model_name(event: TuningCompleted) -> str:
@@ -70,10 +67,11 @@ def check_completed(job: TuningJob | None, event: TuningCompleted) -> TuningJob:
 
 async def claim_export(event: TuningCompleted, *, redelivered: bool = False) -> TuningJob | None:
     """Check the fact against the job and move the job to `exporting`; None when its export already
-    ran or runs (a duplicate: nothing to do)."""
+    ran or runs (a duplicate: nothing to do). Only a redelivered message (its export crashed) may take
+    over a job already exporting or exported."""
     check_completed(await TuningJob.find_one(TuningJob.job_id == event.job_id), event)
-    busy = ["exporting", *AFTER_EXPORT] if not redelivered else list(AFTER_EXPORT[1:])
-    return await update_if(event.job_id, {"status": "succeeded", "stage": {"$nin": busy}}, stage="exporting")
+    start = [None, "export_failed", *(("exporting", "exported") if redelivered else ())]
+    return await transition(event.job_id, stage="exporting", only_from=start)
 
 
 async def export(event: TuningCompleted, store: ObjectStore, settings: Settings, *, redelivered: bool = False
@@ -100,7 +98,7 @@ async def export(event: TuningCompleted, store: ObjectStore, settings: Settings,
     work = settings.scratch_dir / "jobs" / event.job_id / "export"
     try:
         conv = await asyncio.to_thread(ensure_converters, settings)
-        base_dir = await store.mirror(model.prefix, local_model_dir(settings, model), model.sha or "")
+        base_dir = await store.mirror(model.prefix, local_model_dir(settings.scratch_dir, model), model.sha or "")
         adapter_dir = await store.mirror(event.adapter_key, work / "adapter")
         # the adapter folder carries the tokenizer (and chat template) the job actually trained with
         template, stop = await asyncio.to_thread(ollama_template, adapter_dir)
@@ -150,7 +148,7 @@ async def export(event: TuningCompleted, store: ObjectStore, settings: Settings,
             f"not published: the evaluation report did not pass the quality gate: {why} "
             f"(report: {report.markdown_key}; publish anyway with export.gate: false)"))]
     artifacts = {"model_gguf": model_key, "adapter_gguf": adapter_key, "modelfile": modelfile_key}
-    await update(event.job_id, stage="exported", artifacts=artifacts)
+    await must_transition(event.job_id, stage="exported", artifacts=artifacts)
     return [evaluated, ModelExported(job_id=event.job_id, name=model_name(event), mode=opts.mode, model_key=model_key,
                                      adapter_key=adapter_key, modelfile_key=modelfile_key, template=template,
                                      stop=stop, system=opts.system, quantize=opts.quantize)]
@@ -173,5 +171,5 @@ async def check_runtime(report: EvaluationReport, model_path: Path, adapter_path
 
 async def _failed(event: TuningCompleted, error: CodeTuneError) -> ModelExportFailed:
     info = ErrorInfo(code=error.code, message=error.message)
-    await update(event.job_id, stage="export_failed", error=info.model_dump())
+    await must_transition(event.job_id, stage="export_failed", error=info.model_dump())
     return ModelExportFailed(job_id=event.job_id, error=info)

@@ -2,7 +2,7 @@
 
 Ack policy: MANUAL via FailurePolicy — acked once the job document exists (inserted now, or found as
 recorded before); a malformed request is dead-lettered once, here (the trainers' consumer terminates it
-without a second letter); MongoDB down → nak with backoff (bounded by max_deliver, then dead-lettered).
+without a second letter); MongoDB down → nak with backoff for the retry window, then dead-lettered.
 """
 
 from faststream.nats import NatsMessage

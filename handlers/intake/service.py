@@ -8,16 +8,17 @@ later takes the request finds the job recorded and runs it as usual.
 Idempotent per job: the record only ever inserts (storage.jobs.record_requested), so a redelivery, a
 second request for the same job, or a request arriving after a trainer already started or finished the
 job changes nothing. The job id rule is the tuning stage's: the request's `job_id`, else one derived from
-the request's event id (storage.jobs.job_id_for), so both stages name the same job.
+the request's event id (events.ids.job_id_for), so both stages name the same job.
 """
 
 from __future__ import annotations
 
 import logging
 
+from events.ids import job_id_for
 from events.payloads import TuningRequested
 from storage.documents import TuningJob
-from storage.jobs import QUEUED, job_id_for, record_requested
+from storage.jobs import QUEUED, record_requested
 
 log = logging.getLogger("codetune.intake")
 

@@ -17,8 +17,8 @@ from core.errors import CodeTuneError, FactMismatchError, InvalidInputError, Job
 from core.settings import Settings
 from events.payloads import ErrorInfo, ModelExported, ModelPublished, ModelPublishFailed, OllamaCreateRequest
 from handlers.serving import ollama_ops
-from handlers.tuning.jobs import update, update_if
 from storage.documents import ServedModel, TuningJob
+from storage.jobs import must_transition, transition
 from storage.objects import ObjectStore
 
 PUBLISHABLE = ("exported", "publish_failed")
@@ -48,7 +48,7 @@ async def publish(event: ModelExported, store: ObjectStore, settings: Settings, 
     """Create the model in Ollama; None when the job is already publishing or published (a duplicate)."""
     check_exported(await TuningJob.find_one(TuningJob.job_id == event.job_id), event)
     allowed = [*PUBLISHABLE, *PUBLISHED] if redelivered else list(PUBLISHABLE)
-    if await update_if(event.job_id, {"stage": {"$in": allowed}}, stage="publishing") is None:
+    if await transition(event.job_id, stage="publishing", only_from=allowed) is None:
         return None
     cache = settings.scratch_dir / "gguf"
     model_path = await store.fetch(event.model_key, cache)
@@ -61,13 +61,13 @@ async def publish(event: ModelExported, store: ObjectStore, settings: Settings, 
         if e.retryable:
             raise  # Ollama unreachable: retried with backoff, then dead-lettered
         info = ErrorInfo(code=e.code, message=e.message)
-        await update(event.job_id, stage="publish_failed", error=info.model_dump())
+        await must_transition(event.job_id, stage="publish_failed", error=info.model_dump())
         return ModelPublishFailed(job_id=event.job_id, name=event.name, error=info)
     await ServedModel.upsert_by({"name": event.name}, {
         "job_id": event.job_id, "ollama_host": settings.ollama_host, "files": created["files"],
         "adapters": created["adapters"], "quantize": event.quantize,
     })
-    await update(event.job_id, stage="published")
+    await must_transition(event.job_id, stage="published")
     return ModelPublished(job_id=event.job_id, name=event.name, ollama_host=settings.ollama_host)
 
 

@@ -1,28 +1,17 @@
-"""Tuning jobs as documents: recording, readiness of inputs, waiting, leases, terminal states.
+"""The tuning stage's view of its jobs: recording a request, readiness of its inputs, its spec.
 
-Statuses follow OpenAI's fine-tuning jobs: validating → waiting | queued → running →
-succeeded | failed | cancelled. Only Mongo and the bucket are touched here; no broker, no torch.
+Every write to a job document goes through `storage.jobs` (statuses, transitions, leases); this module
+only decides what the tuning stage needs. Only Mongo and the bucket are touched here; no broker, no torch.
 """
 
 from __future__ import annotations
 
-import os
-import socket
 from dataclasses import dataclass, field
-from datetime import timedelta
-from typing import Any
 
-from pymongo import ReturnDocument
-
-from core.errors import JobNotFoundError
 from events.payloads import ErrorInfo, TuningRequested
-from storage.documents import BaseLLM, Dataset, TuningJob, now
-from storage.jobs import job_id_for as job_id_for  # the job-id rule, shared with the intake stage
-from storage.jobs import record_requested
+from storage.documents import BaseLLM, Dataset, TuningJob
+from storage.jobs import VALIDATING, record_requested
 from storage.objects import ObjectStore
-
-TERMINAL = frozenset({"succeeded", "failed", "cancelled"})
-WORKER_ID = f"{socket.gethostname()}:{os.getpid()}"
 
 
 def model_key(repo_id: str, revision: str) -> str:
@@ -36,7 +25,7 @@ def dataset_key(dataset_id: str) -> str:
 async def record(job_id: str, event: TuningRequested) -> TuningJob:
     """Create the job on first sight (`validating`); a job already recorded — by the intake stage as
     `queued`, or by an earlier delivery — is returned as it is and left alone."""
-    return await record_requested(job_id, event, "validating")
+    return await record_requested(job_id, event, VALIDATING)
 
 
 def request_of(job: TuningJob) -> TuningRequested:
@@ -102,73 +91,3 @@ async def _check_eval_dataset(dataset_id: str, store: ObjectStore, out: Inputs) 
         out.missing.append(dataset_key(dataset_id))
     else:
         out.eval_dataset = ds
-
-
-async def update_if(job_id: str, where: dict[str, Any], **fields: Any) -> TuningJob | None:
-    """Atomically set `fields` on the job if it exists and matches `where`; never creates a job.
-    Returns the job after the update, or None when no job matched."""
-    raw = await TuningJob.get_pymongo_collection().find_one_and_update(
-        {"job_id": job_id, **where}, {"$set": {**fields, "updated_at": now()}},
-        return_document=ReturnDocument.AFTER,
-    )
-    return TuningJob.model_validate(raw) if raw else None
-
-
-async def update(job_id: str, **fields: Any) -> TuningJob:
-    """Set fields on an existing job. Only `record` creates jobs: no stage upserts a job from a fact."""
-    job = await update_if(job_id, {}, **fields)
-    if job is None:
-        raise JobNotFoundError(f"unknown job id {job_id!r}")
-    return job
-
-
-async def finish(job_id: str, status: str, **fields: Any) -> TuningJob:
-    return await update(job_id, status=status, finished_at=now(), lease_owner=None, lease_until=None, **fields)
-
-
-async def claim(job_id: str, lease_s: float, *, take_over: bool = False) -> TuningJob | None:
-    """Atomically take the job for this worker unless another live worker holds it.
-
-    `take_over`: the message that carries this job was redelivered, so whoever held it stopped
-    heartbeating (JetStream only redelivers an unacked message after ack_wait): its lease is void.
-    """
-    t = now()
-    live = [{"lease_owner": None}, {"lease_owner": WORKER_ID}, {"lease_until": {"$lt": t}}]
-    raw = await TuningJob.get_pymongo_collection().find_one_and_update(
-        {"job_id": job_id, "status": {"$nin": list(TERMINAL)}, **({} if take_over else {"$or": live})},
-        {"$set": {"lease_owner": WORKER_ID, "lease_until": t + timedelta(seconds=lease_s), "status": "running",
-                  "waiting_for": [], "updated_at": t},
-         "$inc": {"attempts": 1}},
-        return_document=ReturnDocument.AFTER,
-    )
-    return TuningJob.model_validate(raw) if raw else None
-
-
-async def renew(job_id: str, lease_s: float) -> bool:
-    """Heartbeat: extend the lease; returns whether a cancel was requested."""
-    raw = await TuningJob.get_pymongo_collection().find_one_and_update(
-        {"job_id": job_id, "lease_owner": WORKER_ID},
-        {"$set": {"lease_until": now() + timedelta(seconds=lease_s)}},
-        projection={"cancel_requested": 1}, return_document=ReturnDocument.AFTER,
-    )
-    return bool(raw and raw.get("cancel_requested"))
-
-
-async def waiting_on(key: str) -> list[TuningJob]:
-    return await TuningJob.find(TuningJob.waiting_for == key, TuningJob.status == "waiting").to_list()
-
-
-async def resolve(job_id: str, key: str) -> TuningJob | None:
-    """Remove `key` from a waiting job; returns the job if nothing else is missing (ready to queue)."""
-    raw = await TuningJob.get_pymongo_collection().find_one_and_update(
-        {"job_id": job_id, "status": "waiting", "waiting_for": key},
-        {"$pull": {"waiting_for": key}, "$set": {"updated_at": now()}},
-        return_document=ReturnDocument.AFTER,
-    )
-    if raw and not raw.get("waiting_for"):
-        raw = await TuningJob.get_pymongo_collection().find_one_and_update(
-            {"job_id": job_id, "status": "waiting", "waiting_for": []},
-            {"$set": {"status": "queued", "updated_at": now()}}, return_document=ReturnDocument.AFTER,
-        )
-        return TuningJob.model_validate(raw) if raw else None
-    return None

@@ -43,15 +43,12 @@ from core.errors import HyperparameterError, InvalidInputError
 from events.payloads import Hyperparameters, LossPoint, TrainMetrics
 from handlers.tuning import data as D
 from handlers.tuning.loss import token_loss_sum
+from storage.keys import CHECKPOINT_STATE_FILE as STATE_FILE
+from storage.local import TOKENIZER_FILES
 
 log = logging.getLogger("codetune.tuning.recipe")
 
 MAX_GRAD_NORM = 1.0
-STATE_FILE = "trainer_state.json"
-TOKENIZER_FILES = (
-    "tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-    "added_tokens.json", "chat_template.jinja", "vocab.json", "merges.txt",
-)
 # Padded tokens per forward/backward pass: bounds activation memory whatever the batch size (a packed batch
 # of 8 x 512 runs as 8 passes of 512). On CPU, 512 keeps a pass's activations near a padded batch of 8 short
 # chats and short matmuls suit 2 cores (2 x 512 beat 8 x 512 by x1.4 on SmolLM2); a GPU wants big passes.

@@ -9,6 +9,7 @@ Ack policies (all MANUAL via FailurePolicy):
 """
 
 from events import subjects as sj
+from events.ids import job_id_for
 from events.payloads import (
     DatasetFailed,
     DatasetValidated,
@@ -54,7 +55,7 @@ async def on_tuning_requested(
         return RunContext(store=store, settings=settings, publish=outputs.emit, heartbeat=msg.in_progress,
                           lease_s=TUNING_REQUESTED.ack_wait_s)
 
-    await handle_request(event.job_id or jobs.job_id_for(parent.id), event, store, emit, make_ctx,
+    await handle_request(event.job_id or job_id_for(parent.id), event, store, emit, make_ctx,
                          redelivered=parent.num_delivered > 1)
 
 

@@ -39,12 +39,13 @@ from events.payloads import (
     TuningFailed,
     TuningProgress,
 )
-from handlers.tuning import jobs
+from handlers.report import job_lint
+from handlers.report import save as save_report
 from handlers.tuning.lint import Estimator, estimate_summary, lint_summary, prepare_with_lint
-from handlers.tuning.report import job_lint
-from handlers.tuning.report import save as save_report
-from storage import keys
-from storage.documents import BaseLLM, Dataset, TuningJob
+from storage import jobs, keys
+from storage.documents import BaseLLM, Dataset, TuningJob, now
+from storage.jobs import CANCELLED, FAILED, RUNNING, SUCCEEDED
+from storage.local import local_model_dir
 from storage.objects import ObjectStore
 
 log = logging.getLogger("codetune.tuning")
@@ -124,7 +125,7 @@ class _Hooks:
 
     async def _note(self, message: str, step: int, max_steps: int, **fields: Any) -> None:
         """Store `fields` on the job and announce `message` as a progress event (at `step`)."""
-        await jobs.update(self.job.job_id, **fields)
+        await jobs.set_fields(self.job.job_id, {RUNNING}, **fields)
         await self.ctx.publish(TuningProgress(job_id=self.job.job_id, status="running", step=step,
                                               max_steps=max_steps, message=message))
 
@@ -149,9 +150,9 @@ class _Hooks:
                                epoch=info.epoch, loss=info.loss, eval_loss=info.eval_loss,
                                learning_rate=info.learning_rate, tokens_per_s=info.tokens_per_s, eta_s=info.eta_s)
         try:
-            await jobs.update(self.job.job_id, step=info.step, max_steps=info.max_steps, epoch=info.epoch,
-                              loss=info.loss, eval_loss=info.eval_loss, tokens_per_s=info.tokens_per_s,
-                              eta_s=info.eta_s)
+            await jobs.set_fields(self.job.job_id, {RUNNING}, step=info.step, max_steps=info.max_steps,
+                                  epoch=info.epoch, loss=info.loss, eval_loss=info.eval_loss,
+                                  tokens_per_s=info.tokens_per_s, eta_s=info.eta_s)
             await self.ctx.publish(event)
         except Exception as e:
             log.warning("progress of %s not published: %s", self.job.job_id, e)
@@ -166,11 +167,19 @@ class _Hooks:
         shutil.rmtree(ckpt_dir, ignore_errors=True)  # durable in the bucket; the disk copy is not needed
 
     async def _upload_checkpoint(self, ckpt_dir: Path, step: int) -> None:
+        """Upload the checkpoint, its state file last (what makes it complete, see `latest_checkpoint`),
+        then record it on the job and drop all but the newest `KEEP_CHECKPOINTS`."""
         prefix = keys.checkpoint_prefix(self.job.job_id, step)
-        await self.ctx.store.upload_dir(prefix, ckpt_dir)
-        await jobs.update(self.job.job_id, checkpoint_key=prefix, checkpoint_step=step)
+        state = ckpt_dir / keys.CHECKPOINT_STATE_FILE
+        for path in sorted(p for p in ckpt_dir.rglob("*") if p.is_file() and p != state):
+            await self.ctx.store.put_file(f"{prefix}/{path.relative_to(ckpt_dir).as_posix()}", path)
+        await self.ctx.store.put_file(f"{prefix}/{keys.CHECKPOINT_STATE_FILE}", state)
+        try:
+            await jobs.set_fields(self.job.job_id, {RUNNING}, checkpoint_key=prefix, checkpoint_step=step)
+        except Exception as e:  # the checkpoint is durable: a resume finds it in the bucket (latest_checkpoint)
+            log.warning("checkpoint %s of %s is in the bucket but not recorded: %s", step, self.job.job_id, e)
         old = sorted({"/".join(k.split("/")[:4]) for k, _ in await self.ctx.store.list(
-            keys.join("jobs", self.job.job_id, "checkpoints") + "/")})
+            keys.checkpoints_prefix(self.job.job_id) + "/")})
         for stale in old[:-KEEP_CHECKPOINTS]:
             await self.ctx.store.remove_prefix(stale + "/")
 
@@ -178,9 +187,21 @@ class _Hooks:
         return self.cancel.is_set()
 
 
-def local_model_dir(settings: Settings, model: BaseLLM) -> Path:
-    """Where a base model snapshot is mirrored on this host (one copy per commit sha)."""
-    return settings.scratch_dir / "models" / (model.prefix or "").replace("/", "__")
+async def latest_checkpoint(store: ObjectStore, job_id: str) -> tuple[str, int] | None:
+    """The job's newest complete checkpoint in the bucket, as (prefix, step), whether or not the job's
+    record names it (a MongoDB outage may have kept a checkpoint from being recorded). Complete: it holds
+    its state file, which is uploaded last; a prefix without one (an upload cut short) is skipped."""
+    root = keys.checkpoints_prefix(job_id)
+    best: tuple[str, int] | None = None
+    for key, _ in await store.list(root + "/"):
+        rest = key[len(root) + 1:]
+        name, _, file = rest.partition("/")
+        if file != keys.CHECKPOINT_STATE_FILE or not name.startswith("step-") or not name[5:].isdigit():
+            continue
+        step = int(name[5:])
+        if best is None or step > best[1]:
+            best = (f"{root}/{name}", step)
+    return best
 
 
 async def _heartbeat(job: TuningJob, hooks: _Hooks, ctx: RunContext) -> None:
@@ -198,7 +219,8 @@ async def run(job: TuningJob, model: BaseLLM, dataset: Dataset, ctx: RunContext,
 
     hp = Hyperparameters.model_validate(job.hyperparameters)
     work = ctx.settings.scratch_dir / "jobs" / job.job_id
-    base_dir = await ctx.store.mirror(model.prefix or "", local_model_dir(ctx.settings, model), model.sha or "")
+    base_dir = await ctx.store.mirror(model.prefix or "", local_model_dir(ctx.settings.scratch_dir, model),
+                                      model.sha or "")
     data_path = work / "data" / keys.safe_name(dataset.name)
     await ctx.store.download(dataset.key, data_path)
     eval_data = None
@@ -206,12 +228,18 @@ async def run(job: TuningJob, model: BaseLLM, dataset: Dataset, ctx: RunContext,
         eval_data = (work / "eval" / keys.safe_name(eval_dataset.name), eval_dataset.format or "text")
         await ctx.store.download(eval_dataset.key, eval_data[0])
     resume_dir = None
-    if job.checkpoint_key:
-        resume_dir = work / "resume" / job.checkpoint_key.rsplit("/", 1)[-1]
+    found = await latest_checkpoint(ctx.store, job.job_id)
+    if found is not None:
+        key, step = found
+        if key != job.checkpoint_key:  # newer than the record says (or never recorded): record it now
+            log.info("job %s: checkpoint %s is in the bucket but was not recorded", job.job_id, key)
+            job = job.model_copy(update={"checkpoint_key": key, "checkpoint_step": step})
+            await jobs.set_fields(job.job_id, {RUNNING}, checkpoint_key=key, checkpoint_step=step)
+        resume_dir = work / "resume" / key.rsplit("/", 1)[-1]
         shutil.rmtree(resume_dir, ignore_errors=True)
-        await ctx.store.download_prefix(job.checkpoint_key, resume_dir)
-        log.info("job %s resumes from %s", job.job_id, job.checkpoint_key)
-    await jobs.update(job.job_id, started_at=job.started_at or jobs.now(), sha=model.sha)
+        await ctx.store.download_prefix(key, resume_dir)
+        log.info("job %s resumes from %s", job.job_id, key)
+    await jobs.set_fields(job.job_id, {RUNNING}, started_at=job.started_at or now(), sha=model.sha)
     await ctx.publish(TuningProgress(job_id=job.job_id, status="running", step=job.checkpoint_step or 0,
                                      max_steps=job.max_steps, message="resumed" if resume_dir else "started"))
 
@@ -240,7 +268,7 @@ async def run(job: TuningJob, model: BaseLLM, dataset: Dataset, ctx: RunContext,
     history = [p.model_dump() for p in thin_history(result.loss_history, DOC_HISTORY_POINTS)]
     try:
         if result.cancelled:
-            await jobs.finish(job.job_id, "cancelled", step=result.metrics.steps, loss_history=history)
+            await jobs.must_transition(job.job_id, CANCELLED, step=result.metrics.steps, loss_history=history)
             return TuningCancelled(job_id=job.job_id, step=result.metrics.steps)
         assert report is not None
         return await _succeeded(job, model, result, work, ctx, report)
@@ -277,8 +305,8 @@ async def _succeeded(job: TuningJob, model: BaseLLM, result: Any, work: Path, ct
     plot_key = keys.plot_key(job.job_id)
     png = plot_loss(result.loss_history, work / "loss.png")
     await ctx.store.put_file(plot_key, png)
-    doc = await jobs.finish(
-        job.job_id, "succeeded", step=result.metrics.steps, max_steps=result.metrics.steps,
+    doc = await jobs.must_transition(
+        job.job_id, SUCCEEDED, step=result.metrics.steps, max_steps=result.metrics.steps,
         adapter_key=adapter_key, plot_key=plot_key, metrics=result.metrics.model_dump(),
         loss_history=[p.model_dump() for p in thin_history(result.loss_history, DOC_HISTORY_POINTS)],
         loss=result.metrics.train_loss,
@@ -303,5 +331,5 @@ def completed_event(doc: TuningJob) -> TuningCompleted:
 
 
 async def _failed(job: TuningJob, error: ErrorInfo) -> TuningFailed:
-    await jobs.finish(job.job_id, "failed", error=error.model_dump())
+    await jobs.must_transition(job.job_id, FAILED, error=error.model_dump())
     return TuningFailed(job_id=job.job_id, error=error)

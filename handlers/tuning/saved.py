@@ -8,6 +8,7 @@ import uuid
 from typing import Any
 
 from core.errors import InvalidInputError, JobNotFoundError, NotFoundError
+from events.ids import new_job_id
 from events.payloads import SEED_QUANTIZATION, ExportOptions, TuningRequested
 from storage.documents import TuningJob, UserModel
 
@@ -59,7 +60,7 @@ def request_from_saved(saved: UserModel, overrides: dict[str, Any] | None = None
     if not dataset_id:
         raise InvalidInputError("the saved model has no dataset_id: pass one as an override")
     return TuningRequested(
-        job_id=job_id or f"ftjob-{uuid.uuid4().hex[:20]}",
+        job_id=job_id or new_job_id(),
         base_model=top.get("base_model") or saved.base_model or params.get("repo_id") or "",
         revision=top.get("revision") or params.get("revision") or "main", dataset_id=dataset_id,
         name=top.get("name", params.get("name")), hyperparameters={**hp, **over}, export=export,

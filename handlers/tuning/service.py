@@ -24,7 +24,9 @@ from events.payloads import (
 )
 from handlers.tuning import jobs
 from handlers.tuning.runner import RunContext, completed_event, run
+from storage import jobs as records
 from storage.documents import TuningJob
+from storage.jobs import CANCELLED, FAILED, QUEUED, RUNNING, TERMINAL, VALIDATING, WAITING
 from storage.objects import ObjectStore
 
 Emit = Callable[..., Awaitable[Any]]
@@ -44,27 +46,28 @@ def outcome_of(job: TuningJob) -> Payload:
 async def answer(job_id: str, outcome: Payload, emit: Emit, key: str = "") -> None:
     """Publish a job's terminal outcome, then record that it was published (see the module docstring)."""
     await emit(outcome, key=key)
-    await jobs.update(job_id, outcome_sent=True)
+    await records.set_fields(job_id, TERMINAL, outcome_sent=True)
 
 
 async def handle_request(job_id: str, event: TuningRequested, store: ObjectStore, emit: Emit,
                          make_ctx: Callable[[], RunContext], *, redelivered: bool = False) -> None:
     job = await jobs.record(job_id, event)
-    if job.status in jobs.TERMINAL:
+    if job.status in TERMINAL:
         if not job.outcome_sent:  # a crash between storing and publishing: answer with the record
             await answer(job_id, outcome_of(job), emit)
         return  # already answered: a duplicate request changes nothing
     if job.cancel_requested:
-        await jobs.finish(job_id, "cancelled")
-        await answer(job_id, TuningCancelled(job_id=job_id, step=job.step), emit)
+        if await records.transition(job_id, CANCELLED):
+            await answer(job_id, TuningCancelled(job_id=job_id, step=job.step), emit)
         return
     inputs = await jobs.check_inputs(job, store)
     if inputs.failure:
-        await jobs.finish(job_id, "failed", error=inputs.failure.model_dump())
-        await answer(job_id, TuningFailed(job_id=job_id, error=inputs.failure), emit)
+        if await records.transition(job_id, FAILED, error=inputs.failure.model_dump()):
+            await answer(job_id, TuningFailed(job_id=job_id, error=inputs.failure), emit)
         return
     if inputs.missing:
-        await jobs.update(job_id, status="waiting", waiting_for=inputs.missing)
+        if await records.transition(job_id, WAITING, waiting_for=inputs.missing) is None:
+            return  # finished or cancelled meanwhile
         await emit(TuningProgress(job_id=job_id, status="waiting", step=0, max_steps=0,
                                   message="waiting for " + ", ".join(inputs.missing)))
         if inputs.pull_needed:
@@ -73,11 +76,11 @@ async def handle_request(job_id: str, event: TuningRequested, store: ObjectStore
         again = await jobs.check_inputs(job, store)
         if not again.missing and not again.failure:
             for key in inputs.missing:
-                ready = await jobs.resolve(job_id, key)
+                ready = await records.resolve(job_id, key)
                 if ready:
                     await emit(jobs.request_of(ready), key="ready")
         return
-    claimed = await jobs.claim(job_id, make_ctx().lease_s, take_over=redelivered)
+    claimed = await records.claim(job_id, make_ctx().lease_s, take_over=redelivered)
     if claimed is None:
         return  # another live worker is running this job (this is a second request for it)
     assert inputs.model is not None and inputs.dataset is not None
@@ -88,12 +91,13 @@ async def handle_request(job_id: str, event: TuningRequested, store: ObjectStore
 async def resume_waiting(key: str, emit: Emit, failure: ErrorInfo | None = None) -> int:
     """An input became ready (or failed): queue (or fail) the jobs that waited for it."""
     count = 0
-    for job in await jobs.waiting_on(key):
+    for job in await records.waiting_on(key):
         if failure is not None:
-            await jobs.finish(job.job_id, "failed", error=failure.model_dump())
+            if await records.transition(job.job_id, FAILED, only_from={WAITING}, error=failure.model_dump()) is None:
+                continue
             await answer(job.job_id, TuningFailed(job_id=job.job_id, error=failure), emit, key=job.job_id)
         else:
-            ready = await jobs.resolve(job.job_id, key)
+            ready = await records.resolve(job.job_id, key)
             if ready is None:
                 continue
             await emit(jobs.request_of(ready), key=job.job_id)
@@ -103,10 +107,13 @@ async def resume_waiting(key: str, emit: Emit, failure: ErrorInfo | None = None)
 
 async def request_cancel(job_id: str, emit: Emit) -> None:
     job = await TuningJob.find_one(TuningJob.job_id == job_id)
-    if job is None or job.status in jobs.TERMINAL:
+    if job is None or job.status in TERMINAL:
         return
-    if job.status == "running":
-        await jobs.update(job_id, cancel_requested=True)  # the running worker stops at its next step
-        return
-    await jobs.finish(job_id, "cancelled", cancel_requested=True)
-    await answer(job_id, TuningCancelled(job_id=job_id, step=job.step), emit)
+    if job.status != RUNNING:
+        done = await records.transition(job_id, CANCELLED, only_from={VALIDATING, QUEUED, WAITING},
+                                        cancel_requested=True)
+        if done is not None:
+            await answer(job_id, TuningCancelled(job_id=job_id, step=job.step), emit)
+            return
+    # running (or claimed meanwhile): the running worker stops at its next step
+    await records.set_fields(job_id, {RUNNING}, cancel_requested=True)

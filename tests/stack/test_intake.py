@@ -21,9 +21,9 @@ import httpx
 import pytest
 
 from events import subjects as sj
+from events.ids import job_id_for
 from events.streams import EVENTS, INTAKE_REQUESTED, TUNING_REQUESTED
 from storage.documents import TuningJob
-from storage.jobs import job_id_for
 from tests.conftest import TINY_REPO
 from tests.stack.test_bridge import AUTH, TOKEN, published, serve_bridge, wait_until
 from tests.stack.test_cli import codetune

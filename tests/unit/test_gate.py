@@ -5,7 +5,7 @@ from __future__ import annotations
 from core.settings import Settings
 from events.payloads import EvalSample, EvalScores, EvaluationReport, RuntimeCheck
 from handlers.export.gate import decide
-from handlers.tuning.report import lint_warnings, render_markdown
+from handlers.report import lint_warnings, render_markdown
 
 SETTINGS = Settings(_env_file=None)
 

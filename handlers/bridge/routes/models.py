@@ -29,9 +29,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from core.settings import Settings
 from events import subjects as s
+from events.ids import ID_PATTERN
 from events.payloads import ModelPullRequested, ModelPushed, ModelPushFailed, ModelPushRequested
 from handlers.bridge.errors import field_errors, invalid, invalid_field
-from handlers.bridge.seed import JOB_ID_PATTERN
 from handlers.bridge.services import ClientDep, MongoDB, SettingsDep
 from storage.documents import BaseLLM, ClientSettings, TuningJob, UserModel
 
@@ -39,7 +39,7 @@ router = APIRouter(prefix="/api/v1/models", tags=["models"])
 
 CACHE_S = 60.0
 PUSH_WAIT_S = 600.0
-_ID = re.compile(JOB_ID_PATTERN)
+_ID = re.compile(ID_PATTERN)
 _cache: dict[tuple[str | None, int, str | None], tuple[float, list[dict[str, Any]] | None, str | None]] = {}
 
 

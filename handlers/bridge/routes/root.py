@@ -21,14 +21,14 @@ from fastapi import APIRouter, HTTPException, WebSocket, WebSocketDisconnect
 from fastapi.encoders import jsonable_encoder
 from fastapi.security.utils import get_authorization_scheme_param
 
+from events.ids import ID_PATTERN
 from handlers.bridge.auth import check_token
 from handlers.bridge.routes.health import VERSION
 from handlers.bridge.routes.tuning import job_recorded, job_stream
-from handlers.bridge.seed import JOB_ID_PATTERN
 from handlers.bridge.services import Services
 
 router = APIRouter(tags=["root"])
-_JOB_ID = re.compile(JOB_ID_PATTERN)
+_JOB_ID = re.compile(ID_PATTERN)
 
 
 @router.get("/")

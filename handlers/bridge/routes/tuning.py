@@ -28,10 +28,9 @@ from fastapi.sse import EventSourceResponse, ServerSentEvent
 
 from events import subjects as s
 from events.client import CodeTuneClient
+from events.ids import ID_PATTERN
 from events.payloads import TuningCancelRequested
 from handlers.bridge.seed import (
-    JOB_ID_PATTERN,
-    TERMINAL,
     SeedTuningCreate,
     progress_view,
     seed_status,
@@ -40,11 +39,11 @@ from handlers.bridge.seed import (
 )
 from handlers.bridge.services import ClientDep, MongoDB, Services, ServicesDep
 from storage.documents import TuningJob
-from storage.jobs import queue_position, queue_positions, wait_recorded
+from storage.jobs import TERMINAL, queue_position, queue_positions, wait_recorded
 
 router = APIRouter(prefix="/api/v1/tuning", tags=["tuning"])
 
-JobId = Annotated[str, Path(pattern=JOB_ID_PATTERN, description="the job id")]
+JobId = Annotated[str, Path(pattern=ID_PATTERN, description="the job id")]
 JOB_GRACE_S = 5.0
 TERMINAL_SUBJECTS = {s.TUNING_COMPLETED: "completed", s.TUNING_FAILED: "failed", s.TUNING_CANCELLED: "cancelled"}
 
@@ -99,7 +98,7 @@ async def get_progress(job_id: JobId) -> dict[str, Any]:
 async def get_report(job_id: JobId, format: Literal["json", "markdown"] = Query("json")) -> Any:
     """The job's evaluation report (base vs tuned on held-out rows, sample answers, the GGUF check, the
     quality gate) as JSON, or its Markdown card with `?format=markdown`."""
-    from handlers.tuning.report import of_job, render_markdown
+    from handlers.report import of_job, render_markdown
 
     report = of_job(await find_job(job_id))
     if report is None:

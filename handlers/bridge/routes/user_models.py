@@ -7,10 +7,10 @@ from typing import Annotated, Any
 from fastapi import APIRouter, HTTPException, Path
 from pydantic import BaseModel, Field, ValidationError
 
+from events.ids import ID_PATTERN
 from handlers.bridge.errors import field_errors, invalid, invalid_field
 from handlers.bridge.routes.tuning import recorded
 from handlers.bridge.seed import (
-    JOB_ID_PATTERN,
     job_result,
     requested_view,
     saved_model_view,
@@ -32,7 +32,7 @@ class SaveBody(BaseModel):
     dataset_id: str | None = None
     parameters: dict[str, Any] | None = None
     result: dict[str, Any] | None = None
-    job_id: str | None = Field(None, pattern=JOB_ID_PATTERN, description="fill the rest from this tuning job")
+    job_id: str | None = Field(None, pattern=ID_PATTERN, description="fill the rest from this tuning job")
 
 
 class RenameBody(BaseModel):

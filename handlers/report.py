@@ -1,7 +1,8 @@
 """The job's evaluation report: stored on the job, as JSON and as a Markdown card next to the loss plot.
 
 The tuning stage writes the first part (base vs tuned, samples); the export stage completes it (the GGUF
-runtime check and the gate) and stores it again under the same keys. No torch here.
+runtime check and the gate) and stores it again under the same keys. Shared by both stages (and read by
+the bridge and the CLI), so it lives beside them rather than inside either. No torch here.
 """
 
 from __future__ import annotations
@@ -9,9 +10,9 @@ from __future__ import annotations
 from typing import Any
 
 from events.payloads import EvaluationReport
-from handlers.tuning import jobs
 from storage import keys
 from storage.documents import TuningJob
+from storage.jobs import SUCCEEDED, TransitionRefusedError, set_fields
 from storage.objects import ObjectStore
 
 
@@ -102,7 +103,8 @@ async def save(store: ObjectStore, report: EvaluationReport) -> EvaluationReport
     await store.put_bytes(report.json_key, report.model_dump_json(indent=2).encode(),
                           content_type="application/json")
     await store.put_bytes(report.markdown_key, render_markdown(report).encode(), content_type="text/markdown")
-    await jobs.update(report.job_id, report=report.model_dump(mode="json"))
+    if await set_fields(report.job_id, {SUCCEEDED}, report=report.model_dump(mode="json")) is None:
+        raise TransitionRefusedError(f"job {report.job_id!r} is not a succeeded job: its report is not recorded")
     return report
 
 
