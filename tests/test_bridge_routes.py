@@ -18,12 +18,12 @@ from pydantic import SecretStr
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
+from devkit.hub_standin import serve_hub
 from events import subjects as sj
 from events.payloads import ErrorInfo, TuningFailed, TuningProgress
 from storage.documents import BaseModel as BaseModelDoc
 from storage.documents import ClientSettings, HubPush, TuningJob, UserModel
 from tests.conftest import free_port
-from tests.hub_standin import serve_hub
 from tests.test_bridge import AUTH, TOKEN, insert_job, serve_bridge, wait_until
 
 pytestmark = pytest.mark.usefixtures("workers")

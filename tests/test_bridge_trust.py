@@ -12,7 +12,7 @@ from pydantic import SecretStr
 from handlers.bridge.__main__ import PathWithoutQuery
 from handlers.bridge.app import BridgeConfigError, create_app
 from handlers.bridge.signatures import sign_standard, standard_key, verify
-from handlers.export.modelfile import GoTemplate, TemplateError
+from handlers.ollama_format.gotemplate import GoTemplate, TemplateError
 from infra.settings import Settings
 
 NOW = 1_700_000_000

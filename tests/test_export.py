@@ -17,14 +17,9 @@ from pathlib import Path
 import pytest
 
 from events.errors import ExportError
-from handlers.export.modelfile import (
-    STOCK_TEMPLATES,
-    GoTemplate,
-    TemplateError,
-    chat_format_from_jinja,
-    ollama_template,
-    render_modelfile,
-)
+from handlers.ollama_format.chat_format import STOCK_TEMPLATES, chat_format_from_jinja, ollama_template
+from handlers.ollama_format.gotemplate import GoTemplate, TemplateError
+from handlers.ollama_format.modelfile import render_modelfile
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -69,8 +64,8 @@ def make_adapter(base_dir: Path, out_dir: Path, seed: int = 1) -> Path:
 
 def tiny_artifacts(root: Path) -> TinyArtifacts:
     """Build (once per `root`) the tiny model, an adapter, the merged model and their GGUFs."""
+    from devkit.tinymodel import build_tiny_llama
     from handlers.export.gguf import convert_adapter, convert_base, merge_adapter
-    from infra.tinymodel import build_tiny_llama
 
     conv = converters_dir()
     a = TinyArtifacts(conv, root / "base", root / "adapter", root / "merged", root / "base.f16.gguf",
@@ -130,7 +125,7 @@ def test_extract_from_a_broken_sdist_fails_cleanly(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_convert_base_adapter_and_merged(tiny: TinyArtifacts) -> None:
-    from infra.ollama_standin import read_gguf_info
+    from devkit.ollama_standin import read_gguf_info
 
     base, lora, merged = (read_gguf_info(p) for p in (tiny.base_gguf, tiny.adapter_gguf, tiny.merged_gguf))
     assert base.architecture == "llama" and base.file_type == "F16" and not base.is_adapter
@@ -175,8 +170,8 @@ def test_base_plus_adapter_equals_merged_in_llama_cpp(tiny: TinyArtifacts) -> No
 
 @pytest.mark.slow
 def test_q8_0_output(tiny: TinyArtifacts, tmp_path: Path) -> None:
+    from devkit.ollama_standin import read_gguf_info
     from handlers.export.gguf import convert_base
-    from infra.ollama_standin import read_gguf_info
 
     out = convert_base(tiny.base_dir, tmp_path / "base.q8_0.gguf", "q8_0", converters_dir=tiny.converters)
     assert read_gguf_info(out).file_type == "Q8_0"
@@ -457,7 +452,7 @@ def test_the_gguf_tokenizes_chat_prompts_like_transformers(tiny: TinyArtifacts) 
     never spelled out in characters) and no space is prefixed to text after them."""
     from gguf import GGUFReader
 
-    from infra.tinymodel import IM_END, IM_START
+    from devkit.tinymodel import IM_END, IM_START
 
     fields = GGUFReader(tiny.base_gguf).fields
     tokens = [bytes(fields["tokenizer.ggml.tokens"].parts[i]).decode() for i in fields["tokenizer.ggml.tokens"].data]

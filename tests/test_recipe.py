@@ -13,6 +13,7 @@ pytest.importorskip("peft")
 
 import torch
 
+from devkit.tinymodel import build_tiny_llama, toy_dataset
 from events.errors import DatasetFormatError, HyperparameterError, InvalidInputError
 from events.payloads import Hyperparameters, LossPoint
 from handlers.tuning import data as D
@@ -24,7 +25,6 @@ from handlers.tuning.recipe import (
     thin_history,
     train,
 )
-from infra.tinymodel import build_tiny_llama, toy_dataset
 
 
 @pytest.fixture(scope="module")

@@ -82,7 +82,8 @@ async def export(event: TuningCompleted, store: ObjectStore, settings: Any, *, r
     order (`model.evaluated`, then `model.exported` or `model.export.failed`); none when there is nothing
     to do (no export asked, or already exported)."""
     from handlers.export import gguf
-    from handlers.export.modelfile import ollama_template, render_modelfile
+    from handlers.ollama_format.chat_format import ollama_template
+    from handlers.ollama_format.modelfile import render_modelfile
     from infra.llamacpp import ensure_converters
 
     if event.export is None:

@@ -72,10 +72,10 @@ async def publish(event: ModelExported, store: ObjectStore, settings: Any, *, re
 
 async def create_from_modelfile(req: OllamaCreateRequest, store: ObjectStore, settings: Any) -> dict[str, Any]:
     """The original's /ollama/create: a Modelfile whose FROM is a GGUF in the bucket (or an Ollama model)."""
-    from handlers.serving.modelfile_parse import parse
+    from handlers.ollama_format.modelfile import parse_modelfile
     from storage.keys import check_key
 
-    mf = parse(req.modelfile)
+    mf = parse_modelfile(req.modelfile)
     client = ollama_ops.make_client(settings.ollama_host)
     cache = settings.scratch_dir / "gguf"
     gguf_key = req.gguf_key or (mf.from_ if mf.from_.endswith(".gguf") else None)

@@ -19,7 +19,7 @@ CodeTune uses and validates requests the way Ollama documents them:
 
 Storage: `<dir>/blobs/sha256-<hex>` and `<dir>/manifests/<name>.json`.
 
-Run: `python -m infra.ollama_standin --host 127.0.0.1 --port 11434 --dir DIR`; in tests:
+Run: `python -m devkit.ollama_standin --host 127.0.0.1 --port 11434 --dir DIR`; in tests:
 `with serve_in_thread(dir) as base_url: ollama.AsyncClient(host=base_url)…`.
 """
 
@@ -45,7 +45,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from handlers.export.modelfile import GoTemplate, TemplateError, chat_format_from_jinja, render_modelfile
+from handlers.ollama_format.chat_format import chat_format_from_jinja
+from handlers.ollama_format.gotemplate import GoTemplate, TemplateError
+from handlers.ollama_format.modelfile import render_modelfile
 
 log = logging.getLogger("codetune.ollama_standin")
 
@@ -869,7 +871,7 @@ def serve_in_thread(root: Path, port: int = 0, host: str = "127.0.0.1") -> Itera
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m infra.ollama_standin",
+    parser = argparse.ArgumentParser(prog="python -m devkit.ollama_standin",
                                      description="Ollama stand-in (CodeTune test double, NOT Ollama).")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=11434)
