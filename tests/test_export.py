@@ -125,7 +125,7 @@ def test_extract_from_a_broken_sdist_fails_cleanly(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_convert_base_adapter_and_merged(tiny: TinyArtifacts) -> None:
-    from devkit.ollama_standin import read_gguf_info
+    from devkit.gguf_info import read_gguf_info
 
     base, lora, merged = (read_gguf_info(p) for p in (tiny.base_gguf, tiny.adapter_gguf, tiny.merged_gguf))
     assert base.architecture == "llama" and base.file_type == "F16" and not base.is_adapter
@@ -170,7 +170,7 @@ def test_base_plus_adapter_equals_merged_in_llama_cpp(tiny: TinyArtifacts) -> No
 
 @pytest.mark.slow
 def test_q8_0_output(tiny: TinyArtifacts, tmp_path: Path) -> None:
-    from devkit.ollama_standin import read_gguf_info
+    from devkit.gguf_info import read_gguf_info
     from handlers.export.gguf import convert_base
 
     out = convert_base(tiny.base_dir, tmp_path / "base.q8_0.gguf", "q8_0", converters_dir=tiny.converters)

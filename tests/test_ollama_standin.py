@@ -232,7 +232,8 @@ async def test_standin_streams_ndjson(ollama_host: str, names: dict[str, str]) -
 
 
 def test_standin_reads_gguf_metadata(tiny: TinyArtifacts, tmp_path: Path) -> None:
-    from devkit.ollama_standin import _template_from_gguf, read_gguf_info
+    from devkit.gguf_info import read_gguf_info
+    from devkit.ollama_standin import _template_from_gguf
 
     info = read_gguf_info(tiny.base_gguf)
     assert info.token("tokenizer.ggml.eos_token_id") == "<|im_end|>"

@@ -34,7 +34,7 @@ def _no_path_in(folder: Path, *paths: Path) -> None:
 def test_adapter_and_ggufs_name_the_hub_repo_and_revision(tmp_path: Path) -> None:
     from peft import AutoPeftModelForCausalLM
 
-    from devkit.ollama_standin import read_gguf_info
+    from devkit.gguf_info import read_gguf_info
     from tests.test_export import converters_dir
 
     built = build_tiny_llama(tmp_path / "build")
