@@ -46,8 +46,7 @@ def devkit_or_error() -> str | None:
     if (root / "devkit" / "__init__.py").is_file() and str(root) not in sys.path:
         sys.path.insert(0, str(root))
     if importlib.util.find_spec("devkit") is None:
-        return ("codetune demo needs a source checkout of CodeTune (its tiny model and Ollama stand-in live in "
-                "devkit/, which the wheel does not ship)")
+        return "codetune demo needs a source checkout (devkit/ is not in the wheel)"
     return None
 
 

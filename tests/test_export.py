@@ -370,44 +370,6 @@ def test_real_templates_from_llama_cpp_recover_and_verify() -> None:
 # --------------------------------------------------------------------------- the Go template subset
 
 
-@pytest.mark.parametrize(("family", "messages", "expected"), [
-    # Expected outputs: Ollama's own template/testdata for its stock templates.
-    ("chatml", "sys", "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\nHello, how are "
-     "you?<|im_end|>\n<|im_start|>assistant\nI'm doing great. How can I help you today?<|im_end|>\n<|im_start|>user"
-     "\nI'd like to show off how chat templating works!<|im_end|>\n<|im_start|>assistant\n"),
-    ("llama3", "sys", "<|start_header_id|>system<|end_header_id|>\n\nYou are a helpful assistant.<|eot_id|>"
-     "<|start_header_id|>user<|end_header_id|>\n\nHello, how are you?<|eot_id|><|start_header_id|>assistant"
-     "<|end_header_id|>\n\nI'm doing great. How can I help you today?<|eot_id|><|start_header_id|>user"
-     "<|end_header_id|>\n\nI'd like to show off how chat templating works!<|eot_id|><|start_header_id|>assistant"
-     "<|end_header_id|>\n\n"),
-    ("llama3", "user", "<|start_header_id|>user<|end_header_id|>\n\nHello, how are you?<|eot_id|>"
-     "<|start_header_id|>assistant<|end_header_id|>\n\n"),
-    ("phi3", "sys", "<|system|>\nYou are a helpful assistant.<|end|>\n<|user|>\nHello, how are you?<|end|>\n"
-     "<|assistant|>\nI'm doing great. How can I help you today?<|end|>\n<|user|>\nI'd like to show off how chat "
-     "templating works!<|end|>\n<|assistant|>\n"),
-    ("mistral", "sys", "[INST] You are a helpful assistant.\n\nHello, how are you?[/INST] I'm doing great. How can I "
-     "help you today?</s>[INST] I'd like to show off how chat templating works![/INST]"),
-    ("gemma", "sys", "<start_of_turn>user\nYou are a helpful assistant.\nHello, how are you?<end_of_turn>\n"
-     "<start_of_turn>model\nI'm doing great. How can I help you today?<end_of_turn>\n<start_of_turn>user\nI'd like "
-     "to show off how chat templating works!<end_of_turn>\n<start_of_turn>model\n"),
-])
-def test_go_subset_matches_ollamas_testdata(family: str, messages: str, expected: str) -> None:
-    gemma = ('{{- $system := "" }}\n{{- range .Messages }}\n{{- if eq .Role "system" }}\n{{- if not $system }}'
-             "{{ $system = .Content }}\n{{- else }}{{ $system = printf \"%s\\n\\n%s\" $system .Content }}\n"
-             "{{- end }}\n{{- continue }}\n{{- else if eq .Role \"user\" }}<start_of_turn>user\n{{- if $system }}\n"
-             '{{ $system }}\n{{- $system = "" }}\n{{- end }}\n{{- else if eq .Role "assistant" }}<start_of_turn>model\n'
-             "{{- end }}\n{{ .Content }}<end_of_turn>\n{{ end }}<start_of_turn>model\n")
-    source = gemma if family == "gemma" else STOCK_TEMPLATES[family]
-    chat = [{"role": "user", "content": "Hello, how are you?"},
-            {"role": "assistant", "content": "I'm doing great. How can I help you today?"},
-            {"role": "user", "content": "I'd like to show off how chat templating works!"}]
-    if messages == "sys":
-        chat.insert(0, {"role": "system", "content": "You are a helpful assistant."})
-    else:
-        chat = chat[:1]
-    assert GoTemplate(source).render_chat(chat) == expected
-
-
 def test_go_subset_features_and_errors() -> None:
     data = {"Messages": [{"Role": "user", "Content": "a"}, {"Role": "assistant", "Content": "b"}], "N": 2}
     t = GoTemplate('{{- range $i, $m := .Messages }}{{ if $i }},{{ end }}{{ $i }}={{ $m.Role }}:{{ .Content }}'
@@ -461,3 +423,15 @@ def test_the_gguf_tokenizes_chat_prompts_like_transformers(tiny: TinyArtifacts) 
     assert types[tokens.index(IM_START)] == control and types[tokens.index(IM_END)] == control
     prefix = fields["tokenizer.ggml.add_space_prefix"]
     assert bool(prefix.parts[prefix.data[0]][0]) is False
+
+
+def test_rendered_modelfiles_parse_back() -> None:
+    """What export writes, serving reads: one module renders and parses Modelfiles."""
+    from handlers.ollama_format.modelfile import parse_modelfile
+
+    template = STOCK_TEMPLATES["mistral"]  # quotes, newlines and `{{`
+    text = render_modelfile("base.gguf", "lora.gguf", template, ["</s>", "[INST]"], 'Say "hi".\nTwice.',
+                            {"num_ctx": 4096, "temperature": 0.2})
+    mf = parse_modelfile(text)
+    assert (mf.from_, mf.adapter, mf.template, mf.system) == ("base.gguf", "lora.gguf", template, 'Say "hi".\nTwice.')
+    assert mf.parameters == {"stop": ["</s>", "[INST]"], "num_ctx": 4096, "temperature": 0.2}
