@@ -128,8 +128,9 @@ async def _routing_error(_: Request, exc: Exception) -> Response:
 
 
 async def _bug(request: Request, exc: Exception) -> Response:
-    """A bug in the stand-in: answered like Ollama does, with a 500 and the error."""
-    log.error("stand-in error on %s %s", request.method, request.url.path, exc_info=exc)
+    """A bug in the stand-in: answered like Ollama does, with a 500 and the error (Starlette then re-raises it,
+    so the server logs the traceback)."""
+    log.error("stand-in error on %s %s: %s", request.method, request.url.path, exc)
     return JSONResponse({"error": f"{type(exc).__name__}: {exc}"}, 500)
 
 
