@@ -1,5 +1,5 @@
-"""The wheel ships the stages and the CLI, not the dev kit (test doubles, demo models), and its `codetune demo`
-says in one line that it needs a source checkout."""
+"""Packaging: the wheel ships the stages and the CLI, not the dev kit (test doubles, demo models); its
+`codetune demo` says in one line that it needs a source checkout, while a checkout's demo finds the dev kit."""
 
 from __future__ import annotations
 
@@ -48,3 +48,19 @@ def test_demo_from_the_wheel_says_it_needs_a_checkout(wheel: Path, tmp_path: Pat
     lines = [line for line in (run.stdout + run.stderr).splitlines() if line.strip()]
     assert run.returncode != 0
     assert lines == ["error: codetune demo needs a source checkout (devkit/ is not in the wheel)"]
+
+
+def test_demo_from_an_editable_install_finds_the_dev_kit(tmp_path: Path) -> None:
+    """An editable install maps only the shipped packages (`infra` → the checkout's infra/); the demo then puts
+    the checkout's root on the path itself, so `devkit` imports without it being installed."""
+    mapped = tmp_path / "mapped"
+    mapped.mkdir()
+    for pkg in ("events", "handlers", "storage", "infra"):
+        (mapped / pkg).symlink_to(ROOT / pkg)
+    code = ("import importlib.util; from infra.demo import devkit_or_error; "
+            "assert importlib.util.find_spec('devkit') is None; print(devkit_or_error()); "
+            "import devkit.tinymodel; print(devkit.tinymodel.__file__)")
+    run = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(mapped)},
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.splitlines() == ["None", str(ROOT / "devkit" / "tinymodel.py")]
