@@ -51,7 +51,7 @@ def build_checkpoint(root: Path, hidden: int, layers: int) -> tuple[Path, Path]:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from infra.tinymodel import build_tiny_llama
+    from devkit.tinymodel import build_tiny_llama
 
     base = build_tiny_llama(root / "base", hidden=hidden, layers=layers, intermediate=hidden * 2)
     model = AutoModelForCausalLM.from_pretrained(base)

@@ -213,8 +213,8 @@ def _prepare(work: Path, model: str, model_path: Path | None, rows: int, hidden:
              ) -> tuple[Path, Path, dict[str, Any]]:
     from transformers import AutoConfig, AutoTokenizer
 
+    from devkit.tinymodel import build_tiny_llama, toy_dataset
     from handlers.tuning import data as D
-    from infra.tinymodel import build_tiny_llama, toy_dataset
 
     if model_path is not None:
         model_dir = model_path

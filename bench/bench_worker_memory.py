@@ -60,7 +60,7 @@ async def _jobs(mode: str, model_dir: Path, data: Path, work: Path, jobs: int) -
 
 
 def _prepare(model: str, work: Path, rows: int) -> tuple[Path, Path]:
-    from infra.tinymodel import build_tiny_llama, toy_dataset
+    from devkit.tinymodel import build_tiny_llama, toy_dataset
 
     if model == "smollm2":
         from infra.smollm2 import checkpoint_dir

@@ -683,9 +683,11 @@ def demo(stop_stack: bool = typer.Option(False, help="stop the local stack after
          real: bool = typer.Option(False, "--real", help="a real model (SmolLM2-135M-Instruct) learns a made-up "
                                    "fact; prints its answers (a few minutes on 2 cores)")) -> None:
     """Run the main job end to end on the embedded local stack (started if needed)."""
-    from infra.demo import run_demo, run_real_demo
+    from infra.demo import devkit_or_error, run_demo, run_real_demo
     from infra.stack import LocalStack, StackError
 
+    if problem := devkit_or_error():
+        fail(problem)
     s = get_settings()
     stack = LocalStack(s)
     try:

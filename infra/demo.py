@@ -4,8 +4,11 @@ It starts the local stack (if not running), builds a tiny real Llama (random wei
 tokenizer with a ChatML template) into a local hub cache so the real `snapshot_download` resolves it
 offline, runs every stage in this process, and drives them with `codetune pipeline`'s code through events:
 upload → pull → LoRA tune → GGUF export → Ollama → one chat. Ollama is the real one when OLLAMA_HOST is
-set; otherwise the Ollama stand-in (infra/ollama_standin.py: Ollama's documented API over real llama.cpp
+set; otherwise the Ollama stand-in (devkit/ollama_standin.py: Ollama's documented API over real llama.cpp
 inference) — said so on screen.
+
+The tiny model and the stand-in are the dev kit (`devkit/` in a source checkout), which the wheel does not
+ship: `codetune demo` needs a source checkout (`devkit_or_error`).
 
 `codetune demo --real` runs the same flow on a real model, SmolLM2-135M-Instruct (infra/smollm2.py), teaching
 it a made-up fact and printing its answers (trained question, a phrasing it never saw, an unrelated one).
@@ -14,8 +17,10 @@ it a made-up fact and printing its answers (trained question, a phrasing it neve
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import logging
 import os
+import sys
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -27,6 +32,22 @@ from events.payloads import ExportOptions, Hyperparameters
 
 console = Console()
 DEMO_REPO = "codetune-demo/tiny-llama"
+
+
+def devkit_or_error() -> str | None:
+    """Make the dev kit importable; None when it is, else the one line to show.
+
+    From a source checkout the dev kit is `devkit/` beside `infra/`. The editable install (`pip install -e .`,
+    what infra/dev.sh does) maps only the packages the wheel ships, so the checkout's root is put on the path
+    here, explicitly, rather than shipping test doubles in the wheel. From an installed wheel there is no
+    `devkit/` and the demo cannot run.
+    """
+    root = Path(__file__).resolve().parents[1]
+    if (root / "devkit" / "__init__.py").is_file() and str(root) not in sys.path:
+        sys.path.insert(0, str(root))
+    if importlib.util.find_spec("devkit") is None:
+        return "codetune demo needs a source checkout (devkit/ is not in the wheel)"
+    return None
 
 
 @contextlib.asynccontextmanager
@@ -48,7 +69,7 @@ def ollama_endpoint(settings: Settings) -> Iterator[str]:
         console.print(f"Ollama: {settings.ollama_host}")
         yield settings.ollama_host
         return
-    from infra.ollama_standin import serve_in_thread
+    from devkit.ollama_standin import serve_in_thread
 
     with serve_in_thread(settings.data_dir / "ollama-standin") as url:
         console.print(f"Ollama: [yellow]stand-in[/yellow] at {url} (no Ollama here; set OLLAMA_HOST to use yours)")
@@ -56,7 +77,8 @@ def ollama_endpoint(settings: Settings) -> Iterator[str]:
 
 
 def demo_model(settings: Settings) -> Path:
-    from infra.tinymodel import build_tiny_llama, install_in_hub_cache
+    from devkit.tinymodel import build_tiny_llama
+    from infra.hubcache import install_in_hub_cache
 
     cache = settings.data_dir / "hub"
     if not (cache / ("models--" + DEMO_REPO.replace("/", "--"))).exists():
@@ -113,8 +135,8 @@ async def run_real_demo(settings: Settings) -> dict[str, Any]:
 
 
 async def run_demo(settings: Settings) -> dict[str, Any]:
+    from devkit.tinymodel import SYSTEM_PROMPT, toy_dataset
     from infra.pipeline import run_pipeline
-    from infra.tinymodel import SYSTEM_PROMPT, toy_dataset
 
     cache = demo_model(settings)
     data = toy_dataset(settings.scratch_dir / "demo" / "geography.jsonl", "chat", rows=64)

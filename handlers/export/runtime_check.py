@@ -1,8 +1,8 @@
 """The exported GGUF (+ adapter GGUF) answering a held-out prompt in a real llama.cpp runtime (xllamacpp).
 
 What Ollama will run is checked before it is published: the prompt is rendered by the very TEMPLATE that
-goes into the Modelfile (`modelfile.GoTemplate`, Ollama's rules), generation is greedy with the Modelfile's
-stop list and a token budget, and the answer is compared with transformers' greedy answer for the same
+goes into the Modelfile (`ollama_format.gotemplate.GoTemplate`, Ollama's rules), generation is greedy with the
+Modelfile's stop list and a token budget, and the answer is compared with transformers' greedy answer for the same
 prompt (token ids the tuning stage recorded in the report). Three findings:
 
 - `stopped`: llama.cpp ended at an end-of-generation token or a stop string (`finish_reason == "stop"`),
@@ -40,7 +40,7 @@ def agreement(expected_ids: list[int], answer: str, tokenizer: Any) -> int:
 
 
 def render_prompt(template: str, sample: EvalSample) -> str:
-    from handlers.export.modelfile import GoTemplate
+    from handlers.ollama_format.gotemplate import GoTemplate
 
     if not sample.messages:  # a plain-text job: the row's first words, as the model was trained on text
         return sample.prompt

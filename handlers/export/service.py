@@ -81,7 +81,8 @@ async def export(event: TuningCompleted, store: ObjectStore, settings: Settings,
     to do (no export asked, or already exported)."""
     from handlers.export import gguf
     from handlers.export.llamacpp import ensure_converters
-    from handlers.export.modelfile import ollama_template, render_modelfile
+    from handlers.ollama_format.chat_format import ollama_template
+    from handlers.ollama_format.modelfile import render_modelfile
 
     if event.export is None:
         check_completed(await TuningJob.find_one(TuningJob.job_id == event.job_id), event)

@@ -74,9 +74,9 @@ async def publish(event: ModelExported, store: ObjectStore, settings: Settings, 
 async def create_from_modelfile(req: OllamaCreateRequest, store: ObjectStore, settings: Settings) -> dict[str, Any]:
     """The original's /ollama/create: a Modelfile whose FROM is a GGUF in the bucket (or an Ollama model)."""
     from core.keys import check_key
-    from handlers.serving.modelfile_parse import parse
+    from handlers.ollama_format.modelfile import parse_modelfile
 
-    mf = parse(req.modelfile)
+    mf = parse_modelfile(req.modelfile)
     client = ollama_ops.make_client(settings.ollama_host)
     cache = settings.scratch_dir / "gguf"
     gguf_key = req.gguf_key or (mf.from_ if mf.from_.endswith(".gguf") else None)

@@ -27,7 +27,7 @@ async def http(env: dict[str, str], tmp_path_factory: pytest.TempPathFactory) ->
 
 
 async def test_sse_streams_a_real_tiny_jobs_progress(http: httpx.AsyncClient, client, tmp_path: Path) -> None:
-    from infra.tinymodel import toy_dataset
+    from devkit.tinymodel import toy_dataset
 
     data = toy_dataset(tmp_path / "facts.jsonl", "chat", rows=48).read_bytes()
     async with client.subscribe([sj.DATASET_VALIDATED, sj.DATASET_FAILED]) as q:

@@ -18,11 +18,11 @@ from pydantic import SecretStr
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
+from devkit.hub_standin import serve_hub
 from events import subjects as sj
 from events.payloads import ErrorInfo, TuningFailed, TuningProgress
 from storage.documents import BaseLLM, ClientSettings, HubPush, TuningJob, UserModel
 from tests.conftest import free_port
-from tests.hub_standin import serve_hub
 from tests.stack.test_bridge import AUTH, TOKEN, insert_job, serve_bridge, wait_until
 
 pytestmark = pytest.mark.usefixtures("workers")

@@ -24,7 +24,7 @@ async def codetune(env: dict[str, str], *args: str, timeout: float = 240) -> sub
 
 
 async def test_upload_pull_tune_show_and_list(env, tmp_path) -> None:
-    from infra.tinymodel import toy_dataset
+    from devkit.tinymodel import toy_dataset
 
     data = toy_dataset(tmp_path / "alpaca.jsonl", "alpaca", rows=32)
     up = await codetune(env, "dataset", "upload", str(data))
@@ -72,8 +72,8 @@ async def test_model_push_is_answered_by_the_models_stage(env) -> None:
 
 
 async def test_save_a_finished_job_list_it_and_import_it_with_overrides(env, client, tmp_path) -> None:
+    from devkit.tinymodel import toy_dataset
     from events import subjects as sj
-    from infra.tinymodel import toy_dataset
 
     data = toy_dataset(tmp_path / "text.txt", "text", rows=16)
     up = await codetune(env, "dataset", "upload", str(data))

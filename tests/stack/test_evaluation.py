@@ -28,7 +28,7 @@ LEARNS = {"max_steps": 16, "learning_rate": 3e-2, "eval_steps": 8, "save_steps":
 
 @pytest.fixture(scope="module")
 async def dataset_id(settings, tmp_path_factory) -> str:
-    from infra.tinymodel import toy_dataset
+    from devkit.tinymodel import toy_dataset
 
     path = toy_dataset(tmp_path_factory.mktemp("data") / "facts.jsonl", "chat", rows=32)
     _, answer = await upload_dataset(settings, path, "facts.jsonl", "auto", True, 30)
@@ -132,7 +132,7 @@ async def test_a_job_that_learned_nothing_is_stopped_by_the_gate_and_publishes_w
     assert not any(str(n).startswith(req.name) for n in names)
 
     # the same job opting out of the gate publishes; this one also names its own eval file
-    from infra.tinymodel import toy_dataset
+    from devkit.tinymodel import toy_dataset
 
     held = toy_dataset(tmp_path / "held.jsonl", "chat", rows=5, seed=7)
     _, eval_ds = await upload_dataset(settings, held, "held.jsonl", "auto", True, 30)
@@ -149,7 +149,7 @@ async def test_a_job_that_learned_nothing_is_stopped_by_the_gate_and_publishes_w
 async def test_the_gguf_check_fails_a_model_that_never_learned_to_stop(client, settings, tmp_path: Path) -> None:
     """Answers longer than max_seq_len are cut before their end-of-turn token, so the tune never sees one:
     its GGUF runs to the token budget, and the gate refuses it even though its loss fell."""
-    from infra.tinymodel import _fact_rows
+    from devkit.tinymodel import _fact_rows
 
     rows = [{"messages": [{"role": "user", "content": q},
                           {"role": "assistant", "content": " ".join([s] * 8)}]} for q, _, s in _fact_rows()]

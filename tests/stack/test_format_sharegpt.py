@@ -78,7 +78,7 @@ def tok(tmp_path_factory: pytest.TempPathFactory) -> Any:
     pytest.importorskip("torch")
     from transformers import AutoTokenizer
 
-    from infra.tinymodel import build_tiny_llama
+    from devkit.tinymodel import build_tiny_llama
 
     return AutoTokenizer.from_pretrained(build_tiny_llama(tmp_path_factory.mktemp("tiny") / "model"))
 

@@ -43,7 +43,7 @@ async def http(env: dict[str, str], tmp_path_factory: pytest.TempPathFactory) ->
 @pytest.fixture(scope="module")
 async def dataset_id(http: httpx.AsyncClient, tmp_path_factory: pytest.TempPathFactory) -> str:
     """A chat dataset uploaded through the bridge; each upload is listed in the very next request."""
-    from infra.tinymodel import toy_dataset
+    from devkit.tinymodel import toy_dataset
 
     data = toy_dataset(tmp_path_factory.mktemp("intake-data") / "facts.jsonl", "chat", rows=48).read_bytes()
     ids = []

@@ -1,7 +1,7 @@
 """Publishing and chatting through Ollama's HTTP API with the official `ollama` client.
 
 Runs against a REAL Ollama when `OLLAMA_HOST` names one (the stand-in is then not started), otherwise
-against `infra.ollama_standin` (a stand-in, not Ollama) answering with real llama.cpp inference over the
+against `devkit.ollama_standin` (a stand-in, not Ollama) answering with real llama.cpp inference over the
 tiny model's GGUF + LoRA adapter. Tests marked `standin_only` check stand-in specifics and are skipped
 against a real Ollama.
 """
@@ -19,7 +19,8 @@ import ollama
 import pytest
 from test_export import TinyArtifacts, tiny_artifacts
 
-from handlers.export.modelfile import GoTemplate, ollama_template
+from handlers.ollama_format.chat_format import ollama_template
+from handlers.ollama_format.gotemplate import GoTemplate
 from handlers.serving import ollama_ops as ops
 
 pytestmark = pytest.mark.slow
@@ -38,7 +39,7 @@ def ollama_host(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         yield host
         return
     pytest.importorskip("xllamacpp")
-    from infra.ollama_standin import serve_in_thread
+    from devkit.ollama_standin import serve_in_thread
 
     with serve_in_thread(tmp_path_factory.mktemp("ollama-standin")) as url:
         yield url
@@ -231,7 +232,8 @@ async def test_standin_streams_ndjson(ollama_host: str, names: dict[str, str]) -
 
 
 def test_standin_reads_gguf_metadata(tiny: TinyArtifacts, tmp_path: Path) -> None:
-    from infra.ollama_standin import _template_from_gguf, read_gguf_info
+    from devkit.gguf_info import read_gguf_info
+    from devkit.ollama_standin import _template_from_gguf
 
     info = read_gguf_info(tiny.base_gguf)
     assert info.token("tokenizer.ggml.eos_token_id") == "<|im_end|>"

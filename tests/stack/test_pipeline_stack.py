@@ -1,6 +1,6 @@
 """Export and serving on the real stack: tuning.completed → GGUF + Modelfile → Ollama → chat.
 
-Ollama is the stand-in (infra/ollama_standin.py) unless OLLAMA_HOST names a real one.
+Ollama is the stand-in (devkit/ollama_standin.py) unless OLLAMA_HOST names a real one.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ END = [sj.MODEL_PUBLISHED, sj.MODEL_PUBLISH_FAILED, sj.MODEL_EXPORT_FAILED, sj.T
 
 @pytest.fixture(scope="module")
 async def dataset_id(settings, tmp_path_factory) -> str:
-    from infra.tinymodel import toy_dataset
+    from devkit.tinymodel import toy_dataset
 
     path = toy_dataset(tmp_path_factory.mktemp("data") / "facts.jsonl", "chat", rows=32)
     _, answer = await upload_dataset(settings, path, "facts.jsonl", "auto", True, 30)
@@ -113,11 +113,11 @@ async def test_pipeline_command_end_to_end_with_push(settings, client, monkeypat
     `model.push.requested` and the models stage (which alone holds the HF token) pushes to a hub stand-in."""
     from pydantic import SecretStr
 
+    from devkit.hub_standin import serve_hub
+    from devkit.tinymodel import toy_dataset
     from events.payloads import ExportOptions, Hyperparameters
     from infra.pipeline import run_pipeline
-    from infra.tinymodel import toy_dataset
     from storage.documents import HubPush
-    from tests.hub_standin import serve_hub
 
     data = toy_dataset(tmp_path / "alpaca.jsonl", "alpaca", rows=24)
     name = f"pipe-{uuid.uuid4().hex[:6]}"

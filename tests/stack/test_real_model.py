@@ -56,7 +56,7 @@ def assert_ends_its_turn(reply: dict) -> None:
 
 async def test_smollm2_learns_a_made_up_fact_and_serves_it(settings, env, client, store, smollm2_hub_cache,
                                                            stack_home: Path, tmp_path: Path) -> None:
-    from infra.ollama_standin import read_gguf_info
+    from devkit.gguf_info import read_gguf_info
 
     _, revision = smollm2_hub_cache
     data = fact_dataset(tmp_path / "zorblat.jsonl")

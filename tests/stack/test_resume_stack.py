@@ -39,7 +39,7 @@ async def test_only_complete_checkpoints_are_found_newest_first(store, uid) -> N
 async def test_a_checkpoint_whose_record_was_never_written_is_resumed_from(
     client, settings, store, tuning_worker, tmp_path
 ) -> None:
-    from infra.tinymodel import toy_dataset
+    from devkit.tinymodel import toy_dataset
 
     path = toy_dataset(tmp_path / "facts.jsonl", "chat", rows=48)
     subject, answer = await upload_dataset(settings, path, "facts.jsonl", "auto", True, 30)

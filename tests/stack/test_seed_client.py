@@ -80,7 +80,7 @@ async def poll_until_done(web: httpx.AsyncClient, job_id: str, timeout: float = 
 
 
 async def test_the_original_clients_sequence(web: httpx.AsyncClient, model_name: str, tmp_path: Path) -> None:
-    from infra.tinymodel import toy_dataset
+    from devkit.tinymodel import toy_dataset
 
     needs_intake: list[tuple[str, Any]] = []  # (what, the answer) for the `# needs intake` checks at the end
 

@@ -47,7 +47,7 @@ def events_for(q: asyncio.Queue, job_id: str) -> list[tuple[str, Any]]:
 @pytest.fixture(scope="module")
 async def published(client, settings, tmp_path_factory) -> dict[str, Any]:
     """A tiny job requested twice (two Nats-Msg-Ids) and run to `model.published`."""
-    from infra.tinymodel import toy_dataset
+    from devkit.tinymodel import toy_dataset
 
     path = toy_dataset(tmp_path_factory.mktemp("data") / "facts.jsonl", "chat", rows=16)
     _, answer = await upload_dataset(settings, path, "facts.jsonl", "auto", True, 30)

@@ -20,7 +20,7 @@ TERMINAL = [sj.TUNING_COMPLETED, sj.TUNING_FAILED, sj.TUNING_CANCELLED]
 
 @pytest.fixture(scope="module")
 async def dataset_id(settings, tmp_path_factory) -> str:
-    from infra.tinymodel import toy_dataset
+    from devkit.tinymodel import toy_dataset
 
     path = toy_dataset(tmp_path_factory.mktemp("data") / "facts.jsonl", "chat", rows=48)
     subject, answer = await upload_dataset(settings, path, "facts.jsonl", "auto", True, 30)
@@ -99,7 +99,8 @@ async def test_unknown_dataset_fails(client) -> None:
 
 
 async def test_a_job_waits_for_its_model_then_runs(client, dataset_id, hub_cache: Path) -> None:
-    from infra.tinymodel import build_tiny_llama, install_in_hub_cache
+    from devkit.tinymodel import build_tiny_llama
+    from infra.hubcache import install_in_hub_cache
 
     repo = f"codetune-test/late-{uuid.uuid4().hex[:6]}"
     req = job(dataset_id, max_steps=4, eval_steps=2, save_steps=2).model_copy(update={"base_model": repo})

@@ -13,7 +13,7 @@ from core.settings import Settings
 from handlers.bridge.__main__ import PathWithoutQuery
 from handlers.bridge.app import BridgeConfigError, create_app
 from handlers.bridge.signatures import sign_standard, standard_key, verify
-from handlers.export.modelfile import GoTemplate, TemplateError
+from handlers.ollama_format.gotemplate import GoTemplate, TemplateError
 
 NOW = 1_700_000_000
 BODY = b'{"job_id": "job-123"}'

@@ -17,14 +17,9 @@ from pathlib import Path
 import pytest
 
 from core.errors import ExportError
-from handlers.export.modelfile import (
-    STOCK_TEMPLATES,
-    GoTemplate,
-    TemplateError,
-    chat_format_from_jinja,
-    ollama_template,
-    render_modelfile,
-)
+from handlers.ollama_format.chat_format import STOCK_TEMPLATES, chat_format_from_jinja, ollama_template
+from handlers.ollama_format.gotemplate import GoTemplate, TemplateError
+from handlers.ollama_format.modelfile import render_modelfile
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -69,8 +64,8 @@ def make_adapter(base_dir: Path, out_dir: Path, seed: int = 1) -> Path:
 
 def tiny_artifacts(root: Path) -> TinyArtifacts:
     """Build (once per `root`) the tiny model, an adapter, the merged model and their GGUFs."""
+    from devkit.tinymodel import build_tiny_llama
     from handlers.export.gguf import convert_adapter, convert_base, merge_adapter
-    from infra.tinymodel import build_tiny_llama
 
     conv = converters_dir()
     a = TinyArtifacts(conv, root / "base", root / "adapter", root / "merged", root / "base.f16.gguf",
@@ -130,7 +125,7 @@ def test_extract_from_a_broken_sdist_fails_cleanly(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_convert_base_adapter_and_merged(tiny: TinyArtifacts) -> None:
-    from infra.ollama_standin import read_gguf_info
+    from devkit.gguf_info import read_gguf_info
 
     base, lora, merged = (read_gguf_info(p) for p in (tiny.base_gguf, tiny.adapter_gguf, tiny.merged_gguf))
     assert base.architecture == "llama" and base.file_type == "F16" and not base.is_adapter
@@ -175,8 +170,8 @@ def test_base_plus_adapter_equals_merged_in_llama_cpp(tiny: TinyArtifacts) -> No
 
 @pytest.mark.slow
 def test_q8_0_output(tiny: TinyArtifacts, tmp_path: Path) -> None:
+    from devkit.gguf_info import read_gguf_info
     from handlers.export.gguf import convert_base
-    from infra.ollama_standin import read_gguf_info
 
     out = convert_base(tiny.base_dir, tmp_path / "base.q8_0.gguf", "q8_0", converters_dir=tiny.converters)
     assert read_gguf_info(out).file_type == "Q8_0"
@@ -375,44 +370,6 @@ def test_real_templates_from_llama_cpp_recover_and_verify() -> None:
 # --------------------------------------------------------------------------- the Go template subset
 
 
-@pytest.mark.parametrize(("family", "messages", "expected"), [
-    # Expected outputs: Ollama's own template/testdata for its stock templates.
-    ("chatml", "sys", "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\nHello, how are "
-     "you?<|im_end|>\n<|im_start|>assistant\nI'm doing great. How can I help you today?<|im_end|>\n<|im_start|>user"
-     "\nI'd like to show off how chat templating works!<|im_end|>\n<|im_start|>assistant\n"),
-    ("llama3", "sys", "<|start_header_id|>system<|end_header_id|>\n\nYou are a helpful assistant.<|eot_id|>"
-     "<|start_header_id|>user<|end_header_id|>\n\nHello, how are you?<|eot_id|><|start_header_id|>assistant"
-     "<|end_header_id|>\n\nI'm doing great. How can I help you today?<|eot_id|><|start_header_id|>user"
-     "<|end_header_id|>\n\nI'd like to show off how chat templating works!<|eot_id|><|start_header_id|>assistant"
-     "<|end_header_id|>\n\n"),
-    ("llama3", "user", "<|start_header_id|>user<|end_header_id|>\n\nHello, how are you?<|eot_id|>"
-     "<|start_header_id|>assistant<|end_header_id|>\n\n"),
-    ("phi3", "sys", "<|system|>\nYou are a helpful assistant.<|end|>\n<|user|>\nHello, how are you?<|end|>\n"
-     "<|assistant|>\nI'm doing great. How can I help you today?<|end|>\n<|user|>\nI'd like to show off how chat "
-     "templating works!<|end|>\n<|assistant|>\n"),
-    ("mistral", "sys", "[INST] You are a helpful assistant.\n\nHello, how are you?[/INST] I'm doing great. How can I "
-     "help you today?</s>[INST] I'd like to show off how chat templating works![/INST]"),
-    ("gemma", "sys", "<start_of_turn>user\nYou are a helpful assistant.\nHello, how are you?<end_of_turn>\n"
-     "<start_of_turn>model\nI'm doing great. How can I help you today?<end_of_turn>\n<start_of_turn>user\nI'd like "
-     "to show off how chat templating works!<end_of_turn>\n<start_of_turn>model\n"),
-])
-def test_go_subset_matches_ollamas_testdata(family: str, messages: str, expected: str) -> None:
-    gemma = ('{{- $system := "" }}\n{{- range .Messages }}\n{{- if eq .Role "system" }}\n{{- if not $system }}'
-             "{{ $system = .Content }}\n{{- else }}{{ $system = printf \"%s\\n\\n%s\" $system .Content }}\n"
-             "{{- end }}\n{{- continue }}\n{{- else if eq .Role \"user\" }}<start_of_turn>user\n{{- if $system }}\n"
-             '{{ $system }}\n{{- $system = "" }}\n{{- end }}\n{{- else if eq .Role "assistant" }}<start_of_turn>model\n'
-             "{{- end }}\n{{ .Content }}<end_of_turn>\n{{ end }}<start_of_turn>model\n")
-    source = gemma if family == "gemma" else STOCK_TEMPLATES[family]
-    chat = [{"role": "user", "content": "Hello, how are you?"},
-            {"role": "assistant", "content": "I'm doing great. How can I help you today?"},
-            {"role": "user", "content": "I'd like to show off how chat templating works!"}]
-    if messages == "sys":
-        chat.insert(0, {"role": "system", "content": "You are a helpful assistant."})
-    else:
-        chat = chat[:1]
-    assert GoTemplate(source).render_chat(chat) == expected
-
-
 def test_go_subset_features_and_errors() -> None:
     data = {"Messages": [{"Role": "user", "Content": "a"}, {"Role": "assistant", "Content": "b"}], "N": 2}
     t = GoTemplate('{{- range $i, $m := .Messages }}{{ if $i }},{{ end }}{{ $i }}={{ $m.Role }}:{{ .Content }}'
@@ -457,7 +414,7 @@ def test_the_gguf_tokenizes_chat_prompts_like_transformers(tiny: TinyArtifacts) 
     never spelled out in characters) and no space is prefixed to text after them."""
     from gguf import GGUFReader
 
-    from infra.tinymodel import IM_END, IM_START
+    from devkit.tinymodel import IM_END, IM_START
 
     fields = GGUFReader(tiny.base_gguf).fields
     tokens = [bytes(fields["tokenizer.ggml.tokens"].parts[i]).decode() for i in fields["tokenizer.ggml.tokens"].data]
@@ -466,3 +423,15 @@ def test_the_gguf_tokenizes_chat_prompts_like_transformers(tiny: TinyArtifacts) 
     assert types[tokens.index(IM_START)] == control and types[tokens.index(IM_END)] == control
     prefix = fields["tokenizer.ggml.add_space_prefix"]
     assert bool(prefix.parts[prefix.data[0]][0]) is False
+
+
+def test_rendered_modelfiles_parse_back() -> None:
+    """What export writes, serving reads: one module renders and parses Modelfiles."""
+    from handlers.ollama_format.modelfile import parse_modelfile
+
+    template = STOCK_TEMPLATES["mistral"]  # quotes, newlines and `{{`
+    text = render_modelfile("base.gguf", "lora.gguf", template, ["</s>", "[INST]"], 'Say "hi".\nTwice.',
+                            {"num_ctx": 4096, "temperature": 0.2})
+    mf = parse_modelfile(text)
+    assert (mf.from_, mf.adapter, mf.template, mf.system) == ("base.gguf", "lora.gguf", template, 'Say "hi".\nTwice.')
+    assert mf.parameters == {"stop": ["</s>", "[INST]"], "num_ctx": 4096, "temperature": 0.2}

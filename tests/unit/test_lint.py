@@ -9,9 +9,9 @@ from typing import Any
 
 import pytest
 
+from devkit.tinymodel import build_tiny_llama
 from handlers.tuning import data as D
 from handlers.tuning.lint import Estimator, histogram, lint_text, prepare_with_lint
-from infra.tinymodel import build_tiny_llama
 from tests.stack.test_lint_stack import crafted_rows, expected_overlap
 
 

@@ -12,11 +12,11 @@ pytest.importorskip("peft")
 import torch
 import torch.nn.functional as F
 
+from devkit.tinymodel import build_tiny_llama, toy_dataset
 from events.payloads import Hyperparameters
 from handlers.tuning import data as D
 from handlers.tuning.loss import LinearCrossEntropy, chunk_rows, token_loss_sum
 from handlers.tuning.recipe import _load_model
-from infra.tinymodel import build_tiny_llama, toy_dataset
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 
 from core.errors import ExportError
-from handlers.export.modelfile import GoTemplate, chat_format_from_jinja, pinned_clock
+from handlers.ollama_format.chat_format import chat_format_from_jinja, pinned_clock
+from handlers.ollama_format.gotemplate import GoTemplate
 from tests.unit.test_export import converters_dir
 
 

@@ -13,10 +13,11 @@ from pathlib import Path
 
 import pytest
 
+from devkit.tinymodel import build_tiny_llama, toy_dataset
 from events.payloads import Hyperparameters
 from handlers.export.gguf import convert_adapter, convert_base, merge_adapter
 from handlers.tuning.recipe import NullHooks, train
-from infra.tinymodel import build_tiny_llama, install_in_hub_cache, toy_dataset
+from infra.hubcache import install_in_hub_cache
 
 pytestmark = pytest.mark.slow
 REPO = "codetune-test/portable-llama"
@@ -33,7 +34,7 @@ def _no_path_in(folder: Path, *paths: Path) -> None:
 def test_adapter_and_ggufs_name_the_hub_repo_and_revision(tmp_path: Path) -> None:
     from peft import AutoPeftModelForCausalLM
 
-    from infra.ollama_standin import read_gguf_info
+    from devkit.gguf_info import read_gguf_info
     from tests.unit.test_export import converters_dir
 
     built = build_tiny_llama(tmp_path / "build")

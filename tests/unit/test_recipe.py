@@ -14,6 +14,7 @@ pytest.importorskip("peft")
 import torch
 
 from core.errors import DatasetFormatError, HyperparameterError, InvalidInputError
+from devkit.tinymodel import build_tiny_llama, toy_dataset
 from events.payloads import Hyperparameters, LossPoint
 from handlers.tuning import data as D
 from handlers.tuning.recipe import (
@@ -24,7 +25,6 @@ from handlers.tuning.recipe import (
     thin_history,
     train,
 )
-from infra.tinymodel import build_tiny_llama, toy_dataset
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,8 @@ import pytest
 pytest.importorskip("torch")
 pytest.importorskip("sentencepiece")
 
-from infra.tinymodel import IM_END, build_tiny_llama, install_in_hub_cache, toy_dataset
+from devkit.tinymodel import IM_END, build_tiny_llama, toy_dataset
+from infra.hubcache import install_in_hub_cache
 
 REPO_ID = "codetune-demo/tiny-llama"
 

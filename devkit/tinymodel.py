@@ -9,24 +9,22 @@ with ChatML turn markers, a randomly initialised `LlamaForCausalLM`, and a hub-c
 Only tests, benches and the demo import this module; it imports torch/transformers lazily anyway so a
 light process that merely references it stays light.
 
-CLI: `python -m infra.tinymodel --cache-dir DIR [--repo-id codetune-demo/tiny-llama] [--dataset OUT.jsonl
+CLI: `python -m devkit.tinymodel --cache-dir DIR [--repo-id codetune-demo/tiny-llama] [--dataset OUT.jsonl
 --format chat]`.
 """
 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import io
 import json
-import os
 import random
-import shutil
 import tempfile
 from pathlib import Path
 from typing import Literal
 
 from core.formats import CHATML_TEMPLATE  # ChatML: every turn ends with <|im_end|>, the eos token here
+from infra.hubcache import install_in_hub_cache
 
 BOS, EOS, UNK, PAD = "<s>", "</s>", "<unk>", "<pad>"
 IM_START, IM_END = "<|im_start|>", "<|im_end|>"
@@ -191,47 +189,6 @@ def build_tiny_llama(
     )
     model.save_pretrained(out_dir, safe_serialization=True)
     return out_dir
-
-
-# --------------------------------------------------------------------------- hub cache layout
-
-
-def _sha256(path: Path) -> str:
-    with path.open("rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
-
-
-def install_in_hub_cache(model_dir: Path, cache_dir: Path, repo_id: str) -> str:
-    """Lay `model_dir` out as a hub cache snapshot of `repo_id` in `cache_dir`; return the commit sha.
-
-    Layout (the one `huggingface_hub` writes): `models--ORG--NAME/blobs/<sha256>`, `refs/main` holding the
-    commit, `snapshots/<commit>/<file>` → relative symlink to the blob. The commit is a sha1 over the sorted
-    (path, sha256) list, so the same files always give the same "revision". Idempotent.
-    """
-    model_dir, cache_dir = Path(model_dir), Path(cache_dir)
-    repo = cache_dir / ("models--" + repo_id.replace("/", "--"))
-    files = sorted(p for p in model_dir.rglob("*") if p.is_file())
-    if not files:
-        raise FileNotFoundError(f"no files in {model_dir}")
-    hashes = {p.relative_to(model_dir).as_posix(): _sha256(p) for p in files}
-    commit = hashlib.sha1("".join(f"{k} {v}\n" for k, v in sorted(hashes.items())).encode()).hexdigest()
-
-    blobs, snapshot = repo / "blobs", repo / "snapshots" / commit
-    blobs.mkdir(parents=True, exist_ok=True)
-    for rel, digest in hashes.items():
-        blob = blobs / digest
-        if not blob.exists():
-            tmp = blob.with_suffix(".incomplete")
-            shutil.copyfile(model_dir / rel, tmp)
-            tmp.replace(blob)
-        link = snapshot / rel
-        link.parent.mkdir(parents=True, exist_ok=True)
-        if link.is_symlink() or link.exists():
-            link.unlink()
-        link.symlink_to(os.path.relpath(blob, link.parent))
-    (repo / "refs").mkdir(exist_ok=True)
-    (repo / "refs" / "main").write_text(commit)
-    return commit
 
 
 def build_demo_model(cache_dir: Path, repo_id: str = "codetune-demo/tiny-llama", **kwargs: int) -> str:

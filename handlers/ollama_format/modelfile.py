@@ -1,7 +1,10 @@
-"""Parse an Ollama Modelfile (FROM, ADAPTER, TEMPLATE, SYSTEM, PARAMETER) into `ollama.create` arguments.
+"""Ollama Modelfiles: `render_modelfile` writes one (export), `parse_modelfile` reads one into `ollama.create`
+arguments (serving).
 
-Follows Ollama's documented syntax: one instruction per line, case-insensitive keywords, values optionally
-in double quotes or triple quotes (which may span lines), `#` comments.
+Follows Ollama's documented syntax: one instruction per line (FROM, ADAPTER, TEMPLATE, SYSTEM, PARAMETER;
+LICENSE, MESSAGE and REQUIRES are accepted and ignored), case-insensitive keywords, values optionally in
+double quotes or triple quotes (which may span lines), `#` comments. What `render_modelfile` writes,
+`parse_modelfile` reads back unchanged.
 """
 
 from __future__ import annotations
@@ -11,7 +14,46 @@ import shlex
 from dataclasses import dataclass, field
 from typing import Any
 
-from core.errors import InvalidInputError
+from core.errors import ExportError, InvalidInputError
+
+
+def render_modelfile(from_: str, adapter: str | None, template: str, stop: list[str],
+                     system: str | None = None, parameters: dict[str, Any] | None = None) -> str:
+    """An Ollama Modelfile: FROM, ADAPTER, TEMPLATE, SYSTEM, one PARAMETER line per value (stop first)."""
+    if not from_.strip():
+        raise ExportError("Modelfile FROM must not be empty")
+    lines = [f"FROM {from_}"]
+    if adapter:
+        lines.append(f"ADAPTER {adapter}")
+    lines.append(f"TEMPLATE {_quote(template)}")
+    if system:
+        lines.append(f"SYSTEM {_quote(system)}")
+    for s in stop:
+        lines.append(f"PARAMETER stop {_param_value(s)}")
+    for key, value in (parameters or {}).items():
+        if key == "stop":
+            raise ExportError("pass stop tokens as `stop`, not in `parameters`")
+        for v in value if isinstance(value, (list, tuple)) else [value]:
+            lines.append(f"PARAMETER {key} {_param_value(v)}")
+    return "\n".join(lines) + "\n"
+
+
+def _quote(text: str) -> str:
+    """Modelfile string: triple quotes (multi-line, verbatim) unless the text itself contains them."""
+    if '"""' not in text:
+        return f'"""{text}"""'
+    return json.dumps(text, ensure_ascii=False)
+
+
+def _param_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return str(value)
+    return json.dumps(str(value), ensure_ascii=False)
+
+
+# --------------------------------------------------------------------------- parsing
 
 INSTRUCTIONS = {"FROM", "ADAPTER", "TEMPLATE", "SYSTEM", "PARAMETER", "LICENSE", "MESSAGE", "REQUIRES"}
 
@@ -41,7 +83,8 @@ def _param(raw: str) -> Any:
         return raw
 
 
-def parse(text: str) -> Modelfile:
+def parse_modelfile(text: str) -> Modelfile:
+    """The instructions of a Modelfile's text (InvalidInputError naming the line when it is malformed)."""
     entries: list[tuple[str, str, int]] = []
     lines = text.splitlines()
     i = 0
