@@ -164,3 +164,51 @@ async def test_a_message_fetched_while_stopping_is_handed_back_not_held() -> Non
     assert await mw.consume_scope(handler, js_msg) is None and js_msg.nacked == 1  # stopping: nak'ed at once
     assert await mw.consume_scope(handler, core_msg) == "done"  # a request-reply is answered, not dropped
     assert handled == [js_msg, core_msg]
+
+
+INDEXES = """import asyncio, json, sys
+from infra.settings import Settings
+from storage.db import META_COLLECTION, init_db
+
+async def main():
+    s = Settings(_env_file=None)
+    mode = sys.argv[1]
+    db_ = (await init_db(s, sync_indexes={"auto": None, "sync": True}[mode]))[s.mongodb_db]
+    if len(sys.argv) > 2:  # tamper, then report
+        await db_.datasets.drop_index(sys.argv[2])
+    names = sorted((await db_.datasets.index_information()).keys())
+    marker = await db_[META_COLLECTION].find_one({"_id": "indexes"})
+    print(json.dumps({"names": names, "digest": marker and marker["digest"]}))
+
+asyncio.run(main())
+"""
+
+
+def _indexes(env: dict[str, str], *args: str) -> dict:
+    import json
+
+    out = subprocess.run([sys.executable, "-c", INDEXES, *args], env={**os.environ, **env}, capture_output=True,
+                         text=True, timeout=120, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_indexes_are_synced_once_per_document_definition_not_on_every_start(own_stack: SimpleNamespace) -> None:
+    from storage.db import documents_digest
+
+    env = own_stack.env | {"CODETUNE_MONGODB_DB": "codetune_indexes"}  # a database no worker has touched
+    first = _indexes(env, "auto")
+    assert first["digest"] == documents_digest()
+    unique = [n for n in first["names"] if n != "_id_"]
+    assert unique, first  # the documents' own indexes exist after the first start
+    # a later start with the same definitions skips the sync: an index dropped behind its back stays dropped
+    dropped = unique[0]
+    assert dropped not in _indexes(env, "auto", dropped)["names"]
+    assert dropped not in _indexes(env, "auto")["names"]
+    # `sync_indexes=True` forces a sync; and a stale digest (other document definitions) syncs on the next start
+    assert _indexes(env, "sync")["names"] == first["names"]
+    _indexes(env, "auto", dropped)
+    from pymongo import MongoClient
+
+    with MongoClient(own_stack.settings.mongodb_uri) as mc:
+        mc["codetune_indexes"]["codetune_meta"].update_one({"_id": "indexes"}, {"$set": {"digest": "older"}})
+    assert _indexes(env, "auto")["names"] == first["names"]

@@ -57,12 +57,15 @@ def test_seed_setting_names_keep_working_and_secrets_stay_secret(monkeypatch: py
     assert "hf_x" not in repr(s) and "hf_x" not in str(s.model_dump())
 
 
-def test_a_datasets_worker_never_imports_torch() -> None:
+@pytest.mark.parametrize("stage", ["datasets", "serving", "export"])
+def test_a_light_stage_worker_never_imports_torch(stage: str) -> None:
+    """The stages a supervisor wakes from zero for one message load without the training stack (export
+    imports it only when it converts; bench/bench_coldstart.py checks the same of the running workers)."""
     import subprocess
     import sys
 
     code = ("import os, sys; os.environ['CODETUNE_BUILD_APP']='0'; from handlers.app import build_app; "
-            "build_app(['datasets']); import infra.cli; "
+            f"build_app([{stage!r}]); import infra.cli; "
             "bad = [m for m in ('torch', 'transformers', 'peft') if m in sys.modules]; "
             "assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True)
