@@ -133,10 +133,13 @@ async def _prepublish(row: str, c: Any, store: Any) -> tuple[str, Any]:
     raise ValueError(row)
 
 
+PYTHON: dict[str, str] = {}  # stage -> interpreter of its own environment (--python STAGE=PATH)
+
+
 def _command(row: str) -> list[str]:
     if row == "raw":
         return [sys.executable, "-c", RAW_CONSUMER, BENCH_STREAM, BENCH_DURABLE, BENCH_OUT]
-    return [sys.executable, "-c", WORKER, "worker", row, "--exit-when-idle", "1"]
+    return [PYTHON.get(row, sys.executable), "-c", WORKER, "worker", row, "--exit-when-idle", "1"]
 
 
 def _reap(proc: subprocess.Popen[bytes]) -> tuple[int, float]:
@@ -209,7 +212,7 @@ async def bench(env: dict[str, str], settings: Any, stages: list[str], reps: int
         extra["python -c pass"].append(await asyncio.to_thread(_timed, [sys.executable, "-c", "pass"], cenv))
         for s in stages:
             extra[f"import+build {s}"].append(
-                await asyncio.to_thread(_timed, [sys.executable, "-c", IMPORT_BUILD, s], cenv))
+                await asyncio.to_thread(_timed, [PYTHON.get(s, sys.executable), "-c", IMPORT_BUILD, s], cenv))
         print(f"  rep {i + 1}/{reps}: " + "  ".join(f"{r} {times[r][-1]:.3f}s" for r in rows), flush=True)
     await c.close()
     print(f"load average after:  {loadavg()}")
@@ -218,7 +221,7 @@ async def bench(env: dict[str, str], settings: Any, stages: list[str], reps: int
     print(f"\nto the first answer, from the spawn ({reps} runs each)")
     print(f"{'row':<28}{'median s':>10}{'best s':>10}{'x raw':>8}{'CPU s':>8}{'x raw':>8}")
     for r in rows:
-        label = "raw nats-py consumer" if r == "raw" else f"worker {r}"
+        label = "raw nats-py consumer" if r == "raw" else f"worker {r}" + (" (own env)" if r in PYTHON else "")
         med, cpu = statistics.median(times[r]), statistics.median(cpus[r])
         print(f"{label:<28}{med:>10.3f}{min(times[r]):>10.3f}{med / raw_med:>8.2f}{cpu:>8.3f}{cpu / raw_cpu:>8.2f}")
     for label, xs in extra.items():
@@ -241,7 +244,13 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--reps", type=int, default=7)
     ap.add_argument("--stages", default=",".join(STAGES), help="comma-separated: datasets,serving,export")
+    ap.add_argument("--python", action="append", default=[], metavar="STAGE=PATH",
+                    help="run STAGE's worker with the interpreter of an environment holding only its extra, e.g. "
+                         "datasets=/tmp/ds/bin/python after `pip install -c infra/constraints.txt '.[datasets]'`")
     args = ap.parse_args()
+    for item in args.python:
+        stage, _, path = item.partition("=")
+        PYTHON[stage] = path
     stages = [s for s in args.stages.split(",") if s]
     unknown = set(stages) - set(STAGES)
     if unknown:

@@ -96,11 +96,13 @@ def build_app(
     async def _startup() -> None:
         from storage.db import init_db
 
-        await broker.connect()
-        await provision_as_admin(settings, broker.connection.jetstream())
+        async def nats_ready() -> None:
+            await broker.connect()
+            await provision_as_admin(settings, broker.connection.jetstream())
+
         store = ObjectStore(settings)
-        await store.ensure_bucket()
-        client = await init_db(settings)
+        # the three stores are independent: a (cold) start waits for the slowest of them, not for their sum
+        _, _, client = await asyncio.gather(nats_ready(), store.ensure_bucket(), init_db(settings))
         ctx = app.context
         ctx.set_global("settings", settings)
         ctx.set_global("store", store)
