@@ -25,6 +25,11 @@ hits every row alike):
    publishes an answer to `bench.cold.out` and acks: the floor for "a Python process that answers a
    JetStream message".
 
+`--baseline-tree DIR` adds the same worker rows run from another checkout (e.g. the code before these
+changes: `git archive REV | tar -x -C DIR`), in the same run and environment, and prints this tree's
+median wall and CPU over the baseline's (its worker, which may not know `--exit-when-idle`, is stopped
+with SIGTERM once it has answered).
+
 Also printed: `python -c pass` (the interpreter alone) and `import+build STAGE` (a process that imports
 `handlers.app` and runs `build_app([STAGE])` without connecting): the share of imports in the total.
 Each worker prints the torch/transformers/peft modules in its `sys.modules` at exit (an atexit hook of the
@@ -134,11 +139,18 @@ async def _prepublish(row: str, c: Any, store: Any) -> tuple[str, Any]:
 
 
 PYTHON: dict[str, str] = {}  # stage -> interpreter of its own environment (--python STAGE=PATH)
+BASELINE = "baseline "  # row prefix: the stage's worker run from --baseline-tree
+
+
+def _stage(row: str) -> str:
+    return row.removeprefix(BASELINE)
 
 
 def _command(row: str) -> list[str]:
     if row == "raw":
         return [sys.executable, "-c", RAW_CONSUMER, BENCH_STREAM, BENCH_DURABLE, BENCH_OUT]
+    if row.startswith(BASELINE):  # a tree from before --exit-when-idle: stopped with SIGTERM after its answer
+        return [sys.executable, "-c", WORKER, "worker", _stage(row)]
     return [PYTHON.get(row, sys.executable), "-c", WORKER, "worker", row, "--exit-when-idle", "1"]
 
 
@@ -149,8 +161,13 @@ def _reap(proc: subprocess.Popen[bytes]) -> tuple[int, float]:
     return proc.returncode, ru.ru_utime + ru.ru_stime
 
 
-async def _one(row: str, c: Any, store: Any, cenv: dict[str, str], log: Path) -> tuple[float, float]:
-    answer_subject, match = await _prepublish(row, c, store)
+async def _one(row: str, c: Any, store: Any, cenv: dict[str, str], log: Path, baseline: Path | None
+               ) -> tuple[float, float]:
+    answer_subject, match = await _prepublish(_stage(row), c, store)
+    cwd = ROOT
+    if row.startswith(BASELINE) and baseline is not None:
+        cwd = baseline
+        cenv = cenv | {"PYTHONPATH": str(baseline) + os.pathsep + cenv.get("PYTHONPATH", "")}
     got: asyncio.Future[float] = asyncio.get_running_loop().create_future()
 
     async def cb(msg: Any) -> None:
@@ -167,14 +184,16 @@ async def _one(row: str, c: Any, store: Any, cenv: dict[str, str], log: Path) ->
     await c.nc.flush()
     with open(log, "ab") as out:
         t0 = time.perf_counter()
-        proc = subprocess.Popen(_command(row), env=cenv, cwd=ROOT, stdout=out,  # noqa: ASYNC220 (reaped in a thread)
+        proc = subprocess.Popen(_command(row), env=cenv, cwd=cwd, stdout=out,  # noqa: ASYNC220 (reaped in a thread)
                                 stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         try:
             t1 = await asyncio.wait_for(got, 60)
         finally:
             await sub.unsubscribe()
+        if row.startswith(BASELINE):
+            proc.terminate()
         rc, cpu = await asyncio.wait_for(asyncio.to_thread(_reap, proc), 60)
-    if rc != 0:
+    if rc != 0 and not (row.startswith(BASELINE) and rc in (-15, 143)):
         raise RuntimeError(f"{row} exited {rc}: {log.read_text()[-2000:]}")
     return t1 - t0, cpu
 
@@ -193,20 +212,21 @@ def _heavy_modules(log: Path) -> list[str]:
     return sorted(bad)
 
 
-async def bench(env: dict[str, str], settings: Any, stages: list[str], reps: int, tmp: Path) -> int:
+async def bench(env: dict[str, str], settings: Any, stages: list[str], reps: int, tmp: Path,
+                baseline: Path | None = None) -> int:
     from events.client import connect_options
 
     c, store = await _setup(settings)
     cenv = _child_env(env) | {"BENCH_NATS": json.dumps(connect_options(settings, "admin"))}
-    rows = ["raw", *stages]
+    rows = ["raw", *stages, *([BASELINE + s for s in stages] if baseline else [])]
     times: dict[str, list[float]] = {r: [] for r in rows}
     cpus: dict[str, list[float]] = {r: [] for r in rows}
     extra: dict[str, list[float]] = {"python -c pass": []} | {f"import+build {s}": [] for s in stages}
-    logs = {r: tmp / f"{r}.log" for r in rows}
+    logs = {r: tmp / f"{r.replace(' ', '-')}.log" for r in rows}
     print(f"load average before: {loadavg()}", flush=True)
     for i in range(reps):
         for r in rows:
-            wall, cpu = await _one(r, c, store, cenv, logs[r])
+            wall, cpu = await _one(r, c, store, cenv, logs[r], baseline)
             times[r].append(wall)
             cpus[r].append(cpu)
         extra["python -c pass"].append(await asyncio.to_thread(_timed, [sys.executable, "-c", "pass"], cenv))
@@ -222,13 +242,20 @@ async def bench(env: dict[str, str], settings: Any, stages: list[str], reps: int
     print(f"{'row':<28}{'median s':>10}{'best s':>10}{'x raw':>8}{'CPU s':>8}{'x raw':>8}")
     for r in rows:
         label = "raw nats-py consumer" if r == "raw" else f"worker {r}" + (" (own env)" if r in PYTHON else "")
+        if r.startswith(BASELINE):
+            label = f"baseline worker {_stage(r)}"
         med, cpu = statistics.median(times[r]), statistics.median(cpus[r])
         print(f"{label:<28}{med:>10.3f}{min(times[r]):>10.3f}{med / raw_med:>8.2f}{cpu:>8.3f}{cpu / raw_cpu:>8.2f}")
     for label, xs in extra.items():
         med = statistics.median(xs)
         print(f"{label:<28}{med:>10.3f}{min(xs):>10.3f}{med / raw_med:>8.2f}")
     print("(CPU s: the process's own user+sys CPU over its whole life, the idle second before a worker exits "
-          "included; it does not depend on how the cores were shared)")
+          "and its shutdown included; less sensitive than wall time to how busy the cores are, not immune)")
+    if baseline:
+        for s in stages:
+            new, old = statistics.median(times[s]), statistics.median(times[BASELINE + s])
+            newc, oldc = statistics.median(cpus[s]), statistics.median(cpus[BASELINE + s])
+            print(f"{s}: this tree vs baseline: wall x{new / old:.2f}, CPU x{newc / oldc:.2f}")
     failed = 0
     for s in stages:
         heavy = _heavy_modules(logs[s])
@@ -247,6 +274,8 @@ def main() -> None:
     ap.add_argument("--python", action="append", default=[], metavar="STAGE=PATH",
                     help="run STAGE's worker with the interpreter of an environment holding only its extra, e.g. "
                          "datasets=/tmp/ds/bin/python after `pip install -c infra/constraints.txt '.[datasets]'`")
+    ap.add_argument("--baseline-tree", type=Path, help="also run each stage's worker from this checkout (e.g. "
+                    "`git archive REV | tar -x -C DIR`), in the same environment; rows 'baseline worker STAGE'")
     args = ap.parse_args()
     for item in args.python:
         stage, _, path = item.partition("=")
@@ -256,7 +285,8 @@ def main() -> None:
     if unknown:
         ap.error(f"unknown stage(s) {sorted(unknown)}")
     with tempfile.TemporaryDirectory(prefix="codetune-cold-") as d, local_stack(Path(d)) as (env, settings):
-        rc = asyncio.run(bench(env, settings, stages, args.reps, Path(d)))
+        baseline = args.baseline_tree.resolve() if args.baseline_tree else None
+        rc = asyncio.run(bench(env, settings, stages, args.reps, Path(d), baseline))
     raise SystemExit(rc)
 
 
