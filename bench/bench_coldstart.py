@@ -273,7 +273,7 @@ def main() -> None:
     ap.add_argument("--stages", default=",".join(STAGES), help="comma-separated: datasets,serving,export")
     ap.add_argument("--python", action="append", default=[], metavar="STAGE=PATH",
                     help="run STAGE's worker with the interpreter of an environment holding only its extra, e.g. "
-                         "datasets=/tmp/ds/bin/python after `pip install -c infra/constraints.txt '.[datasets]'`")
+                         "datasets=VENV/bin/python after `pip install -c infra/constraints.txt '.[datasets]'`")
     ap.add_argument("--baseline-tree", type=Path, help="also run each stage's worker from this checkout (e.g. "
                     "`git archive REV | tar -x -C DIR`), in the same environment; rows 'baseline worker STAGE'")
     args = ap.parse_args()
