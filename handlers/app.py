@@ -18,6 +18,7 @@ stage emits; a process running several stages connects as `stages` (README "Secu
 
 from __future__ import annotations
 
+import asyncio
 import importlib
 import logging
 import os
@@ -31,6 +32,7 @@ from faststream.specification import AsyncAPI
 from core.settings import Settings, get_settings
 from events.client import connect_options, provision_as_admin
 from handlers.common import Services
+from handlers.idle import IdleTracker
 from storage.objects import ObjectStore
 
 # Stage name → module exposing `router`. Imported lazily: a datasets worker never imports torch.
@@ -62,14 +64,18 @@ def worker_role(stages: list[str]) -> str:
 
 
 def build_app(
-    stages: Iterable[str] | None = None, settings: Settings | None = None, *, access_log_level: int = logging.DEBUG
+    stages: Iterable[str] | None = None, settings: Settings | None = None, *, access_log_level: int = logging.DEBUG,
+    exit_when_idle: float | None = None,
 ) -> FastStream:
     """The stages' FastStream app (the factory `faststream run handlers.app:build_app --factory` calls).
 
     `stages`: which stages to run; by default those `CODETUNE_STAGES` names (comma or space separated),
     else every available stage. `access_log_level`: the level FastStream's per-message
     "Received"/"Processed" lines are logged at; DEBUG by default (two formatted lines per message cost
-    a hop ~100 us of CPU; `codetune worker --access-log` logs them at INFO)."""
+    a hop ~100 us of CPU; `codetune worker --access-log` logs them at INFO).
+
+    `exit_when_idle`: seconds; the app stops (drained, exit 0) once no message has been in flight or
+    received for that long (handlers/idle.py), so a supervisor can scale the stage to zero."""
     settings = settings or get_settings()
     names = list(stages or env_stages() or available_stages())
     unknown = [n for n in names if n not in STAGES]
@@ -82,8 +88,9 @@ def build_app(
     if "user" in opts:  # FastStream takes user/password as a security object (never logged)
         security = SASLPlaintext(opts.pop("user"), opts.pop("password", ""))
     # a worker outlives NATS restarts: reconnect forever (the CLI's short-lived client gives up after 3 tries)
+    idle = IdleTracker(exit_when_idle) if exit_when_idle else None
     broker = NatsBroker(servers, graceful_timeout=30.0, log_level=access_log_level, max_reconnect_attempts=-1,
-                        security=security, **opts)
+                        security=security, middlewares=[idle.middleware] if idle else (), **opts)
     for name in names:
         broker.include_router(importlib.import_module(STAGES[name]).router)
     app = FastStream(broker, specification=AsyncAPI(
@@ -94,11 +101,13 @@ def build_app(
     async def _startup() -> None:
         from storage.db import init_db
 
-        await broker.connect()
-        await provision_as_admin(settings, broker.connection.jetstream())
+        async def nats_ready() -> None:
+            await broker.connect()
+            await provision_as_admin(settings, broker.connection.jetstream())
+
         store = ObjectStore(settings)
-        await store.ensure_bucket()
-        client = await init_db(settings)
+        # the three stores are independent: a (cold) start waits for the slowest of them, not for their sum
+        _, _, client = await asyncio.gather(nats_ready(), store.ensure_bucket(), init_db(settings))
         ctx = app.context
         ctx.set_global("settings", settings)
         ctx.set_global("store", store)
@@ -107,8 +116,17 @@ def build_app(
         ctx.set_global("services", Services(settings=settings, store=store))
         logging.getLogger("codetune").info("stages %s ready", ", ".join(names))
 
+    watcher: list[asyncio.Task[None]] = []
+    if idle is not None:
+
+        @app.after_startup
+        async def _watch_idle() -> None:
+            watcher.append(asyncio.create_task(idle.watch(app)))
+
     @app.on_shutdown
     async def _shutdown() -> None:
+        for task in watcher:
+            task.cancel()
         client = app.context.get("mongo")
         if client is not None:
             await client.close()

@@ -154,6 +154,9 @@ def bridge(ctx: typer.Context) -> None:
 def worker(
     stages: list[str] = typer.Argument(None, help="stages to run (default: all)"),
     access_log: bool = typer.Option(False, help="log a Received/Processed line per message (at INFO)"),
+    exit_when_idle: float | None = typer.Option(
+        None, "--exit-when-idle", metavar="SECONDS", min=0.1,
+        help="drain and exit (code 0) after SECONDS with no message in flight or received (scale to zero)"),
 ) -> None:
     """Run stage handlers in this process. Start several to scale out: they share durable consumers."""
     import logging
@@ -161,7 +164,8 @@ def worker(
     from handlers.app import build_app
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    application = build_app(stages or None, access_log_level=logging.INFO if access_log else logging.DEBUG)
+    application = build_app(stages or None, access_log_level=logging.INFO if access_log else logging.DEBUG,
+                            exit_when_idle=exit_when_idle)
     asyncio.run(application.run())
 
 

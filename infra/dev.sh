@@ -19,7 +19,7 @@ setup() {
     echo "installing CodeTune and its pinned dependencies into .venv ..."
     # torch first, pinned: a CPU build from local disk (an unpinned torch would pull a multi-GB CUDA build)
     .venv/bin/pip install -q --disable-pip-version-check torch==2.13.0
-    .venv/bin/pip install -q --disable-pip-version-check -c infra/constraints.txt -e '.[train,stack,runtime,dev]'
+    .venv/bin/pip install -q --disable-pip-version-check -c infra/constraints.txt -e '.[all,stack,dev]'
     touch "$stamp"
   fi
   .venv/bin/codetune stack install >/dev/null

@@ -21,10 +21,7 @@ import hashlib
 import logging
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
-
-import httpx
-import ollama
+from typing import TYPE_CHECKING, Any
 
 from core.errors import (
     CodeTuneError,
@@ -35,6 +32,12 @@ from core.errors import (
 )
 from events.payloads import ChatMessage, OllamaChatReply
 
+if TYPE_CHECKING:
+    import ollama
+
+# `ollama` (and its httpx) are imported by the first call that talks to Ollama, not when the serving stage
+# loads: a serving worker woken for a `model.exported` it has to dead-letter answers without them.
+
 log = logging.getLogger("codetune.serving")
 
 DEFAULT_TIMEOUT_S = 600.0
@@ -42,6 +45,8 @@ DEFAULT_TIMEOUT_S = 600.0
 
 def make_client(host: str, *, timeout_s: float | None = DEFAULT_TIMEOUT_S) -> ollama.AsyncClient:
     """An `ollama.AsyncClient` for `host` (e.g. `settings.ollama_host`)."""
+    import ollama
+
     return ollama.AsyncClient(host=host, timeout=timeout_s)
 
 
@@ -75,6 +80,8 @@ def file_digest(path: Path) -> str:
 
 
 async def _has_blob(client: ollama.AsyncClient, digest: str) -> bool:
+    import httpx
+
     http = getattr(client, "_client", None)  # the client's own httpx.AsyncClient (host, headers, timeout)
     if not isinstance(http, httpx.AsyncClient):
         return False
@@ -191,6 +198,9 @@ async def chat_stream(client: ollama.AsyncClient, model: str, messages: Sequence
 
 @contextlib.asynccontextmanager
 async def _errors(action: str, *, model: str | None = None) -> AsyncIterator[None]:
+    import httpx
+    import ollama
+
     try:
         yield
     except ollama.ResponseError as e:

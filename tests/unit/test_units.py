@@ -58,12 +58,15 @@ def test_seed_setting_names_keep_working_and_secrets_stay_secret(monkeypatch: py
     assert "hf_x" not in repr(s) and "hf_x" not in str(s.model_dump())
 
 
-def test_a_datasets_worker_never_imports_torch() -> None:
+@pytest.mark.parametrize("stage", ["datasets", "serving", "export"])
+def test_a_light_stage_worker_never_imports_torch(stage: str) -> None:
+    """The stages a supervisor wakes from zero for one message load without the training stack (export
+    imports it only when it converts; bench/bench_coldstart.py checks the same of the running workers)."""
     import subprocess
     import sys
 
     code = ("import sys; from handlers.app import build_app; "
-            "build_app(['datasets']); import infra.cli; "
+            f"build_app([{stage!r}]); import infra.cli; "
             "bad = [m for m in ('torch', 'transformers', 'peft') if m in sys.modules]; "
             "assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True)
@@ -84,7 +87,7 @@ def test_deploy_manifests_run_commands_that_exist() -> None:
     for doc in (d for f in root.glob("*.yaml") for d in yaml.safe_load_all(f.read_text()) if d):
         spec = doc.get("spec", {}).get("template", {}).get("spec", {})
         for c in spec.get("containers", []):
-            if not c["image"].startswith("codetune:"):
+            if not c["image"].startswith(("codetune:", "codetune-")):
                 continue  # third-party images (nats-server) run their own command line
             args = c["args"]
             group = cli.commands[args[0]]  # type: ignore[attr-defined]
