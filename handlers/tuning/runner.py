@@ -42,7 +42,7 @@ from handlers.tuning import jobs
 from handlers.tuning.lint import Estimator, estimate_summary, lint_summary, prepare_with_lint
 from handlers.tuning.report import job_lint
 from handlers.tuning.report import save as save_report
-from storage import keys
+from storage import keys, retention
 from storage.documents import BaseModel, Dataset, TuningJob
 from storage.objects import ObjectStore
 
@@ -285,6 +285,7 @@ async def _succeeded(job: TuningJob, model: BaseModel, result: Any, work: Path, 
     )
     report = await save_report(ctx.store, report)
     await ctx.publish(TuningEvaluated(job_id=job.job_id, report=report))
+    await retention.after_training(ctx.store, ctx.settings, doc)  # the adapter is stored: checkpoints go
     return completed_event(doc)
 
 
