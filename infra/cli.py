@@ -58,14 +58,33 @@ async def client(settings: Settings) -> AsyncIterator[Any]:
         await c.close()
 
 
+_CLOSED: set[int] = set()  # ids of the MongoDB clients `database` opened and closed again
+
+
+def _bound() -> bool:
+    """Beanie is bound to a live client already (stages running in this process: the demo, the tests)."""
+    from storage.documents import Dataset
+
+    try:
+        return id(Dataset.get_pymongo_collection().database.client) not in _CLOSED
+    except Exception:  # not initialised yet
+        return False
+
+
 @contextlib.asynccontextmanager
 async def database(settings: Settings) -> AsyncIterator[None]:
+    """Beanie bound to MongoDB for the block: the binding already there, else a client of its own, closed after
+    (re-binding would take the database away from stages running in the same process)."""
     from storage.db import init_db
 
+    if _bound():
+        yield
+        return
     mongo = await init_db(settings)
     try:
         yield
     finally:
+        _CLOSED.add(id(mongo))
         await mongo.close()
 
 

@@ -134,6 +134,7 @@ async def after_training(store: ObjectStore, settings: Settings, job: TuningJob)
 
 
 async def after_publish(settings: Settings, job_id: str) -> None:
-    """The serving stage stored its answer (published or failed): the job's local GGUF copies go."""
+    """The serving stage stored its answer (published or failed): the job's local files on this host go."""
     if settings.retention_local_scratch:
-        await asyncio.to_thread(shutil.rmtree, local_path(gguf_cache(settings), keys.job_prefix(job_id)), True)
+        for path in job_dirs(settings, job_id):
+            await asyncio.to_thread(shutil.rmtree, path, True)

@@ -79,7 +79,7 @@ async def test_adapter_export_is_published_to_ollama_and_answers_a_chat(client, 
     assert doc.stage == "published" and doc.artifacts["adapter_gguf"] == exported.adapter_key
     # retention: the job's local files (scratch, GGUF copies) and its checkpoints are gone once Ollama has the
     # model; the final adapter and the export stay in the bucket
-    assert not any(d.exists() for d in retention.job_dirs(settings, req.job_id))
+    assert [d for d in retention.job_dirs(settings, req.job_id) if d.exists()] == []
     assert await store.list(f"jobs/{req.job_id}/checkpoints/") == []
     assert await store.list(f"jobs/{req.job_id}/adapter/") and await store.exists(exported.adapter_key)
 
