@@ -101,6 +101,13 @@ class Settings(BaseSettings):
     # answering anyway (it takes milliseconds when intake runs; the answer says whether it was recorded)
     intake_wait_s: float = 5.0
     work_dir: Path | None = None
+    # --- Retention (README "Retention and disk"; `codetune gc` applies it by hand)
+    retention_local_scratch: bool = Field(
+        True, description="remove a job's local files (scratch, GGUF copies) once its stage's effect is stored")
+    retention_prune_checkpoints: bool = Field(
+        True, description="remove a succeeded job's checkpoints from the bucket once its final adapter is stored")
+    retention_failed_days: float = Field(
+        7.0, ge=0, description="days a failed or cancelled job keeps its newest checkpoint (older ones go at once)")
 
     # --- Retries (README "Retries and outages"; events.streams.RetryPolicy): a failed delivery N is
     # retried after retry_delays_s[N-1] (the last repeating, at most retry_cap_s). An unreachable store

@@ -59,14 +59,33 @@ async def client(settings: Settings) -> AsyncIterator[Any]:
         await c.close()
 
 
+_CLOSED: set[int] = set()  # ids of the MongoDB clients `database` opened and closed again
+
+
+def _bound() -> bool:
+    """Beanie is bound to a live client already (stages running in this process: the demo, the tests)."""
+    from storage.documents import Dataset
+
+    try:
+        return id(Dataset.get_pymongo_collection().database.client) not in _CLOSED
+    except Exception:  # not initialised yet
+        return False
+
+
 @contextlib.asynccontextmanager
 async def database(settings: Settings) -> AsyncIterator[None]:
+    """Beanie bound to MongoDB for the block: the binding already there, else a client of its own, closed after
+    (re-binding would take the database away from stages running in the same process)."""
     from storage.db import init_db
 
+    if _bound():
+        yield
+        return
     mongo = await init_db(settings)
     try:
         yield
     finally:
+        _CLOSED.add(id(mongo))
         await mongo.close()
 
 
@@ -189,17 +208,33 @@ def dataset_upload(
 async def upload_dataset(s: Settings, file: Path, name: str | None, fmt: str, wait: bool, timeout: float
                          ) -> tuple[str, Any] | None:
     from events import subjects as sj
-    from handlers.datasets.service import store_upload
+    from events.envelope import derived_id
+    from handlers.datasets.service import StoredUpload, answer_of, settle_upload, store_upload
     from storage.objects import ObjectStore
 
     store = ObjectStore(s)
     await store.ensure_bucket()
     with open(file, "rb") as f:
-        event = await store_upload(store, f, name or file.name, fmt=fmt)
-    async with client(s) as c, c.subscribe([sj.DATASET_VALIDATED, sj.DATASET_FAILED]) as q:
-        pub = await c.publish(event)
-        console.print(f"uploaded [bold]{file.name}[/bold] → s3://{s.s3_bucket}/{event.key}  "
-                      f"dataset_id=[bold]{event.dataset_id}[/bold] event={pub.id}")
+        stored = await store_upload(store, f, name or file.name, fmt=fmt)
+    async with client(s) as c, c.subscribe([sj.DATASET_VALIDATED, sj.DATASET_FAILED]) as q, database(s):
+
+        async def announce(ev: Any) -> str:
+            return (await c.publish(ev, event_id=derived_id(ev.dataset_id, sj.DATASET_UPLOADED))).id
+
+        settled = await settle_upload(store, StoredUpload(stored.event, stored.size, stored.sha256), announce)
+        event = settled.event
+        if settled.reused is not None:
+            ds = settled.reused
+            console.print(f"[bold]{file.name}[/bold] has the same content as dataset_id=[bold]{ds.dataset_id}[/bold] "
+                          f"({ds.name}, {ds.status}): reused, nothing stored twice")
+            answer = answer_of(ds)
+            if answer is not None:
+                subject = sj.DATASET_VALIDATED if ds.status == "validated" else sj.DATASET_FAILED
+                print_dataset_answer(subject, answer)
+                return subject, answer
+        else:
+            console.print(f"uploaded [bold]{file.name}[/bold] → s3://{s.s3_bucket}/{event.key}  "
+                          f"dataset_id=[bold]{event.dataset_id}[/bold] sha256={settled.sha256[:12]}")
         if not wait:
             return None
         subject, answer = await c.wait_for(q, lambda _, d: d.get("dataset_id") == event.dataset_id, timeout)
@@ -525,6 +560,38 @@ def job_cancel(job_id: str) -> None:
 
 
 # ------------------------------------------------------------------ saved models
+
+
+@app.command()
+def gc(
+    dry_run: bool = typer.Option(False, "--dry-run", help="list what the policy removes; remove nothing"),
+    caches: bool = typer.Option(False, "--caches", help="also remove caches shared by jobs (base models, GGUFs)"),
+) -> None:
+    """Apply the retention policy (settings `retention_*`): finished jobs' local files, succeeded jobs'
+    checkpoints, failed/cancelled jobs' checkpoints past their days."""
+    run(_gc(get_settings(), dry_run, caches))
+
+
+async def _gc(s: Settings, dry_run: bool, caches: bool) -> None:
+    from storage import retention
+    from storage.objects import ObjectStore
+
+    store = ObjectStore(s)
+    async with database(s):
+        removals = await retention.plan(store, s, caches=caches)
+    if not removals:
+        console.print("nothing to remove")
+        return
+    table = Table("where", "path", "MB", "why")
+    for r in removals:
+        table.add_row(r.where, r.path, f"{r.bytes / 1e6:.1f}", r.reason)
+    console.print(table)
+    total = sum(r.bytes for r in removals) / 1e6
+    if dry_run:
+        console.print(f"dry run: {len(removals)} item(s), {total:.1f} MB would be removed")
+        return
+    freed = await retention.apply(store, removals)
+    console.print(f"removed {len(removals)} item(s), {freed / 1e6:.1f} MB")
 
 
 @saved_app.command("save")

@@ -59,6 +59,8 @@ class Dataset(Timestamped):
     profile: dict[str, Any] | None = None
     line_errors: list[dict[str, Any]] = Field(default_factory=list)
     error: ErrorDoc | None = None
+    sha256: str | None = Field(None, description="of the stored file, as the upload computed it")
+    aliases: list[str] = Field(default_factory=list, description="other names this same content was uploaded as")
 
     class Settings:
         name = "datasets"
@@ -66,6 +68,22 @@ class Dataset(Timestamped):
             IndexModel([("dataset_id", pymongo.ASCENDING)], unique=True),
             IndexModel([("created_at", pymongo.DESCENDING)]),
         ]
+
+
+class DatasetContent(Document):
+    """Which dataset holds a given content (`content` = `<sha256>:<requested format>`). Claimed with one
+    atomic upsert on a unique index, so two uploads of the same bytes — even at the same moment — end as
+    one dataset."""
+
+    content: str
+    dataset_id: str
+    key: str
+    name: str
+    created_at: datetime = Field(default_factory=now)
+
+    class Settings:
+        name = "dataset_contents"
+        indexes = [IndexModel([("content", pymongo.ASCENDING)], unique=True)]
 
 
 class BaseLLM(Timestamped):
@@ -217,4 +235,5 @@ class ServedModel(Timestamped):
         ]
 
 
-DOCUMENTS: list[type[Document]] = [Dataset, BaseLLM, HubPush, TuningJob, UserModel, ServedModel, ClientSettings]
+DOCUMENTS: list[type[Document]] = [Dataset, DatasetContent, BaseLLM, HubPush, TuningJob, UserModel, ServedModel,
+                                   ClientSettings]

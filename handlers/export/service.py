@@ -16,6 +16,7 @@ export failed may be exported again by a new `tuning.completed`.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import shutil
 import time
@@ -140,6 +141,8 @@ async def export(event: TuningCompleted, store: ObjectStore, settings: Settings,
         return [await _failed(event, e)]
     finally:
         await asyncio.to_thread(shutil.rmtree, work, True)
+        with contextlib.suppress(OSError):  # the job's folder, unless another stage still has files in it
+            work.parent.rmdir()
     report = await save_report(store, report.model_copy(update={"gate": decide(report, settings, opts.gate)}))
     assert report.gate is not None
     evaluated = ModelEvaluated(job_id=event.job_id, passed=report.gate.passed, report=report)

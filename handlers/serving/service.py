@@ -17,6 +17,7 @@ from core.errors import CodeTuneError, FactMismatchError, InvalidInputError, Job
 from core.settings import Settings
 from events.payloads import ErrorInfo, ModelExported, ModelPublished, ModelPublishFailed, OllamaCreateRequest
 from handlers.serving import ollama_ops
+from storage import retention
 from storage.documents import ServedModel, TuningJob
 from storage.jobs import must_transition, transition
 from storage.objects import ObjectStore
@@ -62,12 +63,14 @@ async def publish(event: ModelExported, store: ObjectStore, settings: Settings, 
             raise  # Ollama unreachable: retried with backoff, then dead-lettered
         info = ErrorInfo(code=e.code, message=e.message)
         await must_transition(event.job_id, stage="publish_failed", error=info.model_dump())
+        await retention.after_publish(settings, event.job_id)
         return ModelPublishFailed(job_id=event.job_id, name=event.name, error=info)
     await ServedModel.upsert_by({"name": event.name}, {
         "job_id": event.job_id, "ollama_host": settings.ollama_host, "files": created["files"],
         "adapters": created["adapters"], "quantize": event.quantize,
     })
     await must_transition(event.job_id, stage="published")
+    await retention.after_publish(settings, event.job_id)  # Ollama holds the model now: local copies go
     return ModelPublished(job_id=event.job_id, name=event.name, ollama_host=settings.ollama_host)
 
 

@@ -42,7 +42,7 @@ from events.payloads import (
 from handlers.report import job_lint
 from handlers.report import save as save_report
 from handlers.tuning.lint import Estimator, estimate_summary, lint_summary, prepare_with_lint
-from storage import jobs, keys
+from storage import jobs, keys, retention
 from storage.documents import BaseLLM, Dataset, TuningJob, now
 from storage.jobs import CANCELLED, FAILED, RUNNING, SUCCEEDED
 from storage.local import local_model_dir
@@ -314,6 +314,7 @@ async def _succeeded(job: TuningJob, model: BaseLLM, result: Any, work: Path, ct
     )
     report = await save_report(ctx.store, report)
     await ctx.publish(TuningEvaluated(job_id=job.job_id, report=report))
+    await retention.after_training(ctx.store, ctx.settings, doc)  # the adapter is stored: checkpoints go
     return completed_event(doc)
 
 

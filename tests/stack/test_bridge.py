@@ -266,6 +266,38 @@ async def test_upload_streams_to_the_bucket_and_the_datasets_stage_validates_it(
     assert row["name"] == "my-chat" and row["rows"] == 50
 
 
+async def test_the_same_bytes_uploaded_again_are_the_same_dataset_not_a_copy(http, client, store, uid) -> None:
+    data = "".join(f"line {i} of {uid}\n" for i in range(20)).encode()
+    async with client.subscribe([sj.DATASET_VALIDATED, sj.DATASET_FAILED]) as q:
+        r = await http.post("/api/v1/datasets/upload", files={"file": ("first.txt", data)}, data={"format": "text"})
+        first = r.json()
+        await client.wait_for(q, lambda _, d: d.get("dataset_id") == first["dataset_id"], 30)
+    assert first["reused"] is False and len(first["sha256"]) == 64
+    before = await published(client)
+    r = await http.post("/api/v1/datasets/upload", files={"file": ("again.txt", data)}, data={"format": "text"})
+    again = r.json()
+    assert r.status_code == 200 and again["reused"] is True and again["status"] == "validated"
+    assert again["dataset_id"] == first["dataset_id"] and again["key"] == first["key"]
+    assert again["name"] == "first.txt" and again["aliases"] == ["again.txt"] and again["sha256"] == first["sha256"]
+    assert await published(client) == before  # validated already: nothing announced again
+    assert [k for k, _ in await store.list("datasets/") if k.endswith("again.txt")] == []  # no second copy
+    rows = [x for x in (await http.get("/api/v1/datasets/")).json() if x["dataset_id"] == first["dataset_id"]]
+    assert len(rows) == 1
+    # another requested format is another validation of the same bytes: another dataset
+    r = await http.post("/api/v1/datasets/upload", files={"file": ("first.txt", data)}, data={"format": "auto"})
+    assert r.json()["reused"] is False and r.json()["dataset_id"] != first["dataset_id"]
+
+    # the same new bytes uploaded twice at the same moment end as one dataset, one object
+    twin = f"twin {uid}\n".encode() * 5
+    a, b = await asyncio.gather(*(http.post("/api/v1/datasets/upload", files={"file": (f"{n}.txt", twin)},
+                                            data={"format": "text"}) for n in ("a", "b")))
+    assert a.json()["dataset_id"] == b.json()["dataset_id"] and {a.json()["reused"], b.json()["reused"]} == {
+        False, True}
+    kept = [k for k, _ in await store.list("datasets/") if k.rsplit("/", 1)[-1] in ("a.txt", "b.txt")
+            and await store.get_bytes(k) == twin]
+    assert kept == [a.json()["key"]]
+
+
 async def test_upload_errors(http, client, store) -> None:
     before = await published(client)
     r = await http.post("/api/v1/datasets/upload", data={"format": "chat"}, files={"other": ("x.txt", b"hi\n")})

@@ -12,6 +12,7 @@ import pytest
 from events import subjects as sj
 from events.payloads import OllamaChatRequest, OllamaModelRef, TuningRequested
 from infra.cli import upload_dataset
+from storage import retention
 from storage.documents import ServedModel, TuningJob
 from tests.conftest import TINY_REPO
 
@@ -49,7 +50,8 @@ async def run_to_published(client, req: TuningRequested, timeout: float = 300) -
     return subject, exported, end
 
 
-async def test_adapter_export_is_published_to_ollama_and_answers_a_chat(client, store, dataset_id) -> None:
+async def test_adapter_export_is_published_to_ollama_and_answers_a_chat(client, store, settings, dataset_id
+                                                                        ) -> None:
     req = request(dataset_id)
     subject, exported, published = await run_to_published(client, req)
     assert subject == sj.MODEL_PUBLISHED, published
@@ -75,6 +77,11 @@ async def test_adapter_export_is_published_to_ollama_and_answers_a_chat(client, 
     assert (reply["done_reason"] == "length") == (reply["eval_count"] == 16) and reply["prompt_eval_count"] > 0
     doc = await TuningJob.find_one(TuningJob.job_id == req.job_id)
     assert doc.stage == "published" and doc.artifacts["adapter_gguf"] == exported.adapter_key
+    # retention: the job's local files (scratch, GGUF copies) and its checkpoints are gone once Ollama has the
+    # model; the final adapter and the export stay in the bucket
+    assert [d for d in retention.job_dirs(settings, req.job_id) if d.exists()] == []
+    assert await store.list(f"jobs/{req.job_id}/checkpoints/") == []
+    assert await store.list(f"jobs/{req.job_id}/adapter/") and await store.exists(exported.adapter_key)
 
     # the original's /ollama/create: the exported Modelfile, FROM/ADAPTER pointing at the bucket keys
     modelfile = modelfile.replace(f"FROM {exported.model_key.rsplit('/', 1)[1]}", f"FROM {exported.model_key}")

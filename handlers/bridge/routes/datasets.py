@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 from typing import IO, Any, get_args
 
 from fastapi import APIRouter, Query, Request
@@ -14,13 +13,12 @@ from events.payloads import DatasetUploaded, UploadFormat
 from events.subjects import DATASET_UPLOADED
 from handlers.bridge.errors import field_errors, invalid
 from handlers.bridge.seed import dataset_view
-from handlers.bridge.services import ClientDep, MongoDB, Services, ServicesDep, StoreDep
+from handlers.bridge.services import ClientDep, MongoDB, ServicesDep, StoreDep
 from handlers.bridge.upload import receive_file
-from handlers.datasets.service import new_dataset_id, record_upload, store_upload
+from handlers.datasets.service import StoredUpload, new_dataset_id, settle_upload, store_upload
 from storage.documents import Dataset
 
 router = APIRouter(prefix="/api/v1/datasets", tags=["datasets"])
-log = logging.getLogger("codetune.bridge")
 
 MULTIPART = {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
     "type": "object", "required": ["file"], "properties": {
@@ -36,6 +34,10 @@ class Uploaded(BaseModel):
     size: int
     format: UploadFormat
     event_id: str
+    sha256: str
+    reused: bool = False  # the same bytes (same format) were already a dataset: this is that dataset
+    status: str = "uploaded"  # the dataset's status now (a reused one may already be validated or failed)
+    aliases: list[str] = []
 
 
 def form_options(fields: dict[str, str]) -> tuple[UploadFormat, str | None]:
@@ -49,7 +51,8 @@ def form_options(fields: dict[str, str]) -> tuple[UploadFormat, str | None]:
 @router.post("/upload", response_model=Uploaded, openapi_extra=MULTIPART)
 async def upload_dataset(request: Request, store: StoreDep, client: ClientDep, services: ServicesDep) -> Uploaded:
     """Stream the `file` field into the bucket (constant memory), publish `dataset.uploaded`, and record the
-    dataset as `uploaded` before answering, so `GET /api/v1/datasets/` lists it at once."""
+    dataset as `uploaded` before answering, so `GET /api/v1/datasets/` lists it at once. The same bytes
+    uploaded again (same format) answer the dataset that already holds them (`reused`), not a copy."""
     dataset_id = new_dataset_id()
 
     def into_bucket(filename: str, stream: IO[bytes]) -> Any:
@@ -61,24 +64,21 @@ async def upload_dataset(request: Request, store: StoreDep, client: ClientDep, s
     except RequestValidationError:
         await store.remove_prefix(f"datasets/{dataset_id}/")
         raise
-    event: DatasetUploaded = received.result.model_copy(update={"format": fmt, "name": name or received.result.name})
-    published = await client.publish(event, event_id=derived_id(dataset_id, DATASET_UPLOADED))
-    await listed(services, event, received.size)
-    return Uploaded(dataset_id=dataset_id, key=event.key, name=event.name, size=received.size, format=fmt,
-                    event_id=published.id)
+    first: StoredUpload = received.result
+    event = first.event.model_copy(update={"format": fmt, "name": name or first.event.name})
 
+    async def announce(ev: DatasetUploaded) -> str:
+        return (await client.publish(ev, event_id=derived_id(ev.dataset_id, DATASET_UPLOADED))).id
 
-async def listed(services: Services, event: DatasetUploaded, size: int) -> None:
-    """Record the upload through the datasets stage's record API (`record_upload`), after the event is
-    published (a failed publish leaves no record of an upload nobody will validate). Without MongoDB the
-    upload still succeeds: the datasets stage records the dataset when it validates it, a moment later."""
-    if not services.mongodb.ready.is_set():
-        log.warning("MongoDB not ready: dataset %s is listed once the datasets stage validates it", event.dataset_id)
-        return
-    try:
-        await record_upload(event, size)
-    except Exception as e:  # the file is stored and announced: answer, the stage's own record follows
-        log.warning("could not record dataset %s as uploaded (%s: %s)", event.dataset_id, type(e).__name__, e)
+    # Without MongoDB the upload still succeeds (announced as new): the datasets stage records it when it
+    # validates it, a moment later. A failed publish leaves no record of an upload nobody will validate.
+    settled = await settle_upload(store, StoredUpload(event, first.size, first.sha256), announce,
+                                  dedupe=services.mongodb.ready.is_set())
+    ds = settled.reused
+    return Uploaded(dataset_id=settled.event.dataset_id, key=settled.event.key, name=settled.event.name,
+                    size=received.size, format=fmt, event_id=derived_id(settled.event.dataset_id, DATASET_UPLOADED),
+                    sha256=settled.sha256, reused=ds is not None, status=ds.status if ds else "uploaded",
+                    aliases=ds.aliases if ds else [])
 
 
 @router.get("/", dependencies=[MongoDB])
