@@ -111,6 +111,17 @@ class LintWarning(BaseModel):
     message: str
     lines: list[int] = Field(default_factory=list, description="1-based lines of the first ones (at most 20)")
 
+    MAX_LINES: ClassVar[int] = 20
+
+    @classmethod
+    def of(cls, code: str, lines: list[int], message: str) -> LintWarning | None:
+        """A warning for `lines` (None when there are none); `{n}` in `message` becomes their count. The one
+        constructor the datasets stage (validation) and the tuning stage (lint at tokenization) share."""
+        if not lines:
+            return None
+        return cls.model_validate({"code": code, "count": len(lines), "message": message.format(n=len(lines)),
+                                   "lines": lines[:cls.MAX_LINES]})
+
 
 class LengthBucket(BaseModel):
     upto: int | None = Field(description="rows of at most this many tokens (above the previous bucket); "

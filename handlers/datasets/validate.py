@@ -19,16 +19,6 @@ from typing import Any
 from core import formats
 from events.payloads import DatasetFormat, DatasetProfile, LineError, LintWarning
 
-MAX_WARNING_LINES = 20
-
-
-def lint_warning(code: str, lines: list[int], message: str) -> LintWarning | None:
-    """A warning for `lines` (None when there are none); `{n}` in `message` becomes their count."""
-    if not lines:
-        return None
-    return LintWarning(code=code, count=len(lines), message=message.format(n=len(lines)),
-                       lines=lines[:MAX_WARNING_LINES])
-
 
 @dataclass
 class Report:
@@ -114,12 +104,12 @@ class DatasetValidator:
 
     def warnings(self) -> list[LintWarning]:
         found = [
-            lint_warning("duplicate_rows", self._dups, "{n} row(s) repeat an earlier row exactly: they weigh "
-                         "more in training and can land in both the training and the validation split"),
-            lint_warning("no_trainable_tokens", self._untrainable, "{n} row(s) have no assistant text to learn "
-                         "from (every assistant turn or output is empty): training skips them"),
-            lint_warning("empty_assistant_turns", self._empty_turns, "{n} row(s) have an empty assistant turn: "
-                         "the model learns to answer those prompts with nothing"),
+            LintWarning.of("duplicate_rows", self._dups, "{n} row(s) repeat an earlier row exactly: they weigh "
+                           "more in training and can land in both the training and the validation split"),
+            LintWarning.of("no_trainable_tokens", self._untrainable, "{n} row(s) have no assistant text to learn "
+                           "from (every assistant turn or output is empty): training skips them"),
+            LintWarning.of("empty_assistant_turns", self._empty_turns, "{n} row(s) have an empty assistant turn: "
+                           "the model learns to answer those prompts with nothing"),
         ]
         return [w for w in found if w is not None]
 

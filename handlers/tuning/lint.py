@@ -27,8 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from core.formats import RowProblem
-from events.payloads import DatasetLint, LengthBucket, LineError, TrainEstimate
-from handlers.datasets.validate import lint_warning
+from events.payloads import DatasetLint, LengthBucket, LineError, LintWarning, TrainEstimate
 from handlers.tuning import data as D
 
 if TYPE_CHECKING:
@@ -125,15 +124,15 @@ def prepare_with_lint(
     train_keys = {t.keys[index[id(ex)]] for ex in train}
     overlap = [ex.lines[0] for ex in val if t.keys[index[id(ex)]] in train_keys]
     found = [
-        lint_warning("truncated_rows", t.truncated, f"{{n}} row(s) are longer than max_seq_len {max_seq_len} "
-                     "tokens and are cut: the end of their answer is not trained on"),
-        lint_warning("no_trainable_tokens", [e.line for e in t.dropped], "{n} row(s) have no trainable token "
-                     f"after the chat template and truncation at {max_seq_len}: training skips them"),
-        lint_warning("duplicate_rows", t.duplicates, "{n} row(s) repeat an earlier row exactly"),
-        lint_warning("empty_assistant_turns", t.empty_turns, "{n} row(s) have an empty assistant turn: the "
-                     "model learns to answer those prompts with nothing"),
-        lint_warning("train_eval_overlap", overlap, "{n} validation row(s) also appear in the training split: "
-                     "the eval loss overstates how well the tune generalises"),
+        LintWarning.of("truncated_rows", t.truncated, f"{{n}} row(s) are longer than max_seq_len {max_seq_len} "
+                       "tokens and are cut: the end of their answer is not trained on"),
+        LintWarning.of("no_trainable_tokens", [e.line for e in t.dropped], "{n} row(s) have no trainable token "
+                       f"after the chat template and truncation at {max_seq_len}: training skips them"),
+        LintWarning.of("duplicate_rows", t.duplicates, "{n} row(s) repeat an earlier row exactly"),
+        LintWarning.of("empty_assistant_turns", t.empty_turns, "{n} row(s) have an empty assistant turn: the "
+                       "model learns to answer those prompts with nothing"),
+        LintWarning.of("train_eval_overlap", overlap, "{n} validation row(s) also appear in the training split: "
+                       "the eval loss overstates how well the tune generalises"),
     ]
     lint = DatasetLint(
         rows=len(rows), max_seq_len=max_seq_len, tokens=sum(t.lengths), max_tokens=max(t.lengths, default=0),

@@ -17,12 +17,9 @@ STAGES = {"datasets", "intake", "models", "tuning", "export", "serving"}
 SHARED = {"common", "report", "ollama_format"}  # shared handler modules any stage may import
 COMPOSERS = {"app", "bridge", "contract"}  # compose stages (process, HTTP front, contract table)
 
-# Sibling-stage imports that exist today, each to be removed by the work named beside it. The lead shrinks
-# this list as those branches land; an entry that no longer occurs fails the test, so it cannot go stale.
-ALLOWED_SIBLING_IMPORTS = {
-    # lint reads the validator's warning rules (`lint_warning`): they belong in core/formats with the row rules
-    ("handlers.tuning.lint", "handlers.datasets.validate"),
-}
+# Sibling-stage imports allowed, each with the work that removes it; an entry that no longer occurs fails the
+# test, so the list cannot go stale. Empty: no stage imports a sibling.
+ALLOWED_SIBLING_IMPORTS: set[tuple[str, str]] = set()
 
 
 def module_name(path: Path, root: Path = ROOT) -> str:
