@@ -60,11 +60,13 @@ def worker_role(stages: list[str]) -> str:
 
 
 def build_app(
-    stages: Iterable[str] | None = None, settings: Settings | None = None, *, access_log_level: int = logging.DEBUG
+    stages: Iterable[str] | None = None, settings: Settings | None = None, *, access_log_level: int = logging.DEBUG,
+    logger: logging.Logger | None = None,
 ) -> FastStream:
     """`access_log_level`: the level FastStream's per-message "Received"/"Processed" lines are logged at;
     DEBUG by default (two formatted lines per message cost a hop ~100 us of CPU; `codetune worker
-    --access-log` logs them at INFO)."""
+    --access-log` logs them at INFO). `logger`: the broker's logger (default: FastStream's own, which
+    prints INFO to stdout; in-process stages of a CLI command pass one that follows the process's logging)."""
     settings = settings or get_settings()
     names = list(stages or available_stages())
     unknown = [n for n in names if n not in STAGES]
@@ -78,7 +80,7 @@ def build_app(
         security = SASLPlaintext(opts.pop("user"), opts.pop("password", ""))
     # a worker outlives NATS restarts: reconnect forever (the CLI's short-lived client gives up after 3 tries)
     broker = NatsBroker(servers, graceful_timeout=30.0, log_level=access_log_level, max_reconnect_attempts=-1,
-                        security=security, **opts)
+                        security=security, **({"logger": logger} if logger is not None else {}), **opts)
     for name in names:
         broker.include_router(importlib.import_module(STAGES[name]).router)
     app = FastStream(broker, specification=AsyncAPI(

@@ -273,8 +273,9 @@ async def dead_letter(emitter: Emitter, msg: NatsMessage, reason: ErrorInfo, sto
         num_delivered=md.num_delivered, stream_seq=md.sequence.stream, at=datetime.now(UTC), **extra,
     )
     dlq_id = derived_id(f"{md.stream}-{md.sequence.stream}", "dlq")
-    await emitter.client.publish(letter, subject=s.dead_letter_subject(raw.subject), event_id=dlq_id)
-    failure = await _failure_payload(raw.subject, body, reason)
+    filed = await emitter.client.publish(letter, subject=s.dead_letter_subject(raw.subject), event_id=dlq_id)
+    # the failure names its letter (a redelivered duplicate is acked with the first letter's sequence)
+    failure = await _failure_payload(raw.subject, body, reason.model_copy(update={"dead_letter_seq": filed.seq}))
     if failure is not None:
         with contextlib.suppress(Exception):
             await emitter.client.publish(failure, event_id=derived_id(dlq_id, "failure"))

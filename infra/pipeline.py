@@ -11,37 +11,36 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from rich.console import Console
-
 from events import subjects as sj
 from events.payloads import (
     ExportOptions,
     Hyperparameters,
     ModelPullRequested,
-    ModelPushed,
-    ModelPushRequested,
     OllamaChatRequest,
     TuningRequested,
 )
+from infra.console import console
+from infra.flows import (
+    FlowError,
+    client,
+    dataset_failure,
+    failure_hints,
+    follow_job,
+    new_job_id,
+    request_push,
+    upload_dataset,
+)
 from infra.settings import Settings
-
-console = Console()
-
-
-class PipelineError(RuntimeError):
-    pass
 
 
 async def run_pipeline(settings: Settings, repo_id: str, dataset: Path, name: str, hp: Hyperparameters,
                        export: ExportOptions, prompt: str, push: str | None = None,
                        timeout: float = 24 * 3600) -> dict[str, Any]:
-    from infra.cli import client, follow_job, new_job_id, upload_dataset
-
     console.rule("[bold]1/5 dataset")
     uploaded = await upload_dataset(settings, dataset, None, "auto", True, 600)
     assert uploaded is not None
     if uploaded[0] != sj.DATASET_VALIDATED:
-        raise PipelineError("the dataset failed validation")
+        raise dataset_failure(uploaded[1], dataset)
     dataset_id = uploaded[1].dataset_id
 
     async with client(settings) as c:
@@ -50,7 +49,8 @@ async def run_pipeline(settings: Settings, repo_id: str, dataset: Path, name: st
             await c.publish(ModelPullRequested(repo_id=repo_id))
             subject, pulled = await c.wait_for(q, lambda _, d: d["repo_id"] == repo_id, timeout)
         if subject != sj.MODEL_PULLED:
-            raise PipelineError(f"{pulled.error.code}: {pulled.error.message}")
+            raise FlowError(f"base model {repo_id} was not pulled: {pulled.error.code}: {pulled.error.message}",
+                            failure_hints(pulled.error, "codetune model list"))
         console.print(f"[green]pulled[/green] {repo_id}@{pulled.sha[:12]} ({pulled.files} files, "
                       f"{pulled.bytes / 1e6:.1f} MB)")
 
@@ -62,9 +62,7 @@ async def run_pipeline(settings: Settings, repo_id: str, dataset: Path, name: st
                                 sj.TUNING_CANCELLED, sj.MODEL_EVALUATED, *ends]) as q:
             await c.publish(job)
             console.print(f"job [bold]{job.job_id}[/bold]")
-            subject, done = await follow_job(c, q, job.job_id, timeout)
-            if subject != sj.TUNING_COMPLETED:
-                raise PipelineError(f"tuning ended: {subject}")
+            done = await follow_job(c, q, job.job_id, timeout)  # a failure raises: reason, `job show`, dlq
 
             console.rule("[bold]4/5 export, evaluation report, quality gate, Ollama")
             subject, evaluated = await c.wait_for(
@@ -78,14 +76,17 @@ async def run_pipeline(settings: Settings, repo_id: str, dataset: Path, name: st
             else:
                 exported = evaluated
             if subject != sj.MODEL_EXPORTED:
-                raise PipelineError(f"{exported.error.code}: {exported.error.message}")
+                raise FlowError(f"job {job.job_id}: export failed: {exported.error.code}: {exported.error.message}",
+                                failure_hints(exported.error, f"codetune job show {job.job_id}"))
             console.print(f"[green]exported[/green] {exported.mode}: {exported.model_key}"
                           + (f" + {exported.adapter_key}" if exported.adapter_key else "")
                           + f"; Modelfile {exported.modelfile_key}; stop {exported.stop}")
             subject, published = await c.wait_for(q, lambda s, d: s in ends[2:] and d.get("job_id") == job.job_id,
                                                   timeout)
             if subject != sj.MODEL_PUBLISHED:
-                raise PipelineError(f"{published.error.code}: {published.error.message}")
+                raise FlowError(f"job {job.job_id}: publishing to Ollama failed: {published.error.code}: "
+                                f"{published.error.message}",
+                                failure_hints(published.error, f"codetune job show {job.job_id}"))
             console.print(f"[green]published[/green] {published.name} on {published.ollama_host}")
 
         console.rule("[bold]5/5 chat")
@@ -110,16 +111,3 @@ def show_report(report: Any) -> None:
     from handlers.tuning.report import render_markdown
 
     console.print(Markdown(render_markdown(report)))
-
-
-async def request_push(c: Any, job_id: str, repo_id: str, private: bool = True,
-                       timeout: float = 3600) -> ModelPushed:
-    """`model.push.requested` for a finished job, answered by the models stage (which holds the HF token)."""
-    subject, answer = await c.publish_and_wait(
-        ModelPushRequested(job_id=job_id, repo_id=repo_id, private=private), [sj.MODEL_PUSHED, sj.MODEL_PUSH_FAILED],
-        lambda _, d: d.get("job_id") == job_id and d.get("repo_id") == repo_id, timeout)
-    if subject != sj.MODEL_PUSHED:
-        raise PipelineError(f"push failed: {answer.error.code}: {answer.error.message}")  # type: ignore[attr-defined]
-    assert isinstance(answer, ModelPushed)
-    console.print(f"[green]pushed[/green] to {repo_id}: {answer.commit_url or repo_id} ({len(answer.files)} files)")
-    return answer
