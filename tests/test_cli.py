@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -42,6 +43,8 @@ async def test_upload_pull_tune_show_and_list(env, tmp_path) -> None:
     assert tune.returncode == 0, tune.stdout + tune.stderr
     assert "succeeded" in tune.stdout and "12/12" in tune.stdout
     assert "dataset lint: 32 rows" in tune.stdout and "estimate: ~" in tune.stdout  # printed while it ran
+    # the numbers say what they are: the bar's last-step loss and eval loss, the summary's mean of the last 10
+    assert "eval_loss " in tune.stdout and "(first step) → loss(avg10) " in tune.stdout
     job_id = tune.stdout.split("job ")[1].split()[0]
     show = await codetune(env, "job", "show", job_id, "--json")
     doc = json.loads(show.stdout)
@@ -50,7 +53,12 @@ async def test_upload_pull_tune_show_and_list(env, tmp_path) -> None:
     table = (await codetune(env, "job", "show", job_id)).stdout
     assert "tokens per row:" in table and "tok/s, measured over the first 3 steps" in table
     assert "actual run" in table
-    assert job_id in (await codetune(env, "job", "list")).stdout
+    avg10 = f"{doc['metrics']['train_loss']:.3f}"
+    assert re.search(rf"│ loss\(avg10\) +│ {avg10} ", table) and re.search(r"│ eval_loss +│ \d", table), table
+    listed = (await codetune(env, "job", "list")).stdout
+    assert job_id in listed and "loss(avg10)" in listed and "eval_loss" in listed
+    row = next(line for line in listed.splitlines() if job_id in line)
+    assert avg10 in row and f"{doc['eval_loss']:.3f}" in row
 
 
 async def test_bad_hyperparameter_is_refused_before_anything_is_published(env) -> None:
