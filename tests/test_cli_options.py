@@ -95,3 +95,13 @@ def test_a_failure_names_the_commands_that_show_more() -> None:
     assert failure_hints(ErrorInfo(code="x", message="y"), "codetune job show J") == ["codetune job show J"]
     assert failure_hints(ErrorInfo(code="x", message="y", dead_letter_seq=7), "codetune job show J") == [
         "codetune job show J", "codetune dlq show 7"]
+
+
+def test_the_flows_never_import_the_cli() -> None:
+    """pipeline, demo and the flows are used by the CLI, not the other way round (no import cycle)."""
+    import subprocess
+    import sys
+
+    code = ("import sys; import infra.flows, infra.options, infra.pipeline, infra.demo; "
+            "assert 'infra.cli' not in sys.modules, 'infra.cli imported'")
+    subprocess.run([sys.executable, "-c", code], check=True)
