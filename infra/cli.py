@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import typer
+from pydantic import ValidationError
 from rich.markup import escape
 from rich.table import Table
 
@@ -66,7 +67,7 @@ def run(coro: Awaitable[T]) -> T:
 
 
 def fail(message: str, code: int = 1) -> None:
-    console.print(f"[red]error:[/red] {escape(message)}", highlight=False)
+    console.print(f"[red]error:[/red] {escape(message)}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
 
 
@@ -216,8 +217,8 @@ def model_pull(
 
     try:
         event = ModelPullRequested(repo_id=repo_id, revision=revision)
-    except ValueError as e:
-        fail(str(e))
+    except ValidationError as e:
+        fail(describe(e))
 
     async def go() -> None:
         async with client(get_settings()) as c, c.subscribe([sj.MODEL_PULLED, sj.MODEL_PULL_FAILED]) as q:
@@ -249,8 +250,8 @@ def model_push(
 
     try:
         ModelPushRequested(job_id=job_id, repo_id=repo_id, private=not public)
-    except ValueError as e:
-        fail(str(e))
+    except ValidationError as e:
+        fail(describe(e))
 
     async def go() -> None:
         async with client(get_settings()) as c:
@@ -292,8 +293,6 @@ def tune(
     hyperparameters: Hyperparameters = ...,  # type: ignore[assignment]  # the options of every field, --config
 ) -> None:
     """Request a LoRA fine-tuning job (`tuning.requested`)."""
-    from pydantic import ValidationError
-
     from events.payloads import TuningRequested
 
     try:
@@ -433,8 +432,6 @@ def saved_import(
     wait: bool = typer.Option(False, help="follow progress until the job ends"),
 ) -> None:
     """Request a new tuning job with a saved model's parameters (and overrides)."""
-    from pydantic import ValidationError
-
     from events.errors import CodeTuneError
     from handlers.tuning.saved import find, request_from_saved
 
@@ -454,8 +451,10 @@ def saved_import(
 
     try:
         event = run(go())
-    except (CodeTuneError, ValidationError) as e:
-        fail(str(getattr(e, "message", e)))
+    except ValidationError as e:
+        fail(describe(e))
+    except CodeTuneError as e:
+        fail(e.message)
     run(submit_job(get_settings(), event, wait))
 
 
@@ -519,8 +518,6 @@ def pipeline(
     hyperparameters: Hyperparameters = ...,  # type: ignore[assignment]  # the options of every field, --config
 ) -> None:
     """Upload, pull, tune, export, create the Ollama model and chat once (needs running workers)."""
-    from pydantic import ValidationError
-
     from events.payloads import ExportOptions
     from infra.pipeline import run_pipeline
 
@@ -555,15 +552,15 @@ def main() -> None:
     except KeyboardInterrupt:
         sys.exit(130)
     except FlowError as e:
-        console.print(f"[red]error:[/red] {escape(e.message)}", highlight=False)
+        console.print(f"[red]error:[/red] {escape(e.message)}", highlight=False, soft_wrap=True)
         for hint in e.hints:
-            console.print(f"  more: [bold]{hint}[/bold]", highlight=False)
+            console.print(f"  more: [bold]{hint}[/bold]", highlight=False, soft_wrap=True)
         sys.exit(e.code)
     except Exception as e:
         if loudness.verbose():
             raise
         console.print(f"[red]error:[/red] {type(e).__name__}: {escape(next(iter(str(e).splitlines()), ''))}  "
-                      "[dim](`codetune -v …` shows the traceback)[/dim]", highlight=False)
+                      "[dim](`codetune -v …` shows the traceback)[/dim]", highlight=False, soft_wrap=True)
         sys.exit(1)
 
 
