@@ -170,7 +170,8 @@ def _num(value: float | None) -> str:
 
 def progress_fields(ev: TuningProgress, eval_loss: float | None) -> dict[str, str]:
     """The bar's numbers: `loss` is the last step's, `eval_loss` the latest evaluation's."""
-    return {"status": ev.status, "loss": _num(ev.loss), "eval_loss": _num(eval_loss),
+    return {"status": ev.status, "steps": f"{ev.step}/{ev.max_steps}" if ev.max_steps else "-",
+            "loss": _num(ev.loss), "eval_loss": _num(eval_loss),
             "tps": f"{ev.tokens_per_s:.0f}" if ev.tokens_per_s else "-"}
 
 
@@ -200,11 +201,12 @@ async def follow_job(c: Any, q: Any, job_id: str, timeout: float) -> Any:
 
     terminal = {sj.TUNING_COMPLETED, sj.TUNING_FAILED, sj.TUNING_CANCELLED}
     eval_loss: float | None = None
-    with Progress(TextColumn("[bold]{task.fields[status]}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+    with Progress(TextColumn("[bold]{task.fields[status]}"), BarColumn(), TextColumn("{task.fields[steps]}"),
                   TextColumn("loss {task.fields[loss]}"), TextColumn("eval_loss {task.fields[eval_loss]}"),
                   TextColumn("{task.fields[tps]} tok/s"), TimeRemainingColumn(), console=console,
                   transient=False) as bar:
-        task = bar.add_task("train", total=None, status="queued", loss="-", eval_loss="-", tps="-")
+        task = bar.add_task("train", total=None, status="queued", steps="-", loss="-", eval_loss="-",
+                            tps="-")
         while True:
             subject, ev = await c.wait_for(q, lambda s, d: d.get("job_id") == job_id, timeout)
             if subject in terminal:

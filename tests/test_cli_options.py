@@ -78,7 +78,10 @@ def test_bad_values_are_one_line_that_names_the_field_and_where_it_came_from(tmp
 
 def test_numbers_say_what_they_are() -> None:
     ev = TuningProgress(job_id="ftjob-abc", status="running", step=3, max_steps=10, loss=2.5, tokens_per_s=99.4)
-    assert progress_fields(ev, 3.25) == {"status": "running", "loss": "2.500", "eval_loss": "3.250", "tps": "99"}
+    assert progress_fields(ev, 3.25) == {"status": "running", "steps": "3/10", "loss": "2.500", "eval_loss": "3.250",
+                                         "tps": "99"}
+    waiting = TuningProgress(job_id="ftjob-abc", status="waiting", step=0, max_steps=0)
+    assert progress_fields(waiting, None)["steps"] == "-" and progress_fields(waiting, None)["loss"] == "-"
     m = TrainMetrics(steps=12, epochs=1, train_loss=0.5, eval_loss=1.25, first_loss=2.75, tokens=100,
                      tokens_per_s=50, duration_s=2)
     line = summary_line("ftjob-abc", m, "jobs/ftjob-abc/adapter")
