@@ -31,6 +31,8 @@ from infra.flows import (
     list_datasets,
     list_dead_letters,
     new_job_id,
+    print_report,
+    pull_model,
     request_push,
     show_dead_letter,
     submit_job,
@@ -212,7 +214,6 @@ def model_pull(
     timeout: float = typer.Option(1800.0),
 ) -> None:
     """Publish `model.pull.requested` (token from HUGGINGFACE_TOKEN only) and wait for the answer."""
-    from events import subjects as sj
     from events.payloads import ModelPullRequested
 
     try:
@@ -221,18 +222,8 @@ def model_pull(
         fail(describe(e))
 
     async def go() -> None:
-        async with client(get_settings()) as c, c.subscribe([sj.MODEL_PULLED, sj.MODEL_PULL_FAILED]) as q:
-            await c.publish(event)
-            console.print(f"requested {repo_id}@{revision}")
-            if not wait:
-                return
-            subject, answer = await c.wait_for(
-                q, lambda _, d: d["repo_id"] == repo_id and d.get("revision") == revision, timeout)
-        if subject == sj.MODEL_PULLED:
-            console.print(f"[green]pulled[/green] {repo_id}@{answer.sha[:12]}: {answer.files} files, "
-                          f"{answer.bytes / 1e6:.1f} MB → {answer.prefix}")
-        else:
-            fail(f"{answer.error.code}: {answer.error.message}")
+        async with client(get_settings()) as c:
+            await pull_model(c, event, timeout, wait)
 
     run(go())
 
@@ -346,15 +337,13 @@ def job_show(job_id: str, as_json: bool = typer.Option(False, "--json")) -> None
 
 def show_report(doc: Any) -> None:
     """The job's evaluation report card (README "Evaluation report and quality gate"), if it has one."""
-    from rich.markdown import Markdown
-
-    from handlers.tuning.report import of_job, render_markdown
+    from handlers.tuning.report import of_job
 
     report = of_job(doc)
     if report is None:
         console.print("[dim]no evaluation report yet[/dim]")
         return
-    console.print(Markdown(render_markdown(report)))
+    print_report(report)
 
 
 @job_app.command("list")

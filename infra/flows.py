@@ -19,7 +19,15 @@ from typing import Any
 from rich.table import Table
 
 from events import subjects as sj
-from events.payloads import ErrorInfo, ModelPushed, ModelPushRequested, TrainMetrics, TuningProgress
+from events.payloads import (
+    ErrorInfo,
+    ModelPulled,
+    ModelPullRequested,
+    ModelPushed,
+    ModelPushRequested,
+    TrainMetrics,
+    TuningProgress,
+)
 from infra.console import console
 from infra.settings import Settings
 
@@ -120,6 +128,26 @@ async def list_datasets(s: Settings) -> list[dict[str, Any]]:
     return [d.model_dump(exclude={"id"}) for d in docs]
 
 
+# ------------------------------------------------------------------ base models
+
+
+async def pull_model(c: Any, event: ModelPullRequested, timeout: float, wait: bool = True) -> ModelPulled | None:
+    """Publish `model.pull.requested`; with `wait`, print and return `model.pulled` (a failure raises)."""
+    async with c.subscribe([sj.MODEL_PULLED, sj.MODEL_PULL_FAILED]) as q:
+        await c.publish(event)
+        console.print(f"requested {event.repo_id}@{event.revision}")
+        if not wait:
+            return None
+        subject, answer = await c.wait_for(
+            q, lambda _, d: d["repo_id"] == event.repo_id and d.get("revision") == event.revision, timeout)
+    if subject != sj.MODEL_PULLED:
+        raise FlowError(f"base model {event.repo_id}@{event.revision} was not pulled: {answer.error.code}: "
+                        f"{answer.error.message}", failure_hints(answer.error, "codetune model list"))
+    console.print(f"[green]pulled[/green] {event.repo_id}@{answer.sha[:12]}: {answer.files} files, "
+                  f"{answer.bytes / 1e6:.1f} MB → {answer.prefix}")
+    return answer
+
+
 # ------------------------------------------------------------------ jobs
 
 
@@ -192,6 +220,15 @@ def job_losses(job: Any) -> dict[str, str]:
     else:  # running: the document's `loss` is the last step's, as progress reported it
         last, avg = job.loss, None
     return {"loss": _num(last), "loss(avg10)": _num(avg), "eval_loss": _num(job.eval_loss)}
+
+
+def print_report(report: Any) -> None:
+    """An evaluation report card (README "Evaluation report and quality gate") as Markdown."""
+    from rich.markdown import Markdown
+
+    from handlers.tuning.report import render_markdown
+
+    console.print(Markdown(render_markdown(report)))
 
 
 async def follow_job(c: Any, q: Any, job_id: str, timeout: float) -> Any:

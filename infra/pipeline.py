@@ -27,6 +27,8 @@ from infra.flows import (
     failure_hints,
     follow_job,
     new_job_id,
+    print_report,
+    pull_model,
     request_push,
     upload_dataset,
 )
@@ -45,14 +47,7 @@ async def run_pipeline(settings: Settings, repo_id: str, dataset: Path, name: st
 
     async with client(settings) as c:
         console.rule("[bold]2/5 base model")
-        async with c.subscribe([sj.MODEL_PULLED, sj.MODEL_PULL_FAILED]) as q:
-            await c.publish(ModelPullRequested(repo_id=repo_id))
-            subject, pulled = await c.wait_for(q, lambda _, d: d["repo_id"] == repo_id, timeout)
-        if subject != sj.MODEL_PULLED:
-            raise FlowError(f"base model {repo_id} was not pulled: {pulled.error.code}: {pulled.error.message}",
-                            failure_hints(pulled.error, "codetune model list"))
-        console.print(f"[green]pulled[/green] {repo_id}@{pulled.sha[:12]} ({pulled.files} files, "
-                      f"{pulled.bytes / 1e6:.1f} MB)")
+        await pull_model(c, ModelPullRequested(repo_id=repo_id), timeout)
 
         console.rule("[bold]3/5 fine-tune")
         job = TuningRequested(job_id=new_job_id(), base_model=repo_id, dataset_id=dataset_id,
@@ -70,7 +65,7 @@ async def run_pipeline(settings: Settings, repo_id: str, dataset: Path, name: st
             report = None
             if subject == sj.MODEL_EVALUATED:
                 report = evaluated.report
-                show_report(report)
+                print_report(report)
                 subject, exported = await c.wait_for(q, lambda s, d: s in ends and d.get("job_id") == job.job_id,
                                                      timeout)
             else:
@@ -103,11 +98,3 @@ async def run_pipeline(settings: Settings, repo_id: str, dataset: Path, name: st
             console.rule("[bold]push")
             result["pushed"] = (await request_push(c, job.job_id, push, timeout=timeout)).commit_url
     return result
-
-
-def show_report(report: Any) -> None:
-    from rich.markdown import Markdown
-
-    from handlers.tuning.report import render_markdown
-
-    console.print(Markdown(render_markdown(report)))
