@@ -52,8 +52,23 @@ def configure(loud: bool) -> None:
         hf_logging.set_verbosity_error()
 
 
+class _OneLine(logging.Filter):
+    """Quiet mode: a library's record is its first line, without the traceback (-v shows it whole)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.msg, record.args = record.getMessage().split("\n", 1)[0], None
+        record.exc_info = record.exc_text = record.stack_info = None
+        return True
+
+
 def stage_logger() -> logging.Logger:
     """The logger in-process stages (`codetune demo`) give their broker: it propagates to this process's
     logging (WARNING when quiet, INFO with -v) instead of FastStream's own stdout handler at INFO, which
-    prints a "callback for Task-N is being executed..." line per subscriber task at shutdown."""
-    return logging.getLogger("codetune.stages")
+    prints a "callback for Task-N is being executed..." line per subscriber task at shutdown. Quiet, a
+    subscriber task's transient error (a fetch timeout under load, retried by FastStream) is one line."""
+    logger = logging.getLogger("codetune.stages")
+    for f in [f for f in logger.filters if isinstance(f, _OneLine)]:
+        logger.removeFilter(f)
+    if not _verbose:
+        logger.addFilter(_OneLine())
+    return logger

@@ -108,3 +108,19 @@ def test_the_flows_never_import_the_cli() -> None:
     code = ("import sys; import infra.flows, infra.options, infra.pipeline, infra.demo; "
             "assert 'infra.cli' not in sys.modules, 'infra.cli imported'")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.parametrize("loud", [False, True])
+def test_a_stage_error_is_one_line_unless_verbose(loud: bool) -> None:
+    """What FastStream logs through the in-process stages' logger (e.g. a retried fetch timeout)."""
+    import subprocess
+    import sys
+
+    code = (f"from infra import console; console.configure({loud!r}); lg = console.stage_logger()\n"
+            "try:\n    raise TimeoutError('fetch')\nexcept TimeoutError as e:\n"
+            "    lg.error('Task-84 raised an exception, retrying...\\nIf this behavior causes issues', exc_info=e)\n")
+    err = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stderr
+    if loud:
+        assert "Traceback" in err and "If this behavior" in err
+    else:
+        assert err.strip().splitlines() == ["ERROR codetune.stages: Task-84 raised an exception, retrying..."]
