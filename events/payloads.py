@@ -88,6 +88,8 @@ class Command(Payload):
 class ErrorInfo(BaseModel):
     code: str
     message: str
+    dead_letter_seq: int | None = Field(None, description="set when the failing message was dead-lettered: "
+                                        "its sequence in the DEAD_LETTERS stream (`codetune dlq show SEQ`)")
 
 
 # --------------------------------------------------------------------------- datasets

@@ -23,6 +23,7 @@ import importlib
 import logging
 import os
 from collections.abc import Iterable
+from typing import Any
 
 from faststream import FastStream
 from faststream.nats import NatsBroker
@@ -65,14 +66,16 @@ def worker_role(stages: list[str]) -> str:
 
 def build_app(
     stages: Iterable[str] | None = None, settings: Settings | None = None, *, access_log_level: int = logging.DEBUG,
-    exit_when_idle: float | None = None,
+    exit_when_idle: float | None = None, logger: logging.Logger | None = None,
 ) -> FastStream:
     """The stages' FastStream app (the factory `faststream run handlers.app:build_app --factory` calls).
 
     `stages`: which stages to run; by default those `CODETUNE_STAGES` names (comma or space separated),
     else every available stage. `access_log_level`: the level FastStream's per-message
     "Received"/"Processed" lines are logged at; DEBUG by default (two formatted lines per message cost
-    a hop ~100 us of CPU; `codetune worker --access-log` logs them at INFO).
+    a hop ~100 us of CPU; `codetune worker --access-log` logs them at INFO). `logger`: the broker's logger
+    (default: FastStream's own, which prints INFO to stdout; in-process stages of a CLI command pass one
+    that follows the process's logging).
 
     `exit_when_idle`: seconds; the app stops (drained, exit 0) once no message has been in flight or
     received for that long (handlers/idle.py), so a supervisor can scale the stage to zero."""
@@ -89,8 +92,9 @@ def build_app(
         security = SASLPlaintext(opts.pop("user"), opts.pop("password", ""))
     # a worker outlives NATS restarts: reconnect forever (the CLI's short-lived client gives up after 3 tries)
     idle = IdleTracker(exit_when_idle) if exit_when_idle else None
+    given: dict[str, Any] = {"logger": logger} if logger is not None else {}  # else FastStream's default
     broker = NatsBroker(servers, graceful_timeout=30.0, log_level=access_log_level, max_reconnect_attempts=-1,
-                        security=security, middlewares=[idle.middleware] if idle else (), **opts)
+                        security=security, middlewares=[idle.middleware] if idle else (), **given, **opts)
     for name in names:
         broker.include_router(importlib.import_module(STAGES[name]).router)
     app = FastStream(broker, specification=AsyncAPI(

@@ -375,8 +375,9 @@ async def dead_letter(msg: NatsMessage, reason: ErrorInfo, store: ObjectStore | 
         num_delivered=md.num_delivered, stream_seq=md.sequence.stream, at=datetime.now(UTC), **extra,
     )
     dlq_id = derived_id(f"{md.stream}-{md.sequence.stream}", "dlq")
-    await outputs.publish(letter, dlq_id, s.dead_letter_subject(raw.subject))
-    failure = await _failure_payload(raw.subject, body, reason)
+    filed = await outputs.publish(letter, dlq_id, s.dead_letter_subject(raw.subject))
+    # the failure names its letter (a redelivered duplicate is acked with the first letter's sequence)
+    failure = await _failure_payload(raw.subject, body, reason.model_copy(update={"dead_letter_seq": filed.seq}))
     if failure is not None:
         with contextlib.suppress(Exception):
             await outputs.publish(failure, derived_id(dlq_id, "failure"))

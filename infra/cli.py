@@ -1,24 +1,48 @@
-"""`codetune` — the command line. Every command talks to the stages through events (events.client)."""
+"""`codetune` — the command line. Every command talks to the stages through events (events.client).
+
+The commands here are thin: the flows they run (connect, upload, follow a job, dead letters) live in
+infra/flows.py, shared with `codetune pipeline` (infra/pipeline.py) and `codetune demo` (infra/demo.py).
+"""
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import sys
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import Awaitable
 from pathlib import Path
 from typing import Any, TypeVar
 
 import typer
-from rich.console import Console
+from pydantic import ValidationError
+from rich.markup import escape
 from rich.table import Table
 
 from core import formats
 from core.settings import Settings, get_settings
 from events.ids import new_job_id
+from events.payloads import Hyperparameters
+from infra import console as loudness
+from infra.console import console
+from infra.flows import (
+    FlowError,
+    client,
+    database,
+    dataset_failure,
+    job_losses,
+    list_datasets,
+    list_dead_letters,
+    print_report,
+    pull_model,
+    request_push,
+    show_dead_letter,
+    submit_job,
+    upload_dataset,
+)
+from infra.options import describe, hyperparameter_options
 
-app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__)
+app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+                  help="`codetune` — fine-tune an open LLM on your data and serve it with Ollama.")
 stack_app = typer.Typer(no_args_is_help=True, help="The embedded local stack (NATS, MongoDB-wire, S3).")
 dataset_app = typer.Typer(no_args_is_help=True, help="Upload and list training datasets.")
 dlq_app = typer.Typer(no_args_is_help=True, help="Inspect dead-lettered messages.")
@@ -31,8 +55,13 @@ app.add_typer(dlq_app, name="dlq")
 app.add_typer(model_app, name="model")
 app.add_typer(job_app, name="job")
 app.add_typer(saved_app, name="user-model")
-console = Console()
 T = TypeVar("T")
+
+
+@app.callback()
+def _global(verbose: bool = typer.Option(False, "-v", "--verbose", help="show library progress bars, warnings, "
+                                         "INFO logs and tracebacks")) -> None:
+    loudness.configure(verbose)
 
 
 def run(coro: Awaitable[T]) -> T:
@@ -40,53 +69,8 @@ def run(coro: Awaitable[T]) -> T:
 
 
 def fail(message: str, code: int = 1) -> None:
-    console.print(f"[red]error:[/red] {message}")
+    console.print(f"[red]error:[/red] {escape(message)}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
-
-
-@contextlib.asynccontextmanager
-async def client(settings: Settings) -> AsyncIterator[Any]:
-    from events.client import CodeTuneClient
-
-    try:
-        c = await CodeTuneClient.connect(settings, source="codetune/cli")
-    except Exception as e:
-        fail(f"cannot reach NATS at {settings.nats_url} ({type(e).__name__}); is the stack running? "
-             "(`codetune stack start`)")
-    try:
-        yield c
-    finally:
-        await c.close()
-
-
-_CLOSED: set[int] = set()  # ids of the MongoDB clients `database` opened and closed again
-
-
-def _bound() -> bool:
-    """Beanie is bound to a live client already (stages running in this process: the demo, the tests)."""
-    from storage.documents import Dataset
-
-    try:
-        return id(Dataset.get_pymongo_collection().database.client) not in _CLOSED
-    except Exception:  # not initialised yet
-        return False
-
-
-@contextlib.asynccontextmanager
-async def database(settings: Settings) -> AsyncIterator[None]:
-    """Beanie bound to MongoDB for the block: the binding already there, else a client of its own, closed after
-    (re-binding would take the database away from stages running in the same process)."""
-    from storage.db import init_db
-
-    if _bound():
-        yield
-        return
-    mongo = await init_db(settings)
-    try:
-        yield
-    finally:
-        _CLOSED.add(id(mongo))
-        await mongo.close()
 
 
 # ------------------------------------------------------------------ stack
@@ -182,7 +166,9 @@ def worker(
 
     from handlers.app import build_app
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    # a service logs at INFO whatever the CLI's console level (force: replaces the quiet default's handler)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s", force=True)
+    logging.getLogger("nats").setLevel(logging.NOTSET)
     application = build_app(stages or None, access_log_level=logging.INFO if access_log else logging.DEBUG,
                             exit_when_idle=exit_when_idle)
     asyncio.run(application.run())
@@ -202,61 +188,13 @@ def dataset_upload(
     """Stream FILE to the bucket and publish `dataset.uploaded`."""
     result = run(upload_dataset(get_settings(), file, name, fmt, wait, timeout))
     if result and result[0] == "dataset.failed":
-        raise typer.Exit(2)
-
-
-async def upload_dataset(s: Settings, file: Path, name: str | None, fmt: str, wait: bool, timeout: float
-                         ) -> tuple[str, Any] | None:
-    from events import subjects as sj
-    from events.envelope import derived_id
-    from handlers.datasets.service import StoredUpload, answer_of, settle_upload, store_upload
-    from storage.objects import ObjectStore
-
-    store = ObjectStore(s)
-    await store.ensure_bucket()
-    with open(file, "rb") as f:
-        stored = await store_upload(store, f, name or file.name, fmt=fmt)
-    async with client(s) as c, c.subscribe([sj.DATASET_VALIDATED, sj.DATASET_FAILED]) as q, database(s):
-
-        async def announce(ev: Any) -> str:
-            return (await c.publish(ev, event_id=derived_id(ev.dataset_id, sj.DATASET_UPLOADED))).id
-
-        settled = await settle_upload(store, StoredUpload(stored.event, stored.size, stored.sha256), announce)
-        event = settled.event
-        if settled.reused is not None:
-            ds = settled.reused
-            console.print(f"[bold]{file.name}[/bold] has the same content as dataset_id=[bold]{ds.dataset_id}[/bold] "
-                          f"({ds.name}, {ds.status}): reused, nothing stored twice")
-            answer = answer_of(ds)
-            if answer is not None:
-                subject = sj.DATASET_VALIDATED if ds.status == "validated" else sj.DATASET_FAILED
-                print_dataset_answer(subject, answer)
-                return subject, answer
-        else:
-            console.print(f"uploaded [bold]{file.name}[/bold] → s3://{s.s3_bucket}/{event.key}  "
-                          f"dataset_id=[bold]{event.dataset_id}[/bold] sha256={settled.sha256[:12]}")
-        if not wait:
-            return None
-        subject, answer = await c.wait_for(q, lambda _, d: d.get("dataset_id") == event.dataset_id, timeout)
-    print_dataset_answer(subject, answer)
-    return subject, answer
-
-
-def print_dataset_answer(subject: str, answer: Any) -> None:
-    if subject == "dataset.validated":
-        p = answer.profile
-        console.print(f"[green]validated[/green] {answer.dataset_id}: format={p.format} rows={p.rows} "
-                      f"≈{p.tokens_estimate} tokens ({p.bytes} bytes)" + (f" roles={p.roles}" if p.roles else ""))
-    else:
-        console.print(f"[red]failed[/red] {answer.dataset_id}: {answer.error.message}")
-        for le in answer.line_errors:
-            console.print(f"  line {le.line}: {le.message}")
+        raise dataset_failure(result[1], file)
 
 
 @dataset_app.command("list")
 def dataset_list(as_json: bool = typer.Option(False, "--json")) -> None:
     """List datasets with their status and profile."""
-    rows = run(_datasets(get_settings()))
+    rows = run(list_datasets(get_settings()))
     if as_json:
         print(json.dumps(rows, default=str, indent=2))
         return
@@ -266,14 +204,6 @@ def dataset_list(as_json: bool = typer.Option(False, "--json")) -> None:
         table.add_row(r["dataset_id"], r["name"], r["status"], r.get("format") or "-", str(prof.get("rows", "-")),
                       str(prof.get("tokens_estimate", "-")), str(r["created_at"])[:19])
     console.print(table)
-
-
-async def _datasets(s: Settings) -> list[dict[str, Any]]:
-    from storage.documents import Dataset
-
-    async with database(s):
-        docs = await Dataset.find_all().sort("-created_at").to_list()
-    return [d.model_dump(exclude={"id"}) for d in docs]
 
 
 # ------------------------------------------------------------------ models
@@ -287,27 +217,16 @@ def model_pull(
     timeout: float = typer.Option(1800.0),
 ) -> None:
     """Publish `model.pull.requested` (token from HUGGINGFACE_TOKEN only) and wait for the answer."""
-    from events import subjects as sj
     from events.payloads import ModelPullRequested
 
     try:
         event = ModelPullRequested(repo_id=repo_id, revision=revision)
-    except ValueError as e:
-        fail(str(e))
+    except ValidationError as e:
+        fail(describe(e))
 
     async def go() -> None:
-        async with client(get_settings()) as c, c.subscribe([sj.MODEL_PULLED, sj.MODEL_PULL_FAILED]) as q:
-            await c.publish(event)
-            console.print(f"requested {repo_id}@{revision}")
-            if not wait:
-                return
-            subject, answer = await c.wait_for(
-                q, lambda _, d: d["repo_id"] == repo_id and d.get("revision") == revision, timeout)
-        if subject == sj.MODEL_PULLED:
-            console.print(f"[green]pulled[/green] {repo_id}@{answer.sha[:12]}: {answer.files} files, "
-                          f"{answer.bytes / 1e6:.1f} MB → {answer.prefix}")
-        else:
-            fail(f"{answer.error.code}: {answer.error.message}")
+        async with client(get_settings()) as c:
+            await pull_model(c, event, timeout, wait)
 
     run(go())
 
@@ -322,21 +241,17 @@ def model_push(
     """Push a finished job's adapter, GGUFs, Modelfile and a model card to a hub repo: publishes
     `model.push.requested` and waits for the models stage (whose HUGGINGFACE_TOKEN is used; never an argument)."""
     from events.payloads import ModelPushRequested
-    from infra.pipeline import PipelineError, request_push
 
     try:
         ModelPushRequested(job_id=job_id, repo_id=repo_id, private=not public)
-    except ValueError as e:
-        fail(str(e))
+    except ValidationError as e:
+        fail(describe(e))
 
     async def go() -> None:
         async with client(get_settings()) as c:
             await request_push(c, job_id, repo_id, private=not public, timeout=timeout)
 
-    try:
-        run(go())
-    except PipelineError as e:
-        fail(str(e))
+    run(go())
 
 
 @model_app.command("list")
@@ -359,125 +274,28 @@ def model_list() -> None:
 
 
 @app.command()
+@hyperparameter_options
 def tune(
     model: str = typer.Option(..., "--model", help="base model repo id"),
     dataset: str = typer.Option(..., "--dataset", help="dataset id (see `codetune dataset list`)"),
     name: str | None = typer.Option(None, help="Ollama model name to publish as"),
     revision: str = typer.Option("main"),
-    epochs: float | None = typer.Option(None),
-    max_steps: int | None = typer.Option(None),
-    learning_rate: float = typer.Option(2e-4),
-    batch_size: int = typer.Option(4),
-    grad_accum: int = typer.Option(1, "--gradient-accumulation-steps"),
-    max_seq_len: int = typer.Option(512),
-    lora_r: int = typer.Option(8),
-    lora_alpha: float = typer.Option(16),
-    lora_dropout: float = typer.Option(0.05),
-    target_modules: str | None = typer.Option(None, help="comma-separated, or 'all-linear'"),
-    validation_split: float = typer.Option(0.1),
-    eval_steps: int = typer.Option(50),
-    save_steps: int = typer.Option(50),
-    early_stopping_patience: int | None = typer.Option(None),
-    seed: int = typer.Option(42),
-    packing: bool = typer.Option(True),
     no_export: bool = typer.Option(False, help="do not export/serve after training"),
     eval_dataset: str | None = typer.Option(None, help="dataset id of held-out rows for the evaluation report"),
-    eval_samples: int = typer.Option(3, help="held-out prompts answered in the evaluation report"),
     gate: bool = typer.Option(True, help="publish only if the evaluation report passes the quality gate"),
     wait: bool = typer.Option(False, help="follow progress until the job ends"),
+    hyperparameters: Hyperparameters = ...,  # type: ignore[assignment]  # the options of every field, --config
 ) -> None:
     """Request a LoRA fine-tuning job (`tuning.requested`)."""
-    from events.payloads import Hyperparameters, TuningRequested
+    from events.payloads import TuningRequested
 
-    hp: dict[str, Any] = {
-        "epochs": epochs, "max_steps": max_steps, "learning_rate": learning_rate, "batch_size": batch_size,
-        "gradient_accumulation_steps": grad_accum, "max_seq_len": max_seq_len, "lora_r": lora_r,
-        "lora_alpha": lora_alpha, "lora_dropout": lora_dropout, "validation_split": validation_split,
-        "eval_steps": eval_steps, "save_steps": save_steps, "early_stopping_patience": early_stopping_patience,
-        "seed": seed, "packing": packing, "eval_samples": eval_samples,
-    }
-    if target_modules:
-        hp["target_modules"] = target_modules if target_modules == "all-linear" else target_modules.split(",")
     try:
         event = TuningRequested(job_id=new_job_id(), base_model=model, revision=revision, dataset_id=dataset,
-                                name=name, hyperparameters=Hyperparameters.model_validate(
-                                    {k: v for k, v in hp.items() if v is not None}),
-                                eval_dataset_id=eval_dataset,
+                                name=name, hyperparameters=hyperparameters, eval_dataset_id=eval_dataset,
                                 export=None if no_export else {"gate": gate})  # type: ignore[arg-type]
-    except ValueError as e:
-        fail(str(e))
-    outcome = run(submit_job(get_settings(), event, wait))
-    if outcome and outcome[0] != "tuning.completed":
-        raise typer.Exit(2)
-
-
-async def submit_job(s: Settings, event: Any, wait: bool, timeout: float = 24 * 3600) -> tuple[str, Any] | None:
-    from events import subjects as sj
-
-    async with client(s) as c, c.subscribe(
-        [sj.progress_subject(event.job_id), sj.TUNING_COMPLETED, sj.TUNING_FAILED, sj.TUNING_CANCELLED]
-    ) as q:
-        await c.publish(event)
-        console.print(f"job [bold]{event.job_id}[/bold] requested")
-        await print_recorded(s, event.job_id)
-        if not wait:
-            return None
-        return await follow_job(c, q, event.job_id, timeout)
-
-
-async def print_recorded(s: Settings, job_id: str) -> None:
-    """Wait (at most `intake_wait_s`) for the intake stage to record the job, then say so with its queue
-    position: from here on `codetune job show` and the bridge's GETs know the job, trainer free or not."""
-    from storage.jobs import queue_position, wait_recorded
-
-    try:
-        async with database(s):
-            job = await wait_recorded(job_id, s.intake_wait_s)
-            position = await queue_position(job) if job else None
-    except Exception as e:  # MongoDB unreachable: the request is on the bus all the same
-        console.print(f"[yellow]cannot check the job's record ({type(e).__name__}); it is requested[/yellow]")
-        return
-    if job is None:
-        console.print(f"[yellow]not recorded within {s.intake_wait_s:.0f}s: is an intake worker running? "
-                      "(`codetune worker intake`)[/yellow]")
-    elif position is not None:
-        console.print(f"job [bold]{job_id}[/bold] {job.status}, position {position} in the queue")
-    else:
-        console.print(f"job [bold]{job_id}[/bold] {job.status}")
-
-
-async def follow_job(c: Any, q: Any, job_id: str, timeout: float) -> tuple[str, Any]:
-    """Render progress events as a live bar until the job's terminal event."""
-    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
-
-    from events import subjects as sj
-
-    terminal = {sj.TUNING_COMPLETED, sj.TUNING_FAILED, sj.TUNING_CANCELLED}
-    with Progress(TextColumn("[bold]{task.fields[status]}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                  TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[tps]} tok/s"),
-                  TimeRemainingColumn(), console=console, transient=False) as bar:
-        task = bar.add_task("train", total=None, status="queued", loss="-", tps="-")
-        while True:
-            subject, ev = await c.wait_for(q, lambda s, d: d.get("job_id") == job_id, timeout)
-            if subject in terminal:
-                break
-            bar.update(task, total=ev.max_steps or None, completed=ev.step, status=ev.status,
-                       loss=f"{ev.loss:.3f}" if ev.loss is not None else "-",
-                       tps=f"{ev.tokens_per_s:.0f}" if ev.tokens_per_s else "-")
-            if ev.message and ev.status == "waiting":
-                bar.console.print(f"[yellow]{ev.message}[/yellow]")
-            elif ev.message and ev.message.startswith(("dataset lint:", "estimate:")):
-                bar.console.print(ev.message)
-    if subject == sj.TUNING_COMPLETED:
-        m = ev.metrics
-        console.print(f"[green]succeeded[/green] {job_id}: {m.steps} steps, loss {m.first_loss:.3f} → "
-                      f"{m.train_loss:.3f}" + (f", eval {m.eval_loss:.3f}" if m.eval_loss is not None else "")
-                      + f", {m.tokens_per_s:.0f} tok/s; adapter {ev.adapter_key}")
-    elif subject == sj.TUNING_FAILED:
-        console.print(f"[red]failed[/red] {job_id}: {ev.error.code}: {ev.error.message}")
-    else:
-        console.print(f"[yellow]cancelled[/yellow] {job_id} at step {ev.step}")
-    return subject, ev
+    except ValidationError as e:
+        fail(describe(e))
+    run(submit_job(get_settings(), event, wait))
 
 
 @job_app.command("show")
@@ -502,7 +320,11 @@ def job_show(job_id: str, as_json: bool = typer.Option(False, "--json")) -> None
 
     table = Table("field", "value", show_header=False)
     for k, v in data.items():
-        if k == "report":
+        if k in ("report", "eval_loss"):
+            continue
+        if k == "loss":  # labelled: the last step's, the mean of the last 10, the evaluation's
+            for label, value in job_losses(doc).items():
+                table.add_row(label, value)
             continue
         if k == "dataset_lint" and doc.dataset_lint is not None:
             table.add_row(k, lint_text(doc.dataset_lint))
@@ -518,15 +340,13 @@ def job_show(job_id: str, as_json: bool = typer.Option(False, "--json")) -> None
 
 def show_report(doc: Any) -> None:
     """The job's evaluation report card (README "Evaluation report and quality gate"), if it has one."""
-    from rich.markdown import Markdown
-
-    from handlers.report import of_job, render_markdown
+    from handlers.report import of_job
 
     report = of_job(doc)
     if report is None:
         console.print("[dim]no evaluation report yet[/dim]")
         return
-    console.print(Markdown(render_markdown(report)))
+    print_report(report)
 
 
 @job_app.command("list")
@@ -539,10 +359,10 @@ def job_list(limit: int = 20) -> None:
         async with database(get_settings()):
             return await TuningJob.find_all().sort("-created_at").limit(limit).to_list()
 
-    table = Table("job_id", "status", "base model", "dataset", "step", "loss", "created")
+    table = Table("job_id", "status", "base model", "dataset", "step", "loss", "loss(avg10)", "eval_loss", "created")
     for j in run(go()):
         table.add_row(j.job_id, j.status, j.base_model, j.dataset_id, f"{j.step}/{j.max_steps}",
-                      f"{j.loss:.3f}" if j.loss is not None else "-", str(j.created_at)[:19])
+                      *job_losses(j).values(), str(j.created_at)[:19])
     console.print(table)
 
 
@@ -636,8 +456,6 @@ def saved_import(
     wait: bool = typer.Option(False, help="follow progress until the job ends"),
 ) -> None:
     """Request a new tuning job with a saved model's parameters (and overrides)."""
-    from pydantic import ValidationError
-
     from core.errors import CodeTuneError
     from handlers.tuning.saved import find, request_from_saved
 
@@ -657,11 +475,11 @@ def saved_import(
 
     try:
         event = run(go())
-    except (CodeTuneError, ValidationError) as e:
-        fail(str(getattr(e, "message", e)))
-    outcome = run(submit_job(get_settings(), event, wait))
-    if outcome and outcome[0] != "tuning.completed":
-        raise typer.Exit(2)
+    except ValidationError as e:
+        fail(describe(e))
+    except CodeTuneError as e:
+        fail(e.message)
+    run(submit_job(get_settings(), event, wait))
 
 
 # ------------------------------------------------------------------ dead letters
@@ -673,77 +491,13 @@ def dlq_list(
     subject: str = typer.Option("", help="only letters for this original subject (NATS wildcards allowed)"),
 ) -> None:
     """Show the latest dead-lettered messages: stream sequence, time, subject, deliveries and reason."""
-    run(_dlq(get_settings(), limit, subject))
-
-
-async def _dlq(s: Settings, limit: int, subject: str = "") -> None:
-    from events import subjects as sj
-    from events.streams import DEAD_LETTERS
-
-    wanted = sj.dead_letter_subject(subject) if subject else f"{sj.DEAD_LETTER}.>"
-    async with client(s) as c:
-        info = await c.js.stream_info(DEAD_LETTERS.name, subjects_filter=wanted)
-        total = sum((info.state.subjects or {}).values()) if subject else info.state.messages
-        table = Table("seq", "at", "subject", "delivered", "stream seq", "code", "reason")
-        shown = 0
-        seq = info.state.last_seq
-        while shown < limit and seq >= max(info.state.first_seq, 1):
-            with contextlib.suppress(Exception):
-                m = await c.js.get_msg(DEAD_LETTERS.name, seq)
-                if subject and not _subject_matches(wanted, m.subject or ""):
-                    raise LookupError
-                d = json.loads(m.data or b"{}")
-                table.add_row(str(seq), str(d.get("at", ""))[:19], d.get("subject", ""),
-                              str(d.get("num_delivered", "")), str(d.get("stream_seq", "")),
-                              d["reason"]["code"], d["reason"]["message"][:80])
-                shown += 1
-            seq -= 1
-        console.print(table)
-        if total > shown:
-            console.print(f"{total - shown} more not shown (of {total}); use --limit or --subject")
-
-
-def _subject_matches(pattern: str, subject: str) -> bool:
-    p, t = pattern.split("."), subject.split(".")
-    for i, tok in enumerate(p):
-        if tok == ">":
-            return len(t) > i
-        if i >= len(t) or (tok != "*" and tok != t[i]):
-            return False
-    return len(p) == len(t)
+    run(list_dead_letters(get_settings(), limit, subject))
 
 
 @dlq_app.command("show")
 def dlq_show(seq: int) -> None:
     """Print one dead letter in full (the body decoded where it is text)."""
-    run(_dlq_show(get_settings(), seq))
-
-
-async def _dlq_show(s: Settings, seq: int) -> None:
-    import base64
-
-    from events.streams import DEAD_LETTERS
-
-    async with client(s) as c:
-        try:
-            m = await c.js.get_msg(DEAD_LETTERS.name, seq)
-        except Exception as e:
-            console.print(f"no dead letter with sequence {seq}: {e}")
-            raise typer.Exit(1) from e
-        d = json.loads(m.data or b"{}")
-        body = d.pop("body", "")
-        console.print_json(json.dumps(d, default=str))
-        if isinstance(body, str) and body.startswith("b64:"):
-            raw = base64.b64decode(body[4:])
-            try:
-                body = raw.decode("utf-8")
-            except UnicodeDecodeError:
-                body = f"<{len(raw)} bytes, not text> {body[:200]}"
-        console.print("body" + (" (a prefix)" if d.get("body_truncated") else "") + ":", markup=False)
-        console.print(body, markup=False, highlight=False)
-        if d.get("body_key"):
-            console.print(f"the full body ({d.get('body_size')} bytes, sha256 {d.get('body_sha256')}) is in the "
-                          f"bucket at {d['body_key']}", markup=False)
+    run(show_dead_letter(get_settings(), seq))
 
 
 # ------------------------------------------------------------------ demo
@@ -765,12 +519,8 @@ def demo(stop_stack: bool = typer.Option(False, help="stop the local stack after
         stack.start()
     except StackError as e:
         fail(str(e))
-    from infra.pipeline import PipelineError
-
     try:
         run(run_real_demo(s) if real else run_demo(s))
-    except PipelineError as e:
-        fail(str(e))
     finally:
         if stop_stack:
             stack.stop()
@@ -779,16 +529,11 @@ def demo(stop_stack: bool = typer.Option(False, help="stop the local stack after
 
 
 @app.command()
+@hyperparameter_options
 def pipeline(
     repo_id: str = typer.Argument(..., help="base model repo id on the hub"),
     dataset: Path = typer.Option(..., "--dataset", exists=True, dir_okay=False, help="training file"),
     name: str = typer.Option(..., "--name", help="Ollama model name"),
-    epochs: float | None = typer.Option(None),
-    max_steps: int | None = typer.Option(None),
-    learning_rate: float = typer.Option(2e-4),
-    batch_size: int = typer.Option(4),
-    max_seq_len: int = typer.Option(512),
-    lora_r: int = typer.Option(8),
     mode: str = typer.Option("adapter", help="adapter | merged"),
     outtype: str = typer.Option("f16", help="f16 | bf16 | q8_0"),
     quantize: str | None = typer.Option(None, help="Ollama create-time quantization, e.g. q4_K_M"),
@@ -796,23 +541,18 @@ def pipeline(
     prompt: str = typer.Option("Hello! Who are you?", help="the one chat message sent at the end"),
     push: str | None = typer.Option(None, help="then push adapter, GGUFs, Modelfile and a model card to this hub "
                                     "repo (user/name) over model.push.requested, with the models stage's token"),
+    hyperparameters: Hyperparameters = ...,  # type: ignore[assignment]  # the options of every field, --config
 ) -> None:
     """Upload, pull, tune, export, create the Ollama model and chat once (needs running workers)."""
-    from events.payloads import ExportOptions, Hyperparameters
-    from infra.pipeline import PipelineError, run_pipeline
+    from events.payloads import ExportOptions
+    from infra.pipeline import run_pipeline
 
     try:
-        hp = Hyperparameters.model_validate({k: v for k, v in {
-            "epochs": epochs, "max_steps": max_steps, "learning_rate": learning_rate, "batch_size": batch_size,
-            "max_seq_len": max_seq_len, "lora_r": lora_r}.items() if v is not None})
         export = ExportOptions.model_validate({"mode": mode, "outtype": outtype, "quantize": quantize,
                                                "system": system})
-    except ValueError as e:
-        fail(str(e))
-    try:
-        run(run_pipeline(get_settings(), repo_id, dataset, name, hp, export, prompt, push))
-    except PipelineError as e:
-        fail(str(e))
+    except ValidationError as e:
+        fail(describe(e))
+    run(run_pipeline(get_settings(), repo_id, dataset, name, hyperparameters, export, prompt, push))
 
 
 # ------------------------------------------------------------------ contract
@@ -827,10 +567,23 @@ def contract() -> None:
 
 
 def main() -> None:
+    """Run the CLI: a flow's failure is its one line and the commands that show more; any other error is one
+    line too (with its traceback under -v)."""
     try:
         app()
     except KeyboardInterrupt:
         sys.exit(130)
+    except FlowError as e:
+        console.print(f"[red]error:[/red] {escape(e.message)}", highlight=False, soft_wrap=True)
+        for hint in e.hints:
+            console.print(f"  more: [bold]{hint}[/bold]", highlight=False, soft_wrap=True)
+        sys.exit(e.code)
+    except Exception as e:
+        if loudness.verbose():
+            raise
+        console.print(f"[red]error:[/red] {type(e).__name__}: {escape(next(iter(str(e).splitlines()), ''))}  "
+                      "[dim](`codetune -v …` shows the traceback)[/dim]", highlight=False, soft_wrap=True)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -25,12 +25,10 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
-from rich.console import Console
-
 from core.settings import Settings
 from events.payloads import ExportOptions, Hyperparameters
+from infra.console import console, stage_logger
 
-console = Console()
 DEMO_REPO = "codetune-demo/tiny-llama"
 
 
@@ -55,7 +53,8 @@ async def running_stages(settings: Settings, stages: list[str] | None = None) ->
     from handlers.app import build_app
 
     logging.getLogger("faststream").setLevel(logging.WARNING)
-    app = build_app(stages, settings, access_log_level=logging.DEBUG)
+    # the broker logs through this process's logging (quiet unless -v), not FastStream's own INFO handler
+    app = build_app(stages, settings, access_log_level=logging.DEBUG, logger=stage_logger())
     await app.start()
     try:
         yield app
@@ -102,7 +101,7 @@ async def run_real_demo(settings: Settings) -> dict[str, Any]:
     saw, and an unrelated question; prints each answer and how it ended (done_reason, tokens)."""
     from events import subjects as sj
     from events.payloads import OllamaChatRequest
-    from infra.cli import client
+    from infra.flows import client
     from infra.pipeline import run_pipeline
     from infra.smollm2 import (
         FACT_QUESTIONS,

@@ -11,49 +11,43 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from rich.console import Console
-
 from core.settings import Settings
 from events import subjects as sj
 from events.payloads import (
     ExportOptions,
     Hyperparameters,
     ModelPullRequested,
-    ModelPushed,
-    ModelPushRequested,
     OllamaChatRequest,
     TuningRequested,
 )
-
-console = Console()
-
-
-class PipelineError(RuntimeError):
-    pass
+from infra.console import console
+from infra.flows import (
+    FlowError,
+    client,
+    dataset_failure,
+    failure_hints,
+    follow_job,
+    new_job_id,
+    print_report,
+    pull_model,
+    request_push,
+    upload_dataset,
+)
 
 
 async def run_pipeline(settings: Settings, repo_id: str, dataset: Path, name: str, hp: Hyperparameters,
                        export: ExportOptions, prompt: str, push: str | None = None,
                        timeout: float = 24 * 3600) -> dict[str, Any]:
-    from events.ids import new_job_id
-    from infra.cli import client, follow_job, upload_dataset
-
     console.rule("[bold]1/5 dataset")
     uploaded = await upload_dataset(settings, dataset, None, "auto", True, 600)
     assert uploaded is not None
     if uploaded[0] != sj.DATASET_VALIDATED:
-        raise PipelineError("the dataset failed validation")
+        raise dataset_failure(uploaded[1], dataset)
     dataset_id = uploaded[1].dataset_id
 
     async with client(settings) as c:
         console.rule("[bold]2/5 base model")
-        async with c.subscribe([sj.MODEL_PULLED, sj.MODEL_PULL_FAILED]) as q:
-            await c.publish(ModelPullRequested(repo_id=repo_id))
-            subject, pulled = await c.wait_for(q, lambda _, d: d["repo_id"] == repo_id, timeout)
-        if subject != sj.MODEL_PULLED:
-            raise PipelineError(f"{pulled.error.code}: {pulled.error.message}")
-        console.print(f"[green]pulled[/green] {repo_id}@{pulled.sha[:12]} ({pulled.files} files, "
-                      f"{pulled.bytes / 1e6:.1f} MB)")
+        await pull_model(c, ModelPullRequested(repo_id=repo_id), timeout)
 
         console.rule("[bold]3/5 fine-tune")
         job = TuningRequested(job_id=new_job_id(), base_model=repo_id, dataset_id=dataset_id,
@@ -63,9 +57,7 @@ async def run_pipeline(settings: Settings, repo_id: str, dataset: Path, name: st
                                 sj.TUNING_CANCELLED, sj.MODEL_EVALUATED, *ends]) as q:
             await c.publish(job)
             console.print(f"job [bold]{job.job_id}[/bold]")
-            subject, done = await follow_job(c, q, job.job_id, timeout)
-            if subject != sj.TUNING_COMPLETED:
-                raise PipelineError(f"tuning ended: {subject}")
+            done = await follow_job(c, q, job.job_id, timeout)  # a failure raises: reason, `job show`, dlq
 
             console.rule("[bold]4/5 export, evaluation report, quality gate, Ollama")
             subject, evaluated = await c.wait_for(
@@ -73,20 +65,23 @@ async def run_pipeline(settings: Settings, repo_id: str, dataset: Path, name: st
             report = None
             if subject == sj.MODEL_EVALUATED:
                 report = evaluated.report
-                show_report(report)
+                print_report(report)
                 subject, exported = await c.wait_for(q, lambda s, d: s in ends and d.get("job_id") == job.job_id,
                                                      timeout)
             else:
                 exported = evaluated
             if subject != sj.MODEL_EXPORTED:
-                raise PipelineError(f"{exported.error.code}: {exported.error.message}")
+                raise FlowError(f"job {job.job_id}: export failed: {exported.error.code}: {exported.error.message}",
+                                failure_hints(exported.error, f"codetune job show {job.job_id}"))
             console.print(f"[green]exported[/green] {exported.mode}: {exported.model_key}"
                           + (f" + {exported.adapter_key}" if exported.adapter_key else "")
                           + f"; Modelfile {exported.modelfile_key}; stop {exported.stop}")
             subject, published = await c.wait_for(q, lambda s, d: s in ends[2:] and d.get("job_id") == job.job_id,
                                                   timeout)
             if subject != sj.MODEL_PUBLISHED:
-                raise PipelineError(f"{published.error.code}: {published.error.message}")
+                raise FlowError(f"job {job.job_id}: publishing to Ollama failed: {published.error.code}: "
+                                f"{published.error.message}",
+                                failure_hints(published.error, f"codetune job show {job.job_id}"))
             console.print(f"[green]published[/green] {published.name} on {published.ollama_host}")
 
         console.rule("[bold]5/5 chat")
@@ -103,24 +98,3 @@ async def run_pipeline(settings: Settings, repo_id: str, dataset: Path, name: st
             console.rule("[bold]push")
             result["pushed"] = (await request_push(c, job.job_id, push, timeout=timeout)).commit_url
     return result
-
-
-def show_report(report: Any) -> None:
-    from rich.markdown import Markdown
-
-    from handlers.report import render_markdown
-
-    console.print(Markdown(render_markdown(report)))
-
-
-async def request_push(c: Any, job_id: str, repo_id: str, private: bool = True,
-                       timeout: float = 3600) -> ModelPushed:
-    """`model.push.requested` for a finished job, answered by the models stage (which holds the HF token)."""
-    subject, answer = await c.publish_and_wait(
-        ModelPushRequested(job_id=job_id, repo_id=repo_id, private=private), [sj.MODEL_PUSHED, sj.MODEL_PUSH_FAILED],
-        lambda _, d: d.get("job_id") == job_id and d.get("repo_id") == repo_id, timeout)
-    if subject != sj.MODEL_PUSHED:
-        raise PipelineError(f"push failed: {answer.error.code}: {answer.error.message}")  # type: ignore[attr-defined]
-    assert isinstance(answer, ModelPushed)
-    console.print(f"[green]pushed[/green] to {repo_id}: {answer.commit_url or repo_id} ({len(answer.files)} files)")
-    return answer

@@ -11,7 +11,7 @@ import pytest
 from events import subjects as sj
 from events.payloads import DatasetUploaded
 from events.streams import CONSUMERS, DATASETS_UPLOADED, DEAD_LETTERS
-from infra.cli import upload_dataset
+from infra.flows import upload_dataset
 from storage.documents import Dataset
 
 pytestmark = pytest.mark.usefixtures("workers")

@@ -15,7 +15,7 @@ import pytest
 
 from events import subjects as sj
 from events.payloads import EvaluationReport, TuningRequested
-from infra.cli import upload_dataset
+from infra.flows import upload_dataset
 from storage.documents import ServedModel, TuningJob
 from tests.conftest import TINY_REPO
 from tests.stack.test_bridge import AUTH, TOKEN, serve_bridge, wait_until

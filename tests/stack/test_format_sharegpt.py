@@ -11,7 +11,7 @@ import pytest
 
 from events import subjects as sj
 from handlers.tuning import data as D
-from infra.cli import upload_dataset
+from infra.flows import upload_dataset
 from storage.documents import Dataset
 from tests.unit.test_formats import judge_both
 

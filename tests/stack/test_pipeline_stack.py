@@ -11,7 +11,7 @@ import pytest
 
 from events import subjects as sj
 from events.payloads import OllamaChatRequest, OllamaModelRef, TuningRequested
-from infra.cli import upload_dataset
+from infra.flows import upload_dataset
 from storage import retention
 from storage.documents import ServedModel, TuningJob
 from tests.conftest import TINY_REPO

@@ -144,25 +144,27 @@ async def test_malformed_upload_does_not_fail_a_waiting_job(settings, client, wo
 
 
 async def test_dlq_list_and_show(settings, client, workers, uid, capsys) -> None:
-    from infra import cli
-    from infra.cli import _dlq, _dlq_show
+    from infra.console import console
+    from infra.flows import list_dead_letters, show_dead_letter
 
-    cli.console.width = 250
+    console.width = 250
     body = json.dumps({"dataset_id": f"ds-{uid}", "key": 5, "name": "x"}).encode()
-    async with client.subscribe([f"{sj.DEAD_LETTER}.{sj.DATASET_UPLOADED}"]) as q:
+    async with client.subscribe([f"{sj.DEAD_LETTER}.{sj.DATASET_UPLOADED}", sj.DATASET_FAILED]) as q:
         await client.publish_raw(sj.MODEL_PULL_REQUESTED, b"[]")
         ack = await client.publish_raw(sj.DATASET_UPLOADED, body)
-        await client.wait_for(q, lambda _, d: d.get("stream_seq") == ack.seq, 15)
+        await client.wait_for(q, lambda s, d: s.startswith(sj.DEAD_LETTER) and d.get("stream_seq") == ack.seq, 15)
+        _, failed = await client.wait_for(q, lambda s, d: s == sj.DATASET_FAILED and d["dataset_id"] == f"ds-{uid}", 15)
     await asyncio.sleep(1)
     info = await client.js.stream_info(DEAD_LETTERS.name)
-    await _dlq(settings, 1, sj.DATASET_UPLOADED)
+    await list_dead_letters(settings, 1, sj.DATASET_UPLOADED)
     out = capsys.readouterr().out
     assert "dataset.uploaded" in out and "invalid_payload" in out
-    await _dlq(settings, 1, "")
+    await list_dead_letters(settings, 1, "")
     assert "more not shown" in capsys.readouterr().out
     seq = info.state.last_seq
     while json.loads((await client.js.get_msg(DEAD_LETTERS.name, seq)).data).get("stream_seq") != ack.seq:
         seq -= 1
-    await _dlq_show(settings, seq)
+    assert failed.error.dead_letter_seq == seq  # the failure names its letter: `codetune dlq show SEQ`
+    await show_dead_letter(settings, seq)
     out = capsys.readouterr().out
     assert f"ds-{uid}" in out and "key" in out

@@ -21,7 +21,7 @@ import pytest
 
 from events import subjects as sj
 from events.payloads import ModelPullRequested, OllamaChatRequest, TuningRequested
-from infra.cli import upload_dataset
+from infra.flows import upload_dataset
 from infra.smollm2 import (
     FACT_NAME,
     FACT_QUESTIONS,

@@ -14,7 +14,7 @@ import pytest
 from events import subjects as sj
 from events.payloads import TuningRequested
 from handlers.tuning.runner import latest_checkpoint
-from infra.cli import upload_dataset
+from infra.flows import upload_dataset
 from storage import keys
 from storage.documents import TuningJob
 from tests.conftest import TINY_REPO

@@ -16,7 +16,7 @@ import pytest
 from events import subjects as sj
 from events.payloads import TuningRequested
 from events.streams import EVENTS, EXPORT_ON_COMPLETED, SERVING_ON_EXPORTED, TUNING_REQUESTED, Consumer
-from infra.cli import upload_dataset
+from infra.flows import upload_dataset
 from storage.documents import TuningJob
 from tests.conftest import TINY_REPO
 

@@ -10,7 +10,7 @@ import pytest
 
 from events import subjects as sj
 from events.payloads import ModelPullRequested, TuningCancelRequested, TuningRequested
-from infra.cli import upload_dataset
+from infra.flows import upload_dataset
 from storage.documents import BaseLLM, TuningJob
 from tests.conftest import TINY_REPO
 

@@ -34,7 +34,7 @@ def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_the_wheel_leaves_the_dev_kit_out(wheel: Path) -> None:
     names = zipfile.ZipFile(wheel).namelist()
     tops = {n.split("/")[0] for n in names}
-    assert {"events", "handlers", "storage", "infra"} <= tops and "devkit" not in tops and "tests" not in tops
+    assert {"core", "events", "handlers", "storage", "infra"} <= tops and "devkit" not in tops and "tests" not in tops
     assert not [n for n in names if "standin" in n or "tinymodel" in n]
     assert "handlers/ollama_format/gotemplate.py" in names and "infra/hubcache.py" in names
 
@@ -55,7 +55,7 @@ def test_demo_from_an_editable_install_finds_the_dev_kit(tmp_path: Path) -> None
     the checkout's root on the path itself, so `devkit` imports without it being installed."""
     mapped = tmp_path / "mapped"
     mapped.mkdir()
-    for pkg in ("events", "handlers", "storage", "infra"):
+    for pkg in ("core", "events", "handlers", "storage", "infra"):
         (mapped / pkg).symlink_to(ROOT / pkg)
     code = ("import importlib.util; from infra.demo import devkit_or_error; "
             "assert importlib.util.find_spec('devkit') is None; print(devkit_or_error()); "
