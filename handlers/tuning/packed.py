@@ -73,15 +73,16 @@ def packed_sdpa(module: Any, query: torch.Tensor, key: torch.Tensor, value: torc
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
                                       scaling=scaling, **kwargs)
     b, h, s, d = query.shape
-    groups = query.shape[1] // key.shape[1]
-    q, k, v = (x.transpose(1, 2).reshape(b * s, x.shape[1], d) for x in (query, key, value))
+    kv = key.shape[1]
+    # one gather for q, k and v (and one scatter-add in backward), not three
+    qkv = torch.cat((query, key, value), dim=1).transpose(1, 2).reshape(b * s, h + 2 * kv, d)
     outs = []
     for index, kept in segments.groups:
         n, length = index.shape
-        flat = index.reshape(-1)
-        qg, kg, vg = (x.index_select(0, flat).view(n, length, x.shape[1], d).transpose(1, 2) for x in (q, k, v))
-        if groups > 1:
-            kg, vg = kg.repeat_interleave(groups, dim=1), vg.repeat_interleave(groups, dim=1)
+        g = qkv.index_select(0, index.reshape(-1)).view(n, length, h + 2 * kv, d).transpose(1, 2)
+        qg, kg, vg = g.split((h, kv, kv), dim=1)
+        if h != kv:
+            kg, vg = kg.repeat_interleave(h // kv, dim=1), vg.repeat_interleave(h // kv, dim=1)
         o = F.scaled_dot_product_attention(qg, kg, vg, dropout_p=dropout, is_causal=True, scale=scaling)
         outs.append(o.transpose(1, 2).reshape(n * length, h, d).index_select(0, kept))
     out = torch.cat(outs).index_select(0, segments.inverse)
