@@ -4,7 +4,8 @@ A plain `model(**batch).logits` holds `batch x seq x vocab` fp32 logits, and cro
 more tensors of that size for backward (log-softmax, its gradient, the logits' gradient): on SmolLM2-135M
 (vocabulary 49,152) a batch of 8 x 512 tokens is ~0.8 GB per copy, more than the whole model. Here:
 
-1. the decoder runs without its head (`get_decoder()`): hidden states `batch x seq x hidden`;
+1. the decoder runs without its head (`get_decoder()`): hidden states `batch x seq x hidden`; packed
+   rows pass their example layout down to the attention (`packed`: attention example by example);
 2. only positions whose next token is labelled are kept (prompt tokens masked by the chat format cost no
    LM-head work at all);
 3. `LinearCrossEntropy` walks those rows `chunk` at a time: logits of one chunk (fp32), their
@@ -25,6 +26,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
+
+from handlers.tuning.packed import segments
 
 IGNORE_INDEX = -100
 CHUNK_BYTES = 1 << 27  # fp32 logits of one chunk: 128 MiB (682 tokens at vocabulary 49,152)
@@ -117,7 +120,8 @@ def token_loss_sum(model: Any, batch: dict[str, torch.Tensor], labels: torch.Ten
     summation order. `labels` uses `IGNORE_INDEX` for positions without a target.
     """
     lm = causal_lm(model)
-    hidden = lm.get_decoder()(**batch, use_cache=False).last_hidden_state
+    extra = {"segments": segments(batch["position_ids"])} if "position_ids" in batch else {}
+    hidden = lm.get_decoder()(**batch, use_cache=False, **extra).last_hidden_state
     targets = labels[:, 1:]
     keep = targets != IGNORE_INDEX
     rows = hidden[:, :-1][keep]  # (labelled tokens, hidden): no head work on masked prompt tokens

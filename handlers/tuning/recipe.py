@@ -42,6 +42,7 @@ import torch
 from core.errors import HyperparameterError, InvalidInputError
 from events.payloads import Hyperparameters, LossPoint, TrainMetrics
 from handlers.tuning import data as D
+from handlers.tuning import packed
 from handlers.tuning.loss import token_loss_sum
 from storage.keys import CHECKPOINT_STATE_FILE as STATE_FILE
 from storage.local import TOKENIZER_FILES
@@ -204,7 +205,7 @@ def _load_model(base_dir: Path, hp: Hyperparameters, device: torch.device, dtype
     model = AutoModelForCausalLM.from_pretrained(
         base_dir,
         dtype=dtype if cuda else torch.float32,
-        attn_implementation="sdpa",
+        attn_implementation=packed.register(),  # SDPA, example by example in packed rows
         device_map={"": device.index or 0} if cuda else None,  # load straight to the GPU, not via host RAM
     )
     model.config.use_cache = False

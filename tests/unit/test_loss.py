@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from typing import Any
 
 import pytest
@@ -15,7 +16,8 @@ import torch.nn.functional as F
 from devkit.tinymodel import build_tiny_llama, toy_dataset
 from events.payloads import Hyperparameters
 from handlers.tuning import data as D
-from handlers.tuning.loss import LinearCrossEntropy, chunk_rows, token_loss_sum
+from handlers.tuning.loss import LinearCrossEntropy, causal_lm, chunk_rows, token_loss_sum
+from handlers.tuning.packed import segments
 from handlers.tuning.recipe import _load_model
 
 
@@ -85,3 +87,41 @@ def test_linear_cross_entropy_trains_the_head_weight_too() -> None:
     targets = torch.randint(0, 50, (37,))
     assert chunk_rows(50, 4 * 50 * 5) == 16  # never below 16 tokens a chunk
     torch.autograd.gradcheck(lambda h, w: LinearCrossEntropy.apply(h, w, targets, 5), (hidden, weight))
+
+
+@pytest.fixture(scope="module")
+def long_rows(tmp_path_factory: pytest.TempPathFactory) -> dict[str, torch.Tensor]:
+    """Two packed rows of up to 512 tokens: several examples each, of different lengths."""
+    from transformers import AutoTokenizer
+
+    root = tmp_path_factory.mktemp("packed")
+    tok = AutoTokenizer.from_pretrained(build_tiny_llama(root / "model"))
+    train, _ = D.prepare(tok, toy_dataset(root / "chat.jsonl", "chat", rows=24), "chat", 512, 0, 0, True)
+    return D.to_tensors(train[:2], tok.eos_token_id)
+
+
+def test_packed_rows_attend_example_by_example(setup: tuple[Any, dict[str, torch.Tensor]],
+                                               long_rows: dict[str, torch.Tensor]) -> None:
+    """Each example of a packed row gets the hidden states (and gradients) it gets alone, and the layout
+    covers every token once even with examples of very different lengths (several SDPA groups)."""
+    model, batch = setup[0], long_rows
+    position_ids = batch["position_ids"]
+    layout = segments(position_ids)
+    assert len(layout.groups) > 1
+    assert sorted(layout.inverse.tolist()) == list(range(position_ids.numel()))
+    decoder = causal_lm(model).get_decoder()
+    packed = decoder(input_ids=batch["input_ids"], position_ids=position_ids, use_cache=False,
+                     segments=layout).last_hidden_state
+    row = int((position_ids == 0).sum(1).argmax())  # the row holding the most examples
+    packed[row].sum().backward()
+    want = _lora_grads(model)
+    ids, pos = batch["input_ids"][row], position_ids[row]
+    starts = [*torch.nonzero(pos == 0).squeeze(1).tolist(), len(pos)]
+    assert len(starts) > 3  # several examples (and maybe the padding after them) share the row
+    alone = torch.cat([decoder(input_ids=ids[None, a:b], use_cache=False).last_hidden_state[0]
+                       for a, b in itertools.pairwise(starts)])
+    alone.sum().backward()
+    got = _lora_grads(model)
+    torch.testing.assert_close(packed[row], alone, rtol=1e-4, atol=1e-5)
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=1e-4, msg=name)
