@@ -45,12 +45,12 @@ def main(argv: list[str] | None = None) -> None:
     import torch.nn.functional as F
     from transformers import AutoTokenizer
 
+    from devkit.tinymodel import build_tiny_llama, toy_dataset
     from events.payloads import Hyperparameters
     from handlers.tuning import data as D
     from handlers.tuning.loss import token_loss_sum
     from handlers.tuning.packed import ATTENTION
     from handlers.tuning.recipe import _load_model, _setup_threads
-    from infra.tinymodel import build_tiny_llama, toy_dataset
 
     _setup_threads()
     with tempfile.TemporaryDirectory(prefix="bench-attn-") as tmp:
