@@ -13,6 +13,7 @@ from typing import Any
 
 from core.settings import Settings
 from events import subjects as sj
+from events.ids import new_job_id
 from events.payloads import (
     ExportOptions,
     Hyperparameters,
@@ -27,7 +28,6 @@ from infra.flows import (
     dataset_failure,
     failure_hints,
     follow_job,
-    new_job_id,
     print_report,
     pull_model,
     request_push,
