@@ -118,31 +118,38 @@ class Outputs:
                 declared.append(failure)
                 notes.setdefault(failure, f"a malformed `{consumer.subject}`")
             _LETTERS[consumer.durable] = self
+        # each declared subject's stream, found once here rather than on every publish
+        self.streams: dict[str, JStream] = {subject: _stream_of(subject.split("{", 1)[0])
+                                            for subject in dict.fromkeys(declared)}
         self.publishers: dict[str, LogicPublisher] = {
             subject: router.publisher(
-                subject, stream=_stream_of(subject.split("{", 1)[0]), timeout=PUBLISH_TIMEOUT_S,
+                subject, stream=stream, timeout=PUBLISH_TIMEOUT_S,
                 schema=s.payload_for(subject), title=f"{stage}:publish:{subject}",
                 description=notes.get(subject),
             )
-            for subject in dict.fromkeys(declared)
+            for subject, stream in self.streams.items()
         }
 
-    def publisher(self, subject: str) -> LogicPublisher:
-        """The declared publisher for `subject` (`tuning.progress.{job_id}` covers every job's progress)."""
-        pub = self.publishers.get(subject)
-        if pub is None:
-            pub = next((p for key, p in self.publishers.items()
-                        if "{" in key and subject.startswith(key.split("{", 1)[0])), None)
-        if pub is None:
+    def declared(self, subject: str) -> str:
+        """The declared subject that covers `subject` (`tuning.progress.{job_id}` covers every job's progress)."""
+        if subject in self.publishers:
+            return subject
+        key = next((key for key in self.publishers if "{" in key and subject.startswith(key.split("{", 1)[0])), None)
+        if key is None:
             raise RuntimeError(f"the {self.stage} stage publishes {subject!r} but does not declare it")
-        return pub
+        return key
+
+    def publisher(self, subject: str) -> LogicPublisher:
+        """The declared publisher for `subject`."""
+        return self.publishers[self.declared(subject)]
 
     async def publish(self, payload: BaseModel, event_id: str, subject: str | None = None) -> PubAck:
         subject = subject or s.subject_of(payload)
         headers = ce_headers(subject, event_id, self.source, version=getattr(payload, "v", 1))
         body = payload.model_dump_json(exclude_none=False).encode()
-        return await self.publisher(subject).publish(body, subject=subject, headers=headers,
-                                                     correlation_id=event_id, stream=_stream_of(subject).name)
+        key = self.declared(subject)
+        return await self.publishers[key].publish(body, subject=subject, headers=headers, correlation_id=event_id,
+                                                  stream=self.streams[key].name)
 
     async def emit(self, payload: BaseModel, parent: Incoming | None = None, *, key: str = "") -> str:
         """Publish `payload` on its subject; answering `parent`, its id derives from it (+ `key`)."""

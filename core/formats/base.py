@@ -136,6 +136,26 @@ def str_field(obj: Mapping[str, Any], name: str, *, required: bool) -> str:
     return value
 
 
+def turns_of(obj: dict[str, Any], field: str, role_key: str, text_key: str, roles: Mapping[str, str]
+             ) -> list[tuple[str, str]]:
+    """The checked `(role, text)` turns of a list-of-objects conversation (`obj[field]`); `roles` maps the
+    format's role names to ours (the chat formats differ only in these names)."""
+    items = obj.get(field)
+    if not isinstance(items, list):
+        raise RowProblem(f"'{field}' must be a non-empty list")
+    out: list[tuple[str, str]] = []
+    for i, item in enumerate(items):
+        if not isinstance(item, dict):
+            raise RowProblem(f"{field}[{i}] must be an object")
+        who, text = item.get(role_key), item.get(text_key)
+        if not isinstance(who, str) or who not in roles:
+            raise RowProblem(f"{field}[{i}].{role_key} must be one of {sorted(roles)}, got {who!r}")
+        if not isinstance(text, str):
+            raise RowProblem(f"{field}[{i}].{text_key} must be a string")
+        out.append((roles[who], text))
+    return out
+
+
 def conversation(turns: Sequence[tuple[str, str]], where: str) -> Example:
     """The rule every chat-like format obeys, decided once: `turns` are (role in `ROLES`, content) pairs
     already checked for type; a system message may only come first, and at least one turn must be an

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from core.formats.base import ROLES, Example, Format, RowProblem, conversation
+from core.formats.base import ROLES, Example, Format, conversation, turns_of
 
 
 class Chat(Format):
@@ -16,20 +16,7 @@ class Chat(Format):
         return isinstance(first, dict) and "messages" in first
 
     def check(self, obj: dict[str, Any]) -> Example:
-        messages = obj.get("messages")
-        if not isinstance(messages, list):
-            raise RowProblem("'messages' must be a non-empty list")
-        turns: list[tuple[str, str]] = []
-        for i, m in enumerate(messages):
-            if not isinstance(m, dict):
-                raise RowProblem(f"messages[{i}] must be an object")
-            role, content = m.get("role"), m.get("content")
-            if role not in ROLES:
-                raise RowProblem(f"messages[{i}].role must be one of {sorted(ROLES)}, got {role!r}")
-            if not isinstance(content, str):
-                raise RowProblem(f"messages[{i}].content must be a string")
-            turns.append((role, content))
-        return conversation(turns, "messages")
+        return conversation(turns_of(obj, "messages", "role", "content", {r: r for r in ROLES}), "messages")
 
 
 FORMAT = Chat()

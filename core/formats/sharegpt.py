@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from core.formats.base import Example, Format, RowProblem, conversation
+from core.formats.base import Example, Format, conversation, turns_of
 
 ROLE_OF = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
            "tool": "tool"}
@@ -24,20 +24,7 @@ class ShareGPT(Format):
         return isinstance(first, dict) and "conversations" in first
 
     def check(self, obj: dict[str, Any]) -> Example:
-        turns = obj.get("conversations")
-        if not isinstance(turns, list):
-            raise RowProblem("'conversations' must be a non-empty list")
-        mapped: list[tuple[str, str]] = []
-        for i, t in enumerate(turns):
-            if not isinstance(t, dict):
-                raise RowProblem(f"conversations[{i}] must be an object")
-            who, value = t.get("from"), t.get("value")
-            if who not in ROLE_OF:
-                raise RowProblem(f"conversations[{i}].from must be one of {sorted(ROLE_OF)}, got {who!r}")
-            if not isinstance(value, str):
-                raise RowProblem(f"conversations[{i}].value must be a string")
-            mapped.append((ROLE_OF[who], value))
-        return conversation(mapped, "conversations")
+        return conversation(turns_of(obj, "conversations", "from", "value", ROLE_OF), "conversations")
 
 
 FORMAT = ShareGPT()
