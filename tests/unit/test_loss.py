@@ -66,7 +66,10 @@ def test_chunked_loss_equals_plain_loss_and_gradients(setup: tuple[Any, dict[str
     torch.testing.assert_close(chunked, plain, rtol=1e-5, atol=1e-4)
     assert want.keys() == got.keys() and len(got) > 0
     for name in want:
-        torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=1e-6, msg=name)
+        # fp32 sums in another order differ by rounding relative to the tensor's scale, not each element's
+        # (which CPU kernel runs decides that order); a wrong mask or chunk is off by the gradient itself
+        scale = want[name].abs().max().item()
+        torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=1e-6 * scale, msg=name)
     assert any(g.abs().sum() > 0 for g in got.values())
 
 
