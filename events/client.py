@@ -32,8 +32,9 @@ def connect_options(settings: Settings, role: str = "client") -> dict[str, Any]:
 
     An explicit `nats_user`/`nats_password` (or token) wins; otherwise the role's password, when settings
     have one, makes the connection log in as the role's user; with neither, no credentials are sent
-    (a NATS server without auth)."""
-    opts: dict[str, Any] = {"servers": [settings.nats_url], "name": "codetune"}
+    (a NATS server without auth). `servers` lists every URL of `nats_url` (a cluster's nodes): nats-py
+    connects to one and reconnects to the others (and to the ones the cluster announces)."""
+    opts: dict[str, Any] = {"servers": settings.nats_servers, "name": "codetune"}
     if settings.nats_user:
         opts["user"] = settings.nats_user
         if settings.nats_password:
@@ -63,10 +64,10 @@ async def provision_as_admin(settings: Settings, js: JetStreamContext | None = N
 
     retry = RetryPolicy.from_settings(settings)
     if js is not None and not uses_roles(settings):
-        await provision(js, retry)
+        await provision(js, retry, replicas=settings.nats_replicas)
         return
     async with await CodeTuneClient.connect(settings, source="codetune/provision", role="admin") as admin:
-        await provision(admin.js, retry)
+        await provision(admin.js, retry, replicas=settings.nats_replicas)
 
 
 class Published(BaseModel):
