@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from typing import Any, TypeVar
 
 import nats
@@ -63,11 +63,36 @@ async def provision_as_admin(settings: Settings, js: JetStreamContext | None = N
     from events.streams import RetryPolicy, provision
 
     retry = RetryPolicy.from_settings(settings)
-    if js is not None and not uses_roles(settings):
-        await provision(js, retry, replicas=settings.nats_replicas)
-        return
-    async with await CodeTuneClient.connect(settings, source="codetune/provision", role="admin") as admin:
-        await provision(admin.js, retry, replicas=settings.nats_replicas)
+
+    async def once() -> None:
+        if js is not None and not uses_roles(settings):
+            await provision(js, retry, replicas=settings.nats_replicas)
+            return
+        async with await CodeTuneClient.connect(settings, source="codetune/provision", role="admin") as admin:
+            await provision(admin.js, retry, replicas=settings.nats_replicas)
+
+    await _through_elections(once, settings.nats_replicas > 1)
+
+
+ELECTION_WAIT_S = 30.0
+
+
+async def _through_elections(step: Callable[[], Awaitable[None]], clustered: bool) -> None:
+    """Run `step`; on a cluster, again while JetStream elects leaders. Just after a node died or came back,
+    API calls time out or answer 503 until the meta, stream and consumer leaders are settled (seconds);
+    that is waited out for up to ELECTION_WAIT_S, then the error is raised."""
+    from nats.errors import NoRespondersError
+    from nats.errors import TimeoutError as NatsTimeout
+    from nats.js.errors import ServiceUnavailableError
+
+    deadline = asyncio.get_running_loop().time() + ELECTION_WAIT_S
+    while True:
+        try:
+            return await step()
+        except (NatsTimeout, NoRespondersError, ServiceUnavailableError):
+            if not clustered or asyncio.get_running_loop().time() > deadline:
+                raise
+            await asyncio.sleep(0.5)
 
 
 class Published(BaseModel):

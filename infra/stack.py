@@ -290,7 +290,7 @@ class LocalStack:
                 log(f"{svc.name:8s} started on {LOOPBACK}:{svc.port}")
             self.provision()
         except BaseException:
-            self.stop(log=lambda _: None)
+            self.stop(log=lambda _: None, only=started)  # what was running before keeps running
             raise
         log(f"data and logs: {self.root}")
 
@@ -313,8 +313,9 @@ class LocalStack:
         if errors:
             raise StackError(f"provisioning streams failed: {errors[0]!r}") from errors[0]
 
-    def stop(self, timeout: float = 30.0, log: Callable[[str], None] = print) -> None:
-        for svc in reversed(self.services):
+    def stop(self, timeout: float = 30.0, log: Callable[[str], None] = print,
+             only: Collection[Service] | None = None) -> None:
+        for svc in reversed(self.services if only is None else [s for s in self.services if s in only]):
             pid = self.pid(svc)
             if not pid:
                 log(f"{svc.name:8s} not running")
