@@ -174,8 +174,9 @@ async def test_a_job_completes_once_while_nodes_die_during_training_and_export(c
         job_id = f"ftjob-{uuid.uuid4().hex[:12]}"
         req = TuningRequested(job_id=job_id, base_model=TINY_REPO, dataset_id=answer.dataset_id,
                               name=f"tiny-{job_id[6:]}",
-                              hyperparameters={"max_steps": 24, "learning_rate": 3e-2, "eval_steps": 12,
-                                               "save_steps": 8, "max_seq_len": 128})
+                              hyperparameters={"max_steps": 20, "learning_rate": 3e-2, "eval_steps": 10,
+                                               "batch_size": 2, "save_steps": 5, "max_seq_len": 128,
+                                               "eval_samples": 1})
         await cluster.client.publish(req)
 
         await _wait(job_id, lambda d: d.status == "running" and 0 < d.step < d.max_steps, "trained", 90)
