@@ -260,8 +260,6 @@ class LocalStack:
             d.mkdir(parents=True, exist_ok=True)
         started: list[Service] = []
         waiting: set[str] = set()
-        if self.nats_nodes():  # clients made later read the node count (core.settings: stack.json)
-            self.s.stack_file.write_text(json.dumps({"nats_cluster": self.s.stack_nats_cluster}))
         for svc in self.services:
             if pid := self.pid(svc):
                 if not svc.ready():  # running, not ready yet (a cluster node electing a leader): wait for it
@@ -292,6 +290,8 @@ class LocalStack:
                         raise StackError(f"{svc.name} did not answer within {timeout:.0f}s; see {self.log_dir}")
                     time.sleep(0.2)
                 log(f"{svc.name:8s} {'ready' if svc.name in waiting else 'started'} on {LOOPBACK}:{svc.port}")
+            if self.nats_nodes():  # clients made later read the node count (core.settings: stack.json)
+                self.s.stack_file.write_text(json.dumps({"nats_cluster": self.s.stack_nats_cluster}))
             self.provision()
         except BaseException:
             self.stop(log=lambda _: None, only=started)  # what was running before keeps running
