@@ -100,26 +100,27 @@ def _node(cluster, server_name: str):
     return next(svc for svc in cluster.stack.nats_nodes() if svc.name == "nats-" + server_name.rsplit("n", 1)[1])
 
 
-async def _kill_leader(cluster) -> tuple[str, float]:
-    """kill -9 the node leading the events stream; returns its name and the seconds until that stream took
-    a write again on the survivors (a new leader elected, the client reconnected if it was on that node)."""
-    js = cluster.client.js
-    leader = (await js.stream_info(EVENTS.name)).cluster.leader
-    svc = _node(cluster, leader)
-    pid = cluster.stack.pid(svc)
+async def _kill_leader(cluster) -> str:
+    """kill -9 the node leading the events stream; returns its name."""
+    leader = (await cluster.client.js.stream_info(EVENTS.name)).cluster.leader
+    pid = cluster.stack.pid(_node(cluster, leader))
     assert pid
     os.kill(pid, signal.SIGKILL)
     await asyncio.to_thread(os.waitpid, pid, 0)
-    t0 = time.monotonic()
+    return leader
+
+
+async def _writable(cluster, since: float) -> float:
+    """Seconds from `since` until the events stream takes a publish again on the survivors (a new leader
+    elected, the test's connection moved if it was on the dead node)."""
     probe = f"model.probe.{uuid.uuid4().hex[:8]}"  # a subject of the events stream no stage consumes
     while True:
         try:
-            await js.publish(probe, b"{}", timeout=1)
-            break
+            await cluster.client.js.publish(probe, b"{}", timeout=1)
+            return time.monotonic() - since
         except Exception:  # no leader yet, or this connection is moving to a survivor
-            assert time.monotonic() - t0 < 30, "the cluster did not take a write within 30 s of losing a node"
+            assert time.monotonic() - since < 30, "the cluster did not take a write within 30 s of losing a node"
             await asyncio.sleep(0.1)
-    return leader, time.monotonic() - t0
 
 
 async def _job(job_id: str):
@@ -181,14 +182,16 @@ async def test_a_job_completes_once_while_nodes_die_during_training_and_export(c
 
         await _wait(job_id, lambda d: d.status == "running" and 0 < d.step < d.max_steps, "trained", 90)
         phases["training"] = time.monotonic() - t0
-        killed1, recovered1 = await _kill_leader(cluster)
+        killed1, at = await _kill_leader(cluster), time.monotonic()
         assert (await _job(job_id)).status == "running"  # the node died mid-training
+        recovered1 = await _writable(cluster, at)
         await asyncio.to_thread(cluster.stack.start, log=lambda _: None)  # the node comes back and catches up
 
         await _wait(job_id, lambda d: d.stage == "exporting", "exported", 120)
         phases["exporting"] = time.monotonic() - t0
-        killed2, recovered2 = await _kill_leader(cluster)
+        killed2, at = await _kill_leader(cluster), time.monotonic()
         assert (await _job(job_id)).stage == "exporting"  # the second node died mid-export
+        recovered2 = await _writable(cluster, at)
 
         doc = await _wait(job_id, lambda d: d.stage in ("published", "publish_failed", "export_failed")
                           or d.status in ("failed", "cancelled"), "finished", 150)
@@ -213,5 +216,4 @@ async def test_a_job_completes_once_while_nodes_die_during_training_and_export(c
                   f"{killed2} mid-export ({recovered2:.2f} s); job attempts {doc.attempts}; at "
                   + ", ".join(f"{k} {v:.1f} s" for k, v in phases.items()))
     finally:
-        for w in (light, tuning):
-            await asyncio.to_thread(w.stop)
+        await asyncio.gather(*(asyncio.to_thread(w.stop) for w in (light, tuning)))
