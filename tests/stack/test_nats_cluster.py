@@ -22,7 +22,7 @@ import pytest
 
 from events import subjects as sj
 from events.payloads import TuningRequested
-from events.streams import DEAD_LETTERS, EVENTS, PROGRESS, TUNING_REQUESTED
+from events.streams import DEAD_LETTERS, EVENTS, EXPORT_ON_COMPLETED, PROGRESS, TUNING_REQUESTED
 from tests.conftest import TINY_REPO, WorkerProcess, settings_from
 
 pytestmark = pytest.mark.slow
@@ -100,14 +100,19 @@ def _node(cluster, server_name: str):
     return next(svc for svc in cluster.stack.nats_nodes() if svc.name == "nats-" + server_name.rsplit("n", 1)[1])
 
 
-async def _kill_leader(cluster) -> str:
-    """kill -9 the node leading the events stream; returns its name."""
-    leader = (await cluster.client.js.stream_info(EVENTS.name)).cluster.leader
-    pid = cluster.stack.pid(_node(cluster, leader))
+async def _kill_leader(cluster, spare: str | None = None) -> str:
+    """kill -9 the node leading the events stream (else, when that is `spare`, the one leading the export
+    stage's consumer, else any node but `spare`); returns its name."""
+    js = cluster.client.js
+    leaders = [(await js.stream_info(EVENTS.name)).cluster.leader,
+               (await js.consumer_info(EVENTS.name, EXPORT_ON_COMPLETED.durable)).cluster.leader,
+               *(f"codetune-n{i + 1}" for i in range(NODES))]
+    victim = next(name for name in leaders if name and name != spare)
+    pid = cluster.stack.pid(_node(cluster, victim))
     assert pid
     os.kill(pid, signal.SIGKILL)
     await asyncio.to_thread(os.waitpid, pid, 0)
-    return leader
+    return victim
 
 
 async def _writable(cluster, since: float) -> float:
@@ -189,8 +194,8 @@ async def test_a_job_completes_once_while_nodes_die_during_training_and_export(c
 
         await _wait(job_id, lambda d: d.stage == "exporting", "exported", 120)
         phases["exporting"] = time.monotonic() - t0
-        killed2, at = await _kill_leader(cluster), time.monotonic()
-        assert (await _job(job_id)).stage == "exporting"  # the second node died mid-export
+        killed2, at = await _kill_leader(cluster, spare=killed1), time.monotonic()
+        assert (await _job(job_id)).stage == "exporting" and killed2 != killed1  # another node, mid-export
         recovered2 = await _writable(cluster, at)
 
         doc = await _wait(job_id, lambda d: d.stage in ("published", "publish_failed", "export_failed")

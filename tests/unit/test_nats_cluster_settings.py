@@ -65,3 +65,25 @@ def test_each_local_node_routes_to_the_others_with_a_password(tmp_path: Path) ->
         assert all(r in text for r in routes) and f"@127.0.0.1:{7000 + i}" not in text
         assert "authorization" in text and "nats-cluster/n" in text
     assert stat.S_IMODE((tmp_path / "nats-route.json").stat().st_mode) == 0o600
+
+
+async def test_provisioning_waits_out_a_cluster_electing_leaders_but_not_a_single_server() -> None:
+    import pytest
+    from nats.errors import TimeoutError as NatsTimeout
+
+    from events.client import _through_elections
+
+    calls = 0
+
+    async def step() -> None:
+        nonlocal calls
+        calls += 1
+        if calls < 3:
+            raise NatsTimeout
+
+    await _through_elections(step, clustered=True)
+    assert calls == 3
+    calls = 0
+    with pytest.raises(NatsTimeout):
+        await _through_elections(step, clustered=False)
+    assert calls == 1
