@@ -22,7 +22,12 @@ class Settings(BaseSettings):
     )
 
     # --- NATS JetStream
+    # One server, or a cluster's servers comma-separated (`nats://a:4222,nats://b:4222,nats://c:4222`): clients
+    # connect to any of them and reconnect to the others when one goes away.
     nats_url: str = Field("nats://127.0.0.1:4222", validation_alias=AliasChoices("CODETUNE_NATS_URL", "NATS_URL"))
+    # JetStream replicas of every stream, durable consumer and KV bucket (`codetune stack provision`): 3 on a
+    # 3-node cluster, 1 on a single server. Unset, the local stack's: 3 when it is a cluster, else 1.
+    nats_replicas: int = Field(1, ge=1, le=5)
     # Explicit user/password or token: every process connects with them (one shared identity).
     nats_user: str | None = None
     nats_password: SecretStr | None = None
@@ -90,6 +95,10 @@ class Settings(BaseSettings):
     home: Path = Path(".codetune")
     stack_nats_port: int = 4222
     stack_nats_monitor_port: int = 8222
+    # nodes of the local NATS (`codetune stack start --nats-cluster 3`; the last start's count is kept in
+    # `<home>/stack.json`): node i (0-based) listens on stack_nats_port + i, monitor + i, route port + i
+    stack_nats_cluster: int = Field(1, ge=1, le=5)
+    stack_nats_route_port: int = 6222
     stack_mongo_port: int = 27017
     stack_s3_port: int = 9000
     stack_weed_base_port: int = 19330
@@ -137,6 +146,23 @@ class Settings(BaseSettings):
         1, ge=0, description="leading tokens of transformers' greedy answer the GGUF must reproduce")
 
     @model_validator(mode="after")
+    def _stack_nats_cluster(self) -> Settings:
+        """Unset, the NATS URL and replicas are the local stack's: every node's URL, 3 replicas on a cluster."""
+        if "stack_nats_cluster" not in self.model_fields_set and self.stack_file.is_file():
+            try:
+                nodes = json.loads(self.stack_file.read_text()).get("nats_cluster", 1)
+            except (OSError, ValueError, AttributeError):
+                nodes = 1
+            if isinstance(nodes, int) and 1 <= nodes <= 5:
+                self.stack_nats_cluster = nodes
+        if self.stack_nats_cluster > 1:
+            if "nats_url" not in self.model_fields_set:
+                self.nats_url = ",".join(f"nats://127.0.0.1:{p}" for p in self.stack_nats_ports)
+            if "nats_replicas" not in self.model_fields_set and self.nats_is_local_stack:
+                self.nats_replicas = min(3, self.stack_nats_cluster)
+        return self
+
+    @model_validator(mode="after")
     def _stack_nats_passwords(self) -> Settings:
         """Role passwords not set explicitly come from the local stack's generated file, if there is one
         and `nats_url` is the local stack's server (they are never sent to another server)."""
@@ -157,9 +183,24 @@ class Settings(BaseSettings):
         return value if isinstance(value, SecretStr) else None
 
     @property
+    def nats_servers(self) -> list[str]:
+        """`nats_url` as a list of server URLs."""
+        return [u.strip() for u in self.nats_url.split(",") if u.strip()]
+
+    @property
+    def stack_nats_ports(self) -> list[int]:
+        return [self.stack_nats_port + i for i in range(self.stack_nats_cluster)]
+
+    @property
     def nats_is_local_stack(self) -> bool:
-        url = urlsplit(self.nats_url.split(",")[0].strip())
-        return url.hostname in {"127.0.0.1", "localhost", "::1"} and (url.port or 4222) == self.stack_nats_port
+        """Every server in `nats_url` is one of the local stack's nodes."""
+        urls = [urlsplit(u) for u in self.nats_servers]
+        return bool(urls) and all(u.hostname in {"127.0.0.1", "localhost", "::1"} and (u.port or 4222)
+                                  in self.stack_nats_ports for u in urls)
+
+    @property
+    def stack_file(self) -> Path:
+        return self.home / "stack.json"
 
     @property
     def nats_users_file(self) -> Path:

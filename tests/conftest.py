@@ -181,7 +181,7 @@ async def client(settings) -> AsyncIterator:
     # the tests play every party (they publish raw facts too), so this connection logs in as `admin`;
     # the CLI's functions, the bridge and the workers use their own users (README "Security")
     c = await CodeTuneClient.connect(settings, source="codetune/tests", role="admin")
-    await provision(c.js, RetryPolicy.from_settings(settings))
+    await provision(c.js, RetryPolicy.from_settings(settings), settings.nats_replicas)
     yield c
     await c.close()
 

@@ -57,12 +57,14 @@ def fingerprint(*parts: bytes | str) -> str:
     return h.hexdigest()
 
 
-def bucket_config(ttl_s: float = TTL_S, max_bytes: int = MAX_BYTES) -> StreamConfig:
-    """The KV bucket's stream, as nats-py's create_key_value makes it, except discard=old."""
+def bucket_config(ttl_s: float = TTL_S, max_bytes: int = MAX_BYTES, replicas: int = 1) -> StreamConfig:
+    """The KV bucket's stream, as nats-py's create_key_value makes it, except discard=old; `replicas`:
+    settings.nats_replicas, as the product's streams."""
     return StreamConfig(
         name=f"KV_{BUCKET}", subjects=[f"$KV.{BUCKET}.>"], allow_rollup_hdrs=True, deny_delete=True,
         allow_direct=True, discard=DiscardPolicy.OLD, duplicate_window=120.0, max_age=ttl_s,
         max_bytes=max_bytes, max_msgs_per_subject=1, max_msg_size=64 * 1024, storage=StorageType.FILE,
+        num_replicas=replicas,
     )
 
 
@@ -71,8 +73,9 @@ class Receipts:
         self.kv = kv
 
     @classmethod
-    async def open(cls, js: JetStreamContext, *, ttl_s: float = TTL_S, max_bytes: int = MAX_BYTES) -> Receipts:
-        cfg = bucket_config(ttl_s, max_bytes)
+    async def open(cls, js: JetStreamContext, *, ttl_s: float = TTL_S, max_bytes: int = MAX_BYTES,
+                   replicas: int = 1) -> Receipts:
+        cfg = bucket_config(ttl_s, max_bytes, replicas)
         try:
             await js.stream_info(cfg.name or "")
             await js.update_stream(cfg)

@@ -77,8 +77,9 @@ class Services:
     async def start(cls, settings: Settings) -> Services:
         client = await CodeTuneClient.connect(settings, source="codetune/bridge", name="codetune-bridge",
                                               max_reconnect_attempts=-1)
-        await provision(client.js, RetryPolicy.from_settings(settings))
-        services = cls(settings=settings, client=client, receipts=await Receipts.open(client.js),
+        replicas = settings.nats_replicas
+        await provision(client.js, RetryPolicy.from_settings(settings), replicas)
+        services = cls(settings=settings, client=client, receipts=await Receipts.open(client.js, replicas=replicas),
                        store=ObjectStore(settings), mongodb=Background("mongodb"), s3=Background("s3"))
         services.mongodb.start(services._connect_mongo)
         services.s3.start(services.store.ensure_bucket)

@@ -137,3 +137,25 @@ def test_each_stage_runs_its_own_image_built_with_its_own_extra() -> None:
     # the light stages' extras carry no training stack
     for stage in ("datasets", "intake", "models", "serving", "bridge"):
         assert not any(r.split("[")[0].startswith(("torch", "transformers", "codetune")) for r in extras[stage]), stage
+
+
+def test_nats_is_a_cluster_that_every_process_lists_and_that_survives_losing_one_pod() -> None:
+    from core.settings import Settings
+
+    nats = by_kind("StatefulSet")["nats"]["spec"]
+    pods = [f"nats-{i}.nats.codetune.svc" for i in range(nats["replicas"])]
+    assert nats["replicas"] == 3 and nats["podManagementPolicy"] == "Parallel"
+    container = nats["template"]["spec"]["containers"][0]
+    routes = container["args"][container["args"].index("--routes") + 1].split(",")
+    assert routes == [f"nats://route:$(CODETUNE_NATS_ROUTE_PASSWORD)@{p}:6222" for p in pods]
+    assert "CODETUNE_NATS_ROUTE_PASSWORD" in {e["name"] for e in container["env"]}
+    assert "authorization { user: route, password: $CODETUNE_NATS_ROUTE_PASSWORD }" in (
+        by_kind("ConfigMap")["codetune-nats-config"]["data"]["nats.conf"])
+    service = by_kind("Service")["nats"]["spec"]
+    assert service["clusterIP"] == "None" and service["publishNotReadyAddresses"] is True
+    assert by_kind("PodDisruptionBudget")["nats"]["spec"]["maxUnavailable"] == 1
+    # the processes' settings, as the ConfigMap sets them: every pod, and streams replicated on all three
+    config = by_kind("ConfigMap")["codetune-config"]["data"]
+    s = Settings(_env_file=None, nats_url=config["CODETUNE_NATS_URL"], nats_replicas=config["CODETUNE_NATS_REPLICAS"])
+    assert s.nats_servers == [f"nats://{p}:4222" for p in pods] and s.nats_replicas == nats["replicas"]
+    assert "replicaSet=" in config["MONGODB_URI"] and config["MONGODB_URI"].count("mongo-") == 3
