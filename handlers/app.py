@@ -96,11 +96,8 @@ def build_app(
     given: dict[str, Any] = {"logger": logger} if logger is not None else {}  # else FastStream's default
     broker = NatsBroker(servers, graceful_timeout=30.0, log_level=access_log_level, max_reconnect_attempts=-1,
                         security=security, middlewares=[idle.middleware] if idle else (), **given, **opts)
-    modules = [importlib.import_module(STAGES[name]) for name in names]
-    for module in modules:
-        broker.include_router(module.router)
-    # libraries every message of a stage needs (its module's PRELOAD), imported while the stores connect
-    preload = sorted({lib for module in modules for lib in getattr(module, "PRELOAD", ())})
+    for name in names:
+        broker.include_router(importlib.import_module(STAGES[name]).router)
     app = FastStream(broker, specification=AsyncAPI(
         broker, title="CodeTune", version="0.1.0",
         description="Fine-tune open LLMs on your data and serve them with Ollama."))
@@ -115,8 +112,7 @@ def build_app(
 
         store = ObjectStore(settings)
         # the three stores are independent: a (cold) start waits for the slowest of them, not for their sum
-        _, _, client, _ = await asyncio.gather(nats_ready(), store.ensure_bucket(), init_db(settings),
-                                               asyncio.to_thread(_import_all, preload))
+        _, _, client = await asyncio.gather(nats_ready(), store.ensure_bucket(), init_db(settings))
         ctx = app.context
         ctx.set_global("settings", settings)
         ctx.set_global("store", store)
@@ -141,15 +137,6 @@ def build_app(
             await client.close()
 
     return app
-
-
-def _import_all(modules: list[str]) -> None:
-    """Import what a stage preloads; a missing one is left to the first message that needs it."""
-    for name in modules:
-        try:
-            importlib.import_module(name)
-        except ImportError:
-            logging.getLogger("codetune").debug("preload: %s is not installed", name)
 
 
 def env_stages() -> list[str]:

@@ -27,10 +27,6 @@ from handlers.ollama.service import create_from_modelfile
 
 router = request_router()
 QUEUE = "ollama"
-# every request talks to Ollama: its client library is imported while the worker connects (handlers/app.py),
-# not by the first request
-PRELOAD = ("ollama", "httpx", "anyio._backends._asyncio", "anyio.streams.tls")  # anyio's: httpx's first request
-
 # one client per event loop and host, reused by every request (a new client builds a TLS context: ~30 ms)
 _clients: WeakKeyDictionary[asyncio.AbstractEventLoop, dict[str, Any]] = WeakKeyDictionary()
 
