@@ -20,6 +20,11 @@ hits every row alike):
      MongoDB lookup, the letter): serving's light path, nothing sent to Ollama;
    - export: `tuning.completed` for a job no one recorded → `dlq.tuning.completed`: export's light path
      (no converter, no torch);
+   - ollama (the always-on request-reply stage): nothing to pre-publish, a core-NATS request is not kept;
+     the bench sends `ollama.models` every 50 ms from the spawn on ("no responders" until the worker
+     subscribes) and takes the first reply. Ollama itself is not running, so the reply is the stage's
+     `ollama_unavailable` answer: the stage's whole path (the Ollama client imported, the call refused),
+     without Ollama's own time;
 3. raw: a process that imports only nats-py, connects as the admin user, binds a pull consumer on a
    bench stream (`BENCH_COLD`, `bench.cold.in` → durable `bench-cold`), fetches the pre-published message,
    publishes an answer to `bench.cold.out` and acks: the floor for "a Python process that answers a
@@ -88,7 +93,8 @@ WORKER = ("import atexit, runpy, sys; atexit.register(lambda: print('codetune mo
 IMPORT_BUILD = ("import os, sys; os.environ['CODETUNE_BUILD_APP'] = '0'; from handlers.app import build_app; "
                 "build_app([sys.argv[1]])")
 
-STAGES = ("datasets", "serving", "export")
+STAGES = ("datasets", "serving", "export", "ollama")
+REQUEST_REPLY = {"ollama"}  # answered on core NATS: polled with requests, nothing pre-published
 
 
 def loadavg() -> str:
@@ -108,6 +114,20 @@ async def _setup(settings: Any) -> tuple[Any, Any]:
     store = ObjectStore(settings)
     await store.ensure_bucket()
     return c, store
+
+
+async def _first_reply(c: Any) -> float:
+    """Ask `ollama.models` until a worker answers; the time of the first reply."""
+    from nats.errors import NoRespondersError, TimeoutError
+
+    from events import subjects as sj
+
+    while True:
+        try:
+            await c.nc.request(sj.OLLAMA_MODELS, b"{}", timeout=5)
+            return time.perf_counter()
+        except (NoRespondersError, TimeoutError):
+            await asyncio.sleep(0.05)
 
 
 async def _prepublish(row: str, c: Any, store: Any) -> tuple[str, Any]:
@@ -164,6 +184,8 @@ def _reap(proc: subprocess.Popen[bytes]) -> tuple[int, float]:
 
 async def _one(row: str, c: Any, store: Any, cenv: dict[str, str], log: Path, baseline: Path | None
                ) -> tuple[float, float]:
+    if _stage(row) in REQUEST_REPLY:
+        return await _one_request(row, c, cenv, log)
     answer_subject, match = await _prepublish(_stage(row), c, store)
     cwd = ROOT
     if row.startswith(BASELINE) and baseline is not None:
@@ -199,6 +221,18 @@ async def _one(row: str, c: Any, store: Any, cenv: dict[str, str], log: Path, ba
     return t1 - t0, cpu
 
 
+async def _one_request(row: str, c: Any, cenv: dict[str, str], log: Path) -> tuple[float, float]:
+    with open(log, "ab") as out:
+        t0 = time.perf_counter()
+        proc = subprocess.Popen(_command(row), env=cenv, cwd=ROOT, stdout=out,  # noqa: ASYNC220 (reaped in a thread)
+                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        t1 = await asyncio.wait_for(_first_reply(c), 60)
+        rc, cpu = await asyncio.wait_for(asyncio.to_thread(_reap, proc), 60)
+    if rc != 0:
+        raise RuntimeError(f"{row} exited {rc}: {log.read_text()[-2000:]}")
+    return t1 - t0, cpu
+
+
 def _timed(cmd: list[str], cenv: dict[str, str]) -> float:
     t0 = time.perf_counter()
     subprocess.run(cmd, env=cenv, cwd=ROOT, check=True, stdin=subprocess.DEVNULL)
@@ -219,7 +253,8 @@ async def bench(env: dict[str, str], settings: Any, stages: list[str], reps: int
 
     c, store = await _setup(settings)
     cenv = _child_env(env) | {"BENCH_NATS": json.dumps(connect_options(settings, "admin"))}
-    rows = ["raw", *stages, *([BASELINE + s for s in stages] if baseline else [])]
+    compared = [s for s in stages if s not in REQUEST_REPLY]  # a baseline tree may predate the ollama stage
+    rows = ["raw", *stages, *([BASELINE + s for s in compared] if baseline else [])]
     times: dict[str, list[float]] = {r: [] for r in rows}
     cpus: dict[str, list[float]] = {r: [] for r in rows}
     extra: dict[str, list[float]] = {"python -c pass": []} | {f"import+build {s}": [] for s in stages}
@@ -253,7 +288,7 @@ async def bench(env: dict[str, str], settings: Any, stages: list[str], reps: int
     print("(CPU s: the process's own user+sys CPU over its whole life, the idle second before a worker exits "
           "and its shutdown included; less sensitive than wall time to how busy the cores are, not immune)")
     if baseline:
-        for s in stages:
+        for s in compared:
             new, old = statistics.median(times[s]), statistics.median(times[BASELINE + s])
             newc, oldc = statistics.median(cpus[s]), statistics.median(cpus[BASELINE + s])
             print(f"{s}: this tree vs baseline: wall x{new / old:.2f}, CPU x{newc / oldc:.2f}")
@@ -271,7 +306,7 @@ async def bench(env: dict[str, str], settings: Any, stages: list[str], reps: int
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--reps", type=int, default=7)
-    ap.add_argument("--stages", default=",".join(STAGES), help="comma-separated: datasets,serving,export")
+    ap.add_argument("--stages", default=",".join(STAGES), help="comma-separated: " + ",".join(STAGES))
     ap.add_argument("--python", action="append", default=[], metavar="STAGE=PATH",
                     help="run STAGE's worker with the interpreter of an environment holding only its extra, e.g. "
                          "datasets=VENV/bin/python after `pip install -c infra/constraints.txt '.[datasets]'`")

@@ -43,6 +43,7 @@ class Settings(BaseSettings):
     nats_tuning_password: SecretStr | None = None
     nats_export_password: SecretStr | None = None
     nats_serving_password: SecretStr | None = None
+    nats_ollama_password: SecretStr | None = None
 
     # --- MongoDB (the seed's MONGODB_URI / MONGODB_DB keep working)
     mongodb_uri: str = Field(

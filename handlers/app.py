@@ -44,6 +44,7 @@ STAGES: dict[str, str] = {
     "tuning": "handlers.tuning.router",
     "export": "handlers.export.router",
     "serving": "handlers.serving.router",
+    "ollama": "handlers.ollama.router",  # the core-NATS `ollama.*` requests: always on (README "Scaling out")
 }
 
 

@@ -7,8 +7,10 @@ Users (one per role):
   publishers emit (the commands, `dataset.uploaded`, the `ollama.*` requests), subscribes to the facts
   (progress and dead letters included) and its `_INBOX` replies; reads JetStream but cannot delete,
   purge or reconfigure the product's streams, nor create the stages' durable consumers.
-- one user per stage (`datasets`, `intake`, `models`, `tuning`, `export`, `serving`): publishes only the facts that
-  stage emits, dead letters, acks and its pull-consumer API calls.
+- one user per stage (`datasets`, `intake`, `models`, `tuning`, `export`, `serving`, `ollama`): publishes only the
+  facts that stage emits, dead letters, acks and its pull-consumer API calls. `ollama` answers core-NATS
+  requests only: it emits no fact and acks nothing, so it publishes just its replies (`_INBOX.>`) and the
+  JetStream API calls every worker's start makes (the check that streams and consumers are as defined).
 - `stages`: the union of every stage, for a process that runs several stages (the demo, the tests).
 
 `render_conf()` writes the `authorization` block of a nats-server config: with literal passwords for the
@@ -86,8 +88,10 @@ def permissions(role: str) -> dict[str, Any]:
     stages = STAGES if role == "stages" else (role,)
     pub = sorted({x for st in stages for x in emits(st)})
     sub = sorted({x for st in stages for x in consumes(st)})
+    streamed = any(s.kind != "request-reply" and _pattern(s.subject) in sub for s in sj.CONTRACT)
+    acks = [JS_ACK] if streamed else []  # a request-reply-only stage (ollama) has no message to ack
     return {
-        "publish": {"allow": [*pub, JS_ACK, JS_API, INBOX], "deny": _guarded_js_api()},
+        "publish": {"allow": [*pub, *acks, JS_API, INBOX], "deny": _guarded_js_api()},
         "subscribe": {"allow": [*sub, INBOX]},
     }
 

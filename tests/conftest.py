@@ -191,7 +191,8 @@ async def workers(settings, db, client) -> AsyncIterator[object]:
     """The light stages running in-process on the real stack (tuning runs in worker processes)."""
     from handlers.app import build_app
 
-    app = build_app(["datasets", "intake", "models", "export", "serving"], settings, access_log_level=logging.INFO)
+    app = build_app(["datasets", "intake", "models", "export", "serving", "ollama"], settings,
+                    access_log_level=logging.INFO)
     await app.start()
     yield app
     await app.stop()

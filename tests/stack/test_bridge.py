@@ -1,7 +1,7 @@
 """The webhook bridge on the real stack: `python -m handlers.bridge` as a subprocess on a free loopback port,
 driven with a real HTTP client (httpx). Events are checked on NATS, documents in MongoDB, files in S3.
 
-The Ollama routes go through the real serving stage (the `workers` fixture) to the Ollama stand-in.
+The Ollama routes go through the real ollama stage (the `workers` fixture) to the Ollama stand-in.
 """
 
 from __future__ import annotations
@@ -450,11 +450,11 @@ async def test_save_a_model_from_a_job(http, uid: str) -> None:
     assert saved["parameters"]["quantization"] == "int8"
 
 
-# --------------------------------------------------------------------------- ollama (the serving stage)
+# --------------------------------------------------------------------------- ollama (the ollama stage)
 
 
-async def test_ollama_routes_through_the_serving_stage(http, ollama_host: str) -> None:
-    """Bridge → `ollama.*` request-reply → the serving stage (`workers`) → the Ollama stand-in (or OLLAMA_HOST)."""
+async def test_ollama_routes_through_the_ollama_stage(http, ollama_host: str) -> None:
+    """Bridge → `ollama.*` request-reply → the ollama stage (`workers`) → the Ollama stand-in (or OLLAMA_HOST)."""
     import ollama
 
     names = [m.model for m in (await ollama.AsyncClient(host=ollama_host).list()).models]

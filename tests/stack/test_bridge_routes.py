@@ -344,7 +344,7 @@ async def test_ollama_create_refuses_local_paths_and_missing_keys(http, store, u
     r = await http.post("/api/v1/ollama/create", json={"name": "x", "modelfile": f"routes/{uid}/Modelfile"})
     assert r.status_code == 422 and "UTF-8" in r.json()["detail"][0]["msg"]
     r = await http.post("/api/v1/ollama/create", json={"name": "x", "modelfile": "FROM no-such-base-model\n"})
-    assert r.status_code in (400, 404, 502) and r.status_code != 422  # text: it went to the serving stage
+    assert r.status_code in (400, 404, 502) and r.status_code != 422  # text: it went to the ollama stage
 
 
 # --------------------------------------------------------------------------- CORS

@@ -19,9 +19,9 @@ import ollama
 import pytest
 from test_export import TinyArtifacts, tiny_artifacts
 
+from handlers import ollama_ops as ops
 from handlers.ollama_format.chat_format import ollama_template
 from handlers.ollama_format.gotemplate import GoTemplate
-from handlers.serving import ollama_ops as ops
 
 pytestmark = pytest.mark.slow
 

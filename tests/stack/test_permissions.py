@@ -144,6 +144,14 @@ def test_the_permission_model_follows_the_contract() -> None:
     assert sj.TUNING_EVALUATED in natsauth.emits("tuning") and sj.MODEL_EVALUATED not in natsauth.emits("client")
     assert sj.MODEL_EXPORTED not in natsauth.permissions("client")["publish"]["allow"]
     assert sj.TUNING_COMPLETED not in natsauth.permissions("client")["publish"]["allow"]
+    # the ollama stage answers the ollama.* requests and publishes only its replies (no fact, no ack);
+    # serving no longer listens to them
+    ollama = natsauth.permissions("ollama")
+    assert ollama["publish"]["allow"] == [natsauth.JS_API, natsauth.INBOX]
+    assert ollama["subscribe"]["allow"] == [
+        *sorted([sj.OLLAMA_CHAT, sj.OLLAMA_CREATE, sj.OLLAMA_DELETE, sj.OLLAMA_MODELS, sj.OLLAMA_PULL, sj.OLLAMA_SHOW]),
+        natsauth.INBOX]
+    assert natsauth.permissions("serving")["subscribe"]["allow"] == [sj.MODEL_EXPORTED, natsauth.INBOX]
 
 
 def test_deploy_manifests_carry_the_same_permission_model() -> None:

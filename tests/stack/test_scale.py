@@ -1,7 +1,8 @@
 """Scale to zero on the real stack: `codetune worker --exit-when-idle SECONDS` as a real process.
 
 A stack of its own (the session's in-process workers would otherwise take the messages): the datasets
-stage has no worker at all until the test starts one.
+stage has no worker at all until the test starts one; likewise serving and the always-on ollama stage,
+each run alone to show the request-reply subjects are the ollama stage's and `model.exported` serving's.
 """
 
 from __future__ import annotations
@@ -17,10 +18,11 @@ from types import SimpleNamespace
 
 import pytest
 
+from core.errors import CodeTuneError
 from events import subjects as sj
-from events.payloads import DatasetUploaded
-from events.streams import DATASETS_UPLOADED
-from tests.conftest import settings_from, stack_env
+from events.payloads import ChatMessage, DatasetUploaded, ModelExported, OllamaChatRequest, OllamaListRequest
+from events.streams import DATASETS_UPLOADED, SERVING_ON_EXPORTED
+from tests.conftest import WorkerProcess, settings_from, stack_env
 
 IDLE_S = 3.0
 
@@ -127,6 +129,48 @@ async def test_a_message_published_with_no_worker_is_handled_once_by_a_worker_st
                 proc.kill()
                 proc.wait()
     info = await c.js.consumer_info(DATASETS_UPLOADED.stream, DATASETS_UPLOADED.durable)
+    assert (info.num_pending, info.num_ack_pending, info.num_redelivered) == (0, 0, 0)
+
+
+def _exported(job_id: str) -> ModelExported:
+    return ModelExported(job_id=job_id, name=job_id.lower(), mode="adapter", model_key=f"exports/{job_id}/base.gguf",
+                         modelfile_key=f"exports/{job_id}/Modelfile", template="{{ .Prompt }}", stop=[])
+
+
+async def test_the_ollama_requests_are_the_always_on_stage_s_and_serving_only_handles_model_exported(
+    own_stack: SimpleNamespace, ollama_host: str, uid: str, tmp_path: Path
+) -> None:
+    """The split is real: the ollama stage alone answers ollama.* (from Ollama) and leaves `model.exported`
+    waiting in JetStream; serving alone handles that `model.exported` and nobody answers ollama.*, so
+    serving can sit at zero pods while list/chat keep working."""
+    from nats.errors import NoRespondersError
+
+    c, env = own_stack.client, own_stack.env | {"CODETUNE_OLLAMA_HOST": ollama_host}
+    job = f"job-{uid}"
+    ollama = await asyncio.to_thread(WorkerProcess(env, ["ollama"], tmp_path / "ollama.log").start)
+    try:
+        assert isinstance(await c.request(sj.OLLAMA_MODELS, OllamaListRequest(), timeout=30), list)
+        with pytest.raises(CodeTuneError) as chat:  # Ollama's own answer, relayed: there is no such model
+            await c.request(sj.OLLAMA_CHAT, OllamaChatRequest(
+                model=f"nosuch-{uid}", messages=[ChatMessage(role="user", content="hi")]), timeout=30)
+        assert chat.value.code == "ollama_model_not_found" and "not found" in chat.value.message
+        await c.publish(_exported(job))  # no serving worker: it waits in serving's durable
+        await asyncio.sleep(1.0)
+        info = await c.js.consumer_info(SERVING_ON_EXPORTED.stream, SERVING_ON_EXPORTED.durable)
+        assert (info.num_pending, info.num_ack_pending) == (1, 0)
+    finally:
+        ollama.stop()
+
+    async with c.subscribe([sj.dead_letter_subject(sj.MODEL_EXPORTED)], accept=lambda _, d: job in str(d)) as q:
+        serving = await asyncio.to_thread(WorkerProcess(env, ["serving"], tmp_path / "serving.log").start)
+        try:
+            _, letter = await c.wait_for(q, lambda *_: True, 30)  # an unknown job: dead-lettered, nothing else
+            assert letter.reason.code == "job_not_found" and letter.subject == sj.MODEL_EXPORTED
+            with pytest.raises(NoRespondersError):
+                await c.nc.request(sj.OLLAMA_MODELS, b"{}", timeout=5)
+        finally:
+            serving.stop()
+    info = await c.js.consumer_info(SERVING_ON_EXPORTED.stream, SERVING_ON_EXPORTED.durable)
     assert (info.num_pending, info.num_ack_pending, info.num_redelivered) == (0, 0, 0)
 
 

@@ -196,7 +196,7 @@ async def test_a_failing_reader_stops_the_writer() -> None:
 # --------------------------------------------------------------------------- Ollama replies
 
 
-def test_serving_replies_are_read_in_the_seed_shapes() -> None:
+def test_ollama_replies_are_read_in_the_seed_shapes() -> None:
     listed = [{"model": "tiny:latest", "size": 1, "details": {}}, {"name": "other"}, "plain"]
     assert model_names(listed) == ["tiny:latest", "other", "plain"]
     assert model_names({"models": [{"name": "a"}]}) == ["a"] and model_names(None) == []
@@ -204,7 +204,7 @@ def test_serving_replies_are_read_in_the_seed_shapes() -> None:
     assert reply_text({"response": "Rome."}) == "Rome." and reply_text("Oslo.") == "Oslo."
 
 
-class _NoServing:
+class _NoOllamaStage:
     def __init__(self, error: Exception) -> None:
         self.error = error
 
@@ -214,9 +214,10 @@ class _NoServing:
 
 @pytest.mark.parametrize(("error", "status"), [
     (nats.errors.NoRespondersError(), 503), (nats.errors.TimeoutError(), 504)])
-async def test_no_serving_stage_is_503_and_a_slow_one_504(error: Exception, status: int) -> None:
+async def test_no_ollama_stage_is_503_and_a_slow_one_504(error: Exception, status: int) -> None:
     from events.payloads import OllamaListRequest
 
     with pytest.raises(HTTPException) as e:
-        await ask(_NoServing(error), "ollama.models", OllamaListRequest())  # type: ignore[arg-type]
+        await ask(_NoOllamaStage(error), "ollama.models", OllamaListRequest())  # type: ignore[arg-type]
     assert e.value.status_code == status and "ollama.models" in e.value.detail
+    assert status == 504 or "codetune worker ollama" in e.value.detail  # names the stage to start

@@ -13,6 +13,7 @@ from handlers.app import STAGES
 from handlers.contract import contract_markdown, declarations, parties
 
 README = Path(__file__).resolve().parents[2] / "README.md"
+PIPELINE = {c.durable.split("-", 1)[0] for c in CONSUMERS}  # the stages with a durable consumer
 
 
 def test_readme_contract_table_matches_the_code() -> None:
@@ -24,7 +25,8 @@ def test_readme_contract_table_matches_the_code() -> None:
 
 def test_every_declared_output_is_a_contract_subject_with_its_payload() -> None:
     outputs = [(stage, subject) for stage, role, subject, _ in declarations() if role == "emits"]
-    assert {stage for stage, _ in outputs} == set(STAGES)  # every stage declares what it publishes
+    # every pipeline stage declares what it publishes; the ollama stage publishes only its replies
+    assert {stage for stage, _ in outputs} == PIPELINE
     for stage, subject in outputs:
         spec = sj.spec_for(subject)  # KeyError: a stage declares a subject the contract lacks
         assert spec.kind in {"command", "fact"}, (stage, subject)
@@ -50,8 +52,16 @@ def test_the_stage_answers_are_declared_by_the_stage_that_computes_them() -> Non
     assert emitters[sj.TUNING_PROGRESS + ".<job_id>"] == {"tuning"}
     assert emitters[sj.TUNING_FAILED] == {"intake", "tuning"}  # intake: a malformed request names its job
     assert emitters[sj.MODEL_EXPORTED] == {"export"} and emitters[sj.MODEL_PUBLISHED] == {"serving"}
-    assert emitters[sj.DEAD_LETTER + ".<subject>"] == set(STAGES)
+    assert emitters[sj.DEAD_LETTER + ".<subject>"] == PIPELINE == set(STAGES) - {"ollama"}
     assert not emitters[sj.DATASET_UPLOADED]  # only outside parties upload
+
+
+def test_the_ollama_requests_are_answered_by_the_ollama_stage_alone() -> None:
+    """serving consumes only its durable consumer (it can scale to zero); the ollama stage only requests."""
+    consumed = {(stage, sj.spec_for(subject).kind) for stage, role, subject, _ in declarations() if role == "consumes"}
+    assert {stage for stage, kind in consumed if kind == "request-reply"} == {"ollama"}
+    assert {kind for stage, kind in consumed if stage == "ollama"} == {"request-reply"}
+    assert ("serving", "fact") in consumed
 
 
 def test_every_design_subject_has_a_versioned_payload() -> None:

@@ -13,8 +13,8 @@ ROOT = Path(__file__).resolve().parents[2]
 OURS = {"core", "events", "storage", "handlers", "infra", "tests", "bench"}
 
 # handlers/: the pipeline stages, and what sits beside them
-STAGES = {"datasets", "intake", "models", "tuning", "export", "serving"}
-SHARED = {"common", "report", "ollama_format"}  # shared handler modules any stage may import
+STAGES = {"datasets", "intake", "models", "tuning", "export", "serving", "ollama"}
+SHARED = {"common", "report", "ollama_format", "ollama_ops"}  # shared handler modules any stage may import
 COMPOSERS = {"app", "bridge", "contract"}  # compose stages (process, HTTP front, contract table)
 
 # Sibling-stage imports allowed, each with the work that removes it; an entry that no longer occurs fails the

@@ -45,6 +45,12 @@ def stage_consumers(stage: str) -> set[str]:
     return {c.durable for c in CONSUMERS if c.durable.split("-", 1)[0] == stage}
 
 
+# a stage with no durable consumer (ollama: core-NATS request-reply only) has no lag to scale on: always on
+SCALED = [s for s in STAGES if stage_consumers(s)]
+ALWAYS_ON = [s for s in STAGES if not stage_consumers(s)]
+IMAGE_OF = {"ollama": "serving"}  # the ollama stage runs the serving image: the same extra, the Ollama client
+
+
 @pytest.mark.parametrize("version", [K8S_VERSION, kubernetes_validate.utils.latest_version()])
 def test_every_manifest_validates_against_the_kubernetes_schemas(version: str) -> None:
     kinds = set()
@@ -91,7 +97,8 @@ def test_every_stage_scales_on_the_lag_of_exactly_its_own_durable_consumers() ->
 
     deployments, scaled = by_kind("Deployment"), by_kind("ScaledObject")
     assert set().union(*(stage_consumers(s) for s in STAGES)) == {c.durable for c in CONSUMERS}
-    for stage in STAGES:
+    assert {f"codetune-{s}" for s in STAGES} <= set(deployments), "every stage has a Deployment"
+    for stage in SCALED:
         so = scaled[f"codetune-{stage}"]
         assert so["spec"]["scaleTargetRef"]["name"] in deployments
         triggers = so["spec"]["triggers"]
@@ -101,6 +108,10 @@ def test_every_stage_scales_on_the_lag_of_exactly_its_own_durable_consumers() ->
         assert {t["metadata"]["account"] for t in triggers} == {"$G"}  # plain users of the global account
         assert "replicas" not in deployments[f"codetune-{stage}"]["spec"], "the ScaledObject owns the count"
     assert "codetune-bridge" not in scaled  # the HTTP bridge stays up
+    assert ALWAYS_ON == ["ollama"]
+    for stage in ALWAYS_ON:  # KEDA would see no lag and keep it at zero: "no responders"
+        assert f"codetune-{stage}" not in scaled
+        assert deployments[f"codetune-{stage}"]["spec"]["replicas"] >= 1
     # the scaler reads the NATS monitoring port through the Service
     endpoint = {t["metadata"]["natsServerMonitoringEndpoint"] for so in scaled.values() for t in so["spec"]["triggers"]}
     assert endpoint == {"nats.codetune.svc:8222"}
@@ -110,10 +121,10 @@ def test_every_stage_scales_on_the_lag_of_exactly_its_own_durable_consumers() ->
 
 def test_scale_to_zero_where_nothing_waits_on_an_answer_and_a_job_long_cool_down_for_gpus() -> None:
     scaled = by_kind("ScaledObject")
-    minimum = {s: scaled[f"codetune-{s}"]["spec"].get("minReplicaCount", 0) for s in STAGES}
-    assert {s for s, n in minimum.items() if n == 0} == {"datasets", "models", "tuning", "export"}
-    # serving answers core-NATS ollama.* requests (no JetStream lag to wake it); intake's record is awaited
-    assert minimum["serving"] == 1 and minimum["intake"] == 1
+    minimum = {s: scaled[f"codetune-{s}"]["spec"].get("minReplicaCount", 0) for s in SCALED}
+    assert {s for s, n in minimum.items() if n == 0} == {"datasets", "models", "tuning", "export", "serving"}
+    assert minimum["serving"] == 0  # only `model.exported`: the ollama.* requests are the ollama stage's
+    assert minimum["intake"] == 1  # a client waits for intake's `queued` record
     tuning = scaled["codetune-tuning"]["spec"]
     assert tuning["cooldownPeriod"] >= 1800
     scale_down = tuning["advanced"]["horizontalPodAutoscalerConfig"]["behavior"]["scaleDown"]
@@ -130,8 +141,9 @@ def test_each_stage_runs_its_own_image_built_with_its_own_extra() -> None:
         for c in doc.get("spec", {}).get("template", {}).get("spec", {}).get("containers", []):
             images[doc["metadata"]["name"]] = c["image"]
     for stage in STAGES:
-        assert images[f"codetune-{stage}"] == f"codetune-{stage}:0.1.0"
-        assert stage in extras
+        image = IMAGE_OF.get(stage, stage)
+        assert images[f"codetune-{stage}"] == f"codetune-{image}:0.1.0"
+        assert image in extras
     assert images["codetune-bridge"] == "codetune-bridge:0.1.0" and "bridge" in extras
     assert images["codetune-provision"] == "codetune-base:0.1.0"
     # the light stages' extras carry no training stack

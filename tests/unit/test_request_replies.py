@@ -1,4 +1,4 @@
-"""The serving stage's request-reply subscribers in FastStream's TestNatsBroker: every request gets an
+"""The ollama stage's request-reply subscribers in FastStream's TestNatsBroker: every request gets an
 answer, and a bad one names what is wrong. Fast handler units; the real round trips over NATS are in
 tests/stack (test_bridge_routes, test_real_model).
 
@@ -32,7 +32,7 @@ import asyncio, json, socket, sys
 from faststream.nats import NatsBroker, TestNatsBroker
 
 from core.settings import Settings
-from handlers.serving.router import requests
+from handlers.ollama.router import router as requests
 
 
 def closed_port() -> int:

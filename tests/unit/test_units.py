@@ -58,7 +58,7 @@ def test_seed_setting_names_keep_working_and_secrets_stay_secret(monkeypatch: py
     assert "hf_x" not in repr(s) and "hf_x" not in str(s.model_dump())
 
 
-@pytest.mark.parametrize("stage", ["datasets", "serving", "export"])
+@pytest.mark.parametrize("stage", ["datasets", "serving", "export", "ollama"])
 def test_a_light_stage_worker_never_imports_torch(stage: str) -> None:
     """The stages a supervisor wakes from zero for one message load without the training stack (export
     imports it only when it converts; bench/bench_coldstart.py checks the same of the running workers)."""
@@ -96,4 +96,4 @@ def test_deploy_manifests_run_commands_that_exist() -> None:
             elif hasattr(group, "commands"):
                 assert args[1] in group.commands
             seen += 1
-    assert seen >= 7
+    assert seen >= 8

@@ -1,6 +1,6 @@
-"""Ollama: list / pull / chat as core-NATS request-reply on `ollama.*`, answered by the serving stage.
+"""Ollama: list / pull / chat as core-NATS request-reply on `ollama.*`, answered by the ollama stage.
 
-Replies are `OllamaReply {ok, result, error}`. No responder → 503 (the serving stage is not running),
+Replies are `OllamaReply {ok, result, error}`. No responder → 503 (the ollama stage is not running),
 no answer in time → 504, `ok: false` → 404 for a missing model, 400 for a request Ollama refused, 503 when
 Ollama is unreachable, 502 otherwise.
 
@@ -107,21 +107,21 @@ async def read_modelfile(store: ObjectStore, key: str) -> str:
 
 
 async def ask(client: CodeTuneClient, subject: str, payload: BaseModel) -> Any:
-    """One request to the serving stage, its failures as HTTP errors."""
+    """One request to the ollama stage, its failures as HTTP errors."""
     try:
         return await client.request(subject, payload, timeout=TIMEOUT_S[subject])
     except nats.errors.NoRespondersError:
-        raise HTTPException(503, f"no serving stage answers on {subject} (is `codetune worker serving` running?)"
+        raise HTTPException(503, f"no ollama stage answers on {subject} (is `codetune worker ollama` running?)"
                             ) from None
     except nats.errors.TimeoutError:
-        raise HTTPException(504, f"the serving stage did not answer on {subject} in {TIMEOUT_S[subject]:.0f}s"
+        raise HTTPException(504, f"the ollama stage did not answer on {subject} in {TIMEOUT_S[subject]:.0f}s"
                             ) from None
     except CodeTuneError as e:
         raise HTTPException(status_for(e.code), e.message) from None
 
 
 def status_for(code: str) -> int:
-    """HTTP status for a serving stage's error code (`OllamaReply.error.code`)."""
+    """HTTP status for an ollama stage's error code (`OllamaReply.error.code`)."""
     if code.endswith("not_found"):
         return 404
     if code.endswith(("bad_request", "invalid_input", "invalid_payload", "unsafe_key")):
@@ -160,7 +160,7 @@ async def pull_model(body: PullBody, client: ClientDep) -> dict[str, Any]:
 @router.post("/chat")
 async def chat(body: ChatBody, client: ClientDep) -> dict[str, Any]:
     """One chat turn: `{response: "..."}`, plus how it ended as Ollama reports it (`done_reason` "stop" or
-    "length", `eval_count`, `prompt_eval_count`, durations in ns) and the serving stage's `result`."""
+    "length", `eval_count`, `prompt_eval_count`, durations in ns) and the ollama stage's `result`."""
     try:
         request = OllamaChatRequest(model=body.model, messages=body.messages, options=body.options)
     except ValidationError as e:

@@ -35,10 +35,11 @@ from events.payloads import ChatMessage, OllamaChatReply
 if TYPE_CHECKING:
     import ollama
 
-# `ollama` (and its httpx) are imported by the first call that talks to Ollama, not when the serving stage
+# Shared by the serving stage (publish) and the ollama request-reply stage (list, pull, show, delete, chat,
+# create). `ollama` (and its httpx) are imported by the first call that talks to Ollama, not when a stage
 # loads: a serving worker woken for a `model.exported` it has to dead-letter answers without them.
 
-log = logging.getLogger("codetune.serving")
+log = logging.getLogger("codetune.ollama")
 
 DEFAULT_TIMEOUT_S = 600.0
 

@@ -1,0 +1,71 @@
+"""ollama stage: the core-NATS request-reply subjects `ollama.models`, `ollama.pull`, `ollama.show`,
+`ollama.delete`, `ollama.chat` and `ollama.create`, answered from Ollama (handlers/ollama_ops.py).
+
+Core NATS, not JetStream: a request nobody answers is not kept, it fails at once with "no responders".
+So this stage is always on (at least one worker; README "Scaling out"), while the serving stage, which only
+consumes `model.exported` from its durable consumer, scales to zero. Queue group `ollama`: any number of
+workers share the requests. Every request gets an `OllamaReply` (a bad one an error naming what is wrong,
+handlers.common.ErrorReplies); the stage publishes nothing but these replies.
+"""
+
+import asyncio
+from typing import Any
+from weakref import WeakKeyDictionary
+
+from core.settings import Settings
+from events import subjects as sj
+from events.payloads import (
+    OllamaChatRequest,
+    OllamaCreateRequest,
+    OllamaListRequest,
+    OllamaModelRef,
+    OllamaReply,
+)
+from handlers import ollama_ops
+from handlers.common import SettingsDep, StoreDep, request_router
+from handlers.ollama.service import create_from_modelfile
+
+router = request_router()
+QUEUE = "ollama"
+# one client per event loop and host, reused by every request (a new client builds a TLS context: ~30 ms)
+_clients: WeakKeyDictionary[asyncio.AbstractEventLoop, dict[str, Any]] = WeakKeyDictionary()
+
+
+def _client(settings: Settings) -> Any:
+    mine = _clients.setdefault(asyncio.get_running_loop(), {})
+    if settings.ollama_host not in mine:
+        mine[settings.ollama_host] = ollama_ops.make_client(settings.ollama_host)
+    return mine[settings.ollama_host]
+
+
+@router.subscriber(sj.OLLAMA_MODELS, queue=QUEUE, title="ollama:ollama.models")
+async def list_models(event: OllamaListRequest, settings: SettingsDep) -> OllamaReply:
+    return OllamaReply(result=await ollama_ops.list_models(_client(settings)))
+
+
+@router.subscriber(sj.OLLAMA_PULL, queue=QUEUE, title="ollama:ollama.pull")
+async def pull_model(event: OllamaModelRef, settings: SettingsDep) -> OllamaReply:
+    return OllamaReply(result=await ollama_ops.pull_model(_client(settings), event.model))
+
+
+@router.subscriber(sj.OLLAMA_SHOW, queue=QUEUE, title="ollama:ollama.show")
+async def show_model(event: OllamaModelRef, settings: SettingsDep) -> OllamaReply:
+    return OllamaReply(result=await ollama_ops.show_model(_client(settings), event.model))
+
+
+@router.subscriber(sj.OLLAMA_DELETE, queue=QUEUE, title="ollama:ollama.delete")
+async def delete_model(event: OllamaModelRef, settings: SettingsDep) -> OllamaReply:
+    await ollama_ops.delete_model(_client(settings), event.model)
+    return OllamaReply(result={"deleted": event.model})
+
+
+@router.subscriber(sj.OLLAMA_CHAT, queue=QUEUE, title="ollama:ollama.chat")
+async def chat(event: OllamaChatRequest, settings: SettingsDep) -> OllamaReply:
+    messages = [m.model_dump() for m in event.messages]
+    reply = await ollama_ops.chat(_client(settings), event.model, messages, options=event.options)
+    return OllamaReply(result=reply.model_dump())
+
+
+@router.subscriber(sj.OLLAMA_CREATE, queue=QUEUE, title="ollama:ollama.create")
+async def create(event: OllamaCreateRequest, store: StoreDep, settings: SettingsDep) -> OllamaReply:
+    return OllamaReply(result=await create_from_modelfile(event, store, settings))
