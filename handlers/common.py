@@ -40,6 +40,7 @@ from faststream.nats.message import NatsMessage
 from faststream.nats.publisher.usecase import LogicPublisher
 from pydantic import BaseModel, ValidationError
 
+from core import tracing
 from core.errors import CodeTuneError, InvalidPayloadError
 from core.settings import Settings
 from events import subjects as s
@@ -173,6 +174,7 @@ async def cloudevents_decoder(msg: NatsMessage, original: Any) -> Any:
     data, meta = unwrap(msg.body, dict(msg.headers or {}))
     with contextlib.suppress(AttributeError):  # a slotted message class: `incoming` parses again
         msg._codetune_meta = meta  # type: ignore[attr-defined]  # our own stash on FastStream's message
+    tracing.tag(data)  # the stage's `<subject> process` span gets the job/dataset/model ids (tracing on)
     return data
 
 
