@@ -43,9 +43,13 @@ def configure(settings: Settings, service: str) -> bool:
         return True
     if settings.tracing == "off":
         return False
-    from opentelemetry.sdk.resources import Resource
-    from opentelemetry.sdk.trace import TracerProvider
-    from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter, SpanExporter
+    try:
+        from opentelemetry.sdk.resources import Resource
+        from opentelemetry.sdk.trace import TracerProvider
+        from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter, SpanExporter
+    except ImportError as e:
+        raise RuntimeError(f"CODETUNE_TRACING={settings.tracing} needs the telemetry extra: "
+                           "pip install 'codetune[telemetry]'") from e
 
     exporter: SpanExporter
     if settings.tracing == "console":
@@ -88,6 +92,31 @@ def inject(headers: H) -> H:
 
         TraceContextTextMapPropagator().inject(headers)
     return headers
+
+
+def traceparent() -> str | None:
+    """The current span as a `traceparent` value (to record with a job), or None (no span, tracing off)."""
+    if _tracer is None:
+        return None
+    headers: dict[str, str] = {}
+    return inject(headers).get("traceparent")
+
+
+@contextlib.contextmanager
+def resumed(recorded: str | None, **ids: Any) -> Iterator[None]:
+    """Back in a job's own trace (`recorded`: its `traceparent`) for what is done for the job in answer to a
+    message of another trace (the dataset it waited for, validated for an upload of someone else's): a
+    `job resumed` span there, linked to the current span. The current trace goes on when none was recorded."""
+    parent = extract({"traceparent": recorded}) if recorded and _tracer is not None else None
+    if _tracer is None or parent is None:
+        yield
+        return
+    from opentelemetry.trace import Link, get_current_span
+
+    here = get_current_span().get_span_context()
+    with _tracer.start_as_current_span("job resumed", context=parent, links=[Link(here)] if here.is_valid else None,
+                                       attributes=attributes(ids)):
+        yield
 
 
 def extract(headers: Mapping[str, str]) -> Context | None:

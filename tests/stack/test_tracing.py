@@ -25,7 +25,7 @@ import httpx
 import pytest
 
 from events import subjects as sj
-from events.payloads import TuningRequested
+from events.payloads import DatasetUploaded, TuningProgress, TuningRequested
 from tests.conftest import TINY_REPO, WorkerProcess, free_port, settings_from, stack_env
 from tests.stack.test_bridge import AUTH, TOKEN, serve_bridge, wait_until
 
@@ -54,7 +54,8 @@ class Collector:
                     with self.lock:
                         self.spans.append({"trace": sp.trace_id.hex(), "id": sp.span_id.hex(),
                                            "parent": sp.parent_span_id.hex(), "name": sp.name, "attrs": attrs,
-                                           "service": resource.get("service.name")})
+                                           "service": resource.get("service.name"),
+                                           "links": [link.trace_id.hex() for link in sp.links]})
         with self.lock:
             self.lock.notify_all()
 
@@ -143,7 +144,7 @@ async def traced(env: dict[str, str], collector: tuple[Collector, str], tmp_path
             await wait_until(f"{url}/readyz")
             c = await CodeTuneClient.connect(s, source="codetune/tests", role="admin")
             try:
-                yield SimpleNamespace(url=url, client=c, home=home)
+                yield SimpleNamespace(url=url, client=c, home=home, settings=s)
             finally:
                 await c.close()
     finally:
@@ -219,3 +220,58 @@ async def test_a_job_from_the_first_bridge_request_to_model_published_is_one_tra
     assert by_name["checkpoint upload"]["attrs"]["codetune.step"] in (2, 4)
     training = by_name["training"]
     assert by_name["checkpoint upload"]["parent"] == training["id"]  # the recipe's thread carried the context
+
+
+def user_trace(name: str) -> tuple[Any, Any]:
+    """A span of a user's program (its own provider, as in the test above) and its `traceparent` header."""
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.trace import set_span_in_context
+    from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+    span = TracerProvider().get_tracer("a user's program").start_span(name)
+    headers: dict[str, str] = {}
+    TraceContextTextMapPropagator().inject(headers, context=set_span_in_context(span))
+    return span, headers
+
+
+async def test_a_job_that_waited_for_a_dataset_uploaded_in_another_trace_goes_on_in_its_own(
+    traced: SimpleNamespace, collector: tuple[Collector, str], uid: str, tmp_path: Path
+) -> None:
+    from devkit.tinymodel import toy_dataset
+    from storage.objects import ObjectStore
+
+    spans, c = collector[0], traced.client
+    job_id, dataset_id = f"ftjob-wait-{uid}", f"ds-wait-{uid}"
+    key = f"datasets/{dataset_id}/facts.jsonl"
+    # in the bucket but not announced yet: the job waits for it ("uploaded, not validated yet")
+    await ObjectStore(traced.settings).put_bytes(key, toy_dataset(tmp_path / "f.jsonl", "chat", rows=16).read_bytes())
+    job_span, job_headers = user_trace("submit a job")
+    upload_span, upload_headers = user_trace("someone's upload")
+    job = TuningRequested(job_id=job_id, base_model=TINY_REPO, dataset_id=dataset_id,
+                          hyperparameters={"max_steps": 2, "save_steps": 2, "eval_steps": 2, "max_seq_len": 64,
+                                           "batch_size": 2})
+    ends = [sj.TUNING_COMPLETED, sj.TUNING_FAILED]
+    async with httpx.AsyncClient(base_url=traced.url, headers=AUTH, timeout=60) as http, \
+            c.subscribe([sj.progress_subject(job_id), *ends]) as q:
+        r = await http.post("/events/tuning.requested", content=job.model_dump_json(), headers=job_headers)
+        assert r.status_code == 202, r.text
+        _, waiting = await c.wait_for(q, lambda s, d: s.startswith("tuning.progress") and d["status"] == "waiting", 30)
+        assert isinstance(waiting, TuningProgress) and dataset_id in (waiting.message or "")
+        upload = DatasetUploaded(dataset_id=dataset_id, key=key, name="facts.jsonl")
+        r = await http.post("/events/dataset.uploaded", content=upload.model_dump_json(), headers=upload_headers)
+        assert r.status_code == 202, r.text
+        subject, end = await c.wait_for(q, lambda s, d: s in ends and d.get("job_id") == job_id, 120)
+    assert subject == sj.TUNING_COMPLETED, end
+    job_trace, upload_trace = (format(sp.get_span_context().trace_id, "032x") for sp in (job_span, upload_span))
+    await asyncio.to_thread(spans.wait_for, {"tuning.completed process"}, 20)
+    await asyncio.sleep(0.5)
+    with spans.lock:
+        got = list(spans.spans)
+    mine = [s for s in got if s["attrs"].get("codetune.job_id") == job_id]
+    assert {"training", "evaluation", "job resumed", "tuning.requested process"} <= {s["name"] for s in mine}
+    assert {s["trace"] for s in mine} == {job_trace}, render(got, "")  # resumed in its own trace, not the upload's
+    resumed = next(s for s in mine if s["name"] == "job resumed")
+    assert resumed["links"] == [upload_trace]  # ... linked to the validation that woke it
+    validated = [s for s in got if s["name"] == "dataset.uploaded process" and s["attrs"].get("codetune.dataset_id")
+                 == dataset_id]
+    assert [s["trace"] for s in validated] == [upload_trace]
