@@ -33,7 +33,7 @@ from faststream.specification import AsyncAPI
 from core import tracing
 from core.settings import Settings, get_settings
 from events.client import connect_options, provision_as_admin
-from handlers.common import Services
+from handlers.common import Services, StructuredTraceContext
 from handlers.idle import IdleTracker
 from storage.objects import ObjectStore
 
@@ -143,12 +143,13 @@ def build_app(
 
 def traced(settings: Settings, role: str) -> list[Any]:
     """FastStream's NATS telemetry middleware when tracing is on (README "Tracing"): it continues the trace of
-    every message consumed (its `traceparent` header) and injects it into every message published."""
+    every message consumed (its `traceparent` header, or a structured CloudEvent's attribute) and injects it
+    into every message published."""
     if not tracing.configure(settings, f"codetune-{role}"):
         return []
     from faststream.nats.opentelemetry import NatsTelemetryMiddleware
 
-    return [NatsTelemetryMiddleware(include_messages_counters=False)]
+    return [StructuredTraceContext, NatsTelemetryMiddleware(include_messages_counters=False)]
 
 
 def env_stages() -> list[str]:

@@ -279,3 +279,32 @@ async def test_a_job_that_waited_for_a_dataset_uploaded_in_another_trace_goes_on
     validated = [s for s in got if s["name"] == "dataset.uploaded process" and s["attrs"].get("codetune.dataset_id")
                  == dataset_id]
     assert [s["trace"] for s in validated] == [upload_trace]
+
+
+async def test_a_structured_cloudevent_sent_with_no_headers_joins_the_trace_its_traceparent_attribute_names(
+    traced: SimpleNamespace, collector: tuple[Collector, str], uid: str
+) -> None:
+    """What `nats pub dataset.uploaded '{"specversion": "1.0", ..., "traceparent": "00-..."}'` sends (no headers):
+    CloudEvents' distributed-tracing extension in structured mode."""
+    import json
+
+    from storage.objects import ObjectStore
+
+    spans, c = collector[0], traced.client
+    dataset_id = f"ds-ce-{uid}"
+    key = f"datasets/{dataset_id}/notes.txt"
+    await ObjectStore(traced.settings).put_bytes(key, b"one line\nanother line\n")
+    span, headers = user_trace("a publisher that is not ours")
+    event = {"specversion": "1.0", "id": f"ce-{uid}", "source": "elsewhere", "type": "io.codetune.dataset.uploaded.v1",
+             "traceparent": headers["traceparent"], "data": {"dataset_id": dataset_id, "key": key, "name": "notes.txt"}}
+    async with c.subscribe([sj.DATASET_VALIDATED, sj.DATASET_FAILED]) as q:
+        await c.publish_raw(sj.DATASET_UPLOADED, json.dumps(event).encode())
+        subject, _ = await c.wait_for(q, lambda _, d: d.get("dataset_id") == dataset_id, 30)
+    assert subject == sj.DATASET_VALIDATED
+    await asyncio.to_thread(spans.wait_for, {"dataset.validated process"}, 10)
+    await asyncio.sleep(0.5)
+    with spans.lock:
+        handled = [s for s in spans.spans if s["name"] == "dataset.uploaded process"
+                   and s["attrs"].get("codetune.dataset_id") == dataset_id]
+    assert [s["trace"] for s in handled] == [format(span.get_span_context().trace_id, "032x")]
+    assert handled[0]["parent"] == format(span.get_span_context().span_id, "016x")

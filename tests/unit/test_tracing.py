@@ -34,12 +34,12 @@ def test_tracing_off_imports_no_sdk_and_adds_no_header() -> None:
 def test_console_tracing_prints_spans_with_the_job_id_and_propagates_their_trace() -> None:
     code = ("from core import tracing; from core.settings import Settings; from handlers.app import build_app; "
             "app = build_app(['datasets'], Settings(_env_file=None)); "
-            "print('middlewares', [type(m).__name__ for m in app.broker.middlewares]); "
+            "print('middlewares', [getattr(m, '__name__', type(m).__name__) for m in app.broker.middlewares]); "
             "with_span = tracing.span('training', job_id='ftjob-1', step=3)\n"
             "with with_span:\n    print('headers', tracing.inject({})['traceparent'])\n"
             "tracing.flush()")
     out = _run(code, CODETUNE_TRACING="console").stdout
-    assert "middlewares ['NatsTelemetryMiddleware']" in out
+    assert "middlewares ['StructuredTraceContext', 'NatsTelemetryMiddleware']" in out
     traceparent = next(line.split()[1] for line in out.splitlines() if line.startswith("headers"))
     span = json.loads(out[out.index("{"):out.rindex("}") + 1])
     assert span["name"] == "training" and span["attributes"] == {"codetune.job_id": "ftjob-1", "codetune.step": 3}
