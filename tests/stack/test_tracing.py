@@ -133,7 +133,8 @@ async def traced(env: dict[str, str], collector: tuple[Collector, str], tmp_path
         "OTEL_BSP_SCHEDULE_DELAY": "100",  # the SDK's batch delay (5 s by default): spans arrive while we wait
         # this test is about traces, not the tiny model's quality: the gate lets its few steps through
         "CODETUNE_GATE_MIN_LOSS_IMPROVEMENT": "0", "CODETUNE_GATE_REQUIRE_STOP": "false",
-        "CODETUNE_GATE_REQUIRE_ANSWERS": "false", "CODETUNE_GATE_MIN_AGREE_TOKENS": "0"}
+        "CODETUNE_GATE_REQUIRE_ANSWERS": "false", "CODETUNE_GATE_MIN_AGREE_TOKENS": "0",
+        "CODETUNE_EVAL_MAX_ROWS": "2", "CODETUNE_EVAL_MAX_NEW_TOKENS": "4", "CODETUNE_EVAL_AGREE_TOKENS": "1"}
     s = settings_from(e)
     st = LocalStack(s)
     await asyncio.to_thread(st.start, log=lambda _: None)
@@ -149,7 +150,7 @@ async def traced(env: dict[str, str], collector: tuple[Collector, str], tmp_path
                 await c.close()
     finally:
         if worker is not None:
-            await asyncio.to_thread(worker.stop)
+            await asyncio.to_thread(worker.kill9)  # its spans are checked: nothing left to drain
         await asyncio.to_thread(st.stop, log=lambda _: None)
 
 
