@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from functools import lru_cache
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
 from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
@@ -127,6 +127,11 @@ class Settings(BaseSettings):
     retry_cap_s: float = Field(60.0, gt=0)
     retry_window_s: float = Field(600.0, ge=0, description="how long an unreachable store is retried")
     retry_attempts: int = Field(5, ge=1, description="deliveries for an error of unknown kind")
+
+    # --- Tracing (README "Tracing"): one OpenTelemetry trace per job, the context in message headers.
+    # off (default: nothing is imported), console (spans printed on stdout) or otlp (OTLP/HTTP to the endpoint).
+    tracing: Literal["off", "console", "otlp"] = "off"
+    otlp_endpoint: str = Field("http://127.0.0.1:4318", description="OTLP/HTTP collector (`/v1/traces` added)")
 
     @field_validator("cors_origins", mode="before")
     @classmethod

@@ -19,6 +19,7 @@ from nats.js import JetStreamContext
 from nats.js.api import PubAck
 from pydantic import BaseModel
 
+from core import tracing
 from core.errors import CodeTuneError
 from core.settings import Settings
 from events import subjects as s
@@ -135,6 +136,7 @@ class CodeTuneClient:
         subject = subject or s.subject_of(payload)
         event_id = event_id or new_event_id()
         headers = ce_headers(subject, event_id, self.source, version=getattr(payload, "v", 1))
+        tracing.inject(headers)  # the caller's trace goes on with the event (README "Tracing")
         body = payload.model_dump_json(exclude_none=False).encode()
         ack: PubAck = await self.js.publish(subject, body, headers=headers)
         return Published(id=event_id, subject=subject, stream=ack.stream, seq=ack.seq,
@@ -149,7 +151,8 @@ class CodeTuneClient:
     async def request(self, subject: str, payload: BaseModel | dict[str, Any], timeout: float = 30.0) -> Any:
         """Core-NATS request-reply (ollama.*). Returns `result`; raises CodeTuneError on an error reply."""
         body = payload.model_dump_json() if isinstance(payload, BaseModel) else json.dumps(payload)
-        msg = await self.nc.request(subject, body.encode(), timeout=timeout)
+        headers: dict[str, str] = tracing.inject({})  # empty unless tracing is on
+        msg = await self.nc.request(subject, body.encode(), timeout=timeout, headers=headers or None)
         reply = json.loads(msg.data)
         if not reply.get("ok", True):
             err = reply.get("error") or {}

@@ -30,9 +30,10 @@ from faststream.nats import NatsBroker
 from faststream.security import SASLPlaintext
 from faststream.specification import AsyncAPI
 
+from core import tracing
 from core.settings import Settings, get_settings
 from events.client import connect_options, provision_as_admin
-from handlers.common import Services
+from handlers.common import Services, StructuredTraceContext
 from handlers.idle import IdleTracker
 from storage.objects import ObjectStore
 
@@ -94,8 +95,9 @@ def build_app(
     # a worker outlives NATS restarts: reconnect forever (the CLI's short-lived client gives up after 3 tries)
     idle = IdleTracker(exit_when_idle) if exit_when_idle else None
     given: dict[str, Any] = {"logger": logger} if logger is not None else {}  # else FastStream's default
+    middlewares: list[Any] = [*traced(settings, worker_role(names)), *([idle.middleware] if idle else [])]
     broker = NatsBroker(servers, graceful_timeout=30.0, log_level=access_log_level, max_reconnect_attempts=-1,
-                        security=security, middlewares=[idle.middleware] if idle else (), **given, **opts)
+                        security=security, middlewares=middlewares, **given, **opts)
     for name in names:
         broker.include_router(importlib.import_module(STAGES[name]).router)
     app = FastStream(broker, specification=AsyncAPI(
@@ -135,8 +137,20 @@ def build_app(
         client = app.context.get("mongo")
         if client is not None:
             await client.close()
+        tracing.flush()
 
     return app
+
+
+def traced(settings: Settings, role: str) -> list[Any]:
+    """FastStream's NATS telemetry middleware when tracing is on (README "Tracing"): it continues the trace of
+    every message consumed (its `traceparent` header, or a structured CloudEvent's attribute) and injects it
+    into every message published."""
+    if not tracing.configure(settings, f"codetune-{role}"):
+        return []
+    from faststream.nats.opentelemetry import NatsTelemetryMiddleware
+
+    return [StructuredTraceContext, NatsTelemetryMiddleware(include_messages_counters=False)]
 
 
 def env_stages() -> list[str]:

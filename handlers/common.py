@@ -40,6 +40,7 @@ from faststream.nats.message import NatsMessage
 from faststream.nats.publisher.usecase import LogicPublisher
 from pydantic import BaseModel, ValidationError
 
+from core import tracing
 from core.errors import CodeTuneError, InvalidPayloadError
 from core.settings import Settings
 from events import subjects as s
@@ -173,6 +174,7 @@ async def cloudevents_decoder(msg: NatsMessage, original: Any) -> Any:
     data, meta = unwrap(msg.body, dict(msg.headers or {}))
     with contextlib.suppress(AttributeError):  # a slotted message class: `incoming` parses again
         msg._codetune_meta = meta  # type: ignore[attr-defined]  # our own stash on FastStream's message
+    tracing.tag(data)  # the stage's `<subject> process` span gets the job/dataset/model ids (tracing on)
     return data
 
 
@@ -389,6 +391,26 @@ async def dead_letter(msg: NatsMessage, reason: ErrorInfo, store: ObjectStore | 
         with contextlib.suppress(Exception):
             await outputs.publish(failure, derived_id(dlq_id, "failure"))
     log.error("dead-lettered %s seq=%s: %s", raw.subject, md.sequence.stream, reason.message)
+
+
+class StructuredTraceContext(BaseMiddleware):
+    """With tracing on (README "Tracing"), ahead of FastStream's telemetry middleware, which reads only the
+    `traceparent` header: a structured-mode CloudEvent's `traceparent` attribute (CloudEvents'
+    distributed-tracing extension, in the JSON body) becomes the message's header when it has none, so a
+    publisher that is not ours joins its trace in either mode. The body is parsed only when it names one."""
+
+    # override: FastStream types `msg` as StreamMessage[Any]; a NATS subscriber always passes a NatsMessage
+    async def consume_scope(self, call_next: Any, msg: NatsMessage) -> Any:  # type: ignore[override]
+        body = msg.body
+        if isinstance(msg.headers, dict) and "traceparent" not in msg.headers and isinstance(body, bytes) \
+                and b'"traceparent"' in body:
+            with contextlib.suppress(ValueError, UnicodeDecodeError):
+                event = json.loads(body)
+                for name in ("traceparent", "tracestate"):
+                    value = event.get(name) if isinstance(event, dict) and "specversion" in event else None
+                    if isinstance(value, str) and len(value) <= 512 and value.isprintable():
+                        msg.headers[name] = value  # the propagator checks its format; a bad one is ignored
+        return await call_next(msg)
 
 
 class ErrorReplies(BaseMiddleware):

@@ -65,7 +65,13 @@ def _global(verbose: bool = typer.Option(False, "-v", "--verbose", help="show li
 
 
 def run(coro: Awaitable[T]) -> T:
-    return asyncio.run(coro)  # type: ignore[arg-type]
+    from core import tracing
+
+    tracing.configure(get_settings(), "codetune-cli")  # CODETUNE_TRACING: the command's events carry its trace
+    try:
+        return asyncio.run(coro)  # type: ignore[arg-type]
+    finally:
+        tracing.flush()
 
 
 def fail(message: str, code: int = 1) -> None:

@@ -18,6 +18,7 @@ from typing import Any
 
 from rich.table import Table
 
+from core import tracing
 from core.settings import Settings
 from events import subjects as sj
 from events.payloads import (
@@ -194,7 +195,8 @@ async def submit_job(s: Settings, event: Any, wait: bool, timeout: float = 24 * 
     async with client(s) as c, c.subscribe(
         [sj.progress_subject(event.job_id), sj.TUNING_COMPLETED, sj.TUNING_FAILED, sj.TUNING_CANCELLED]
     ) as q:
-        await c.publish(event)
+        with tracing.span("codetune tune", job_id=event.job_id):  # the job's trace starts here (tracing on)
+            await c.publish(event)
         console.print(f"job [bold]{event.job_id}[/bold] requested")
         await print_recorded(s, event.job_id)
         if not wait:

@@ -11,6 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from core import tracing
 from core.settings import Settings
 from events import subjects as sj
 from events.ids import new_job_id
@@ -38,6 +39,14 @@ from infra.flows import (
 async def run_pipeline(settings: Settings, repo_id: str, dataset: Path, name: str, hp: Hyperparameters,
                        export: ExportOptions, prompt: str, push: str | None = None,
                        timeout: float = 24 * 3600) -> dict[str, Any]:
+    """The whole run, with tracing on, is one trace (README "Tracing"): its root span is this command's."""
+    job_id = new_job_id()
+    with tracing.span("codetune pipeline", job_id=job_id, repo_id=repo_id):
+        return await _run(settings, repo_id, dataset, name, hp, export, prompt, push, timeout, job_id)
+
+
+async def _run(settings: Settings, repo_id: str, dataset: Path, name: str, hp: Hyperparameters,
+               export: ExportOptions, prompt: str, push: str | None, timeout: float, job_id: str) -> dict[str, Any]:
     console.rule("[bold]1/5 dataset")
     uploaded = await upload_dataset(settings, dataset, None, "auto", True, 600)
     assert uploaded is not None
@@ -50,7 +59,7 @@ async def run_pipeline(settings: Settings, repo_id: str, dataset: Path, name: st
         await pull_model(c, ModelPullRequested(repo_id=repo_id), timeout)
 
         console.rule("[bold]3/5 fine-tune")
-        job = TuningRequested(job_id=new_job_id(), base_model=repo_id, dataset_id=dataset_id,
+        job = TuningRequested(job_id=job_id, base_model=repo_id, dataset_id=dataset_id,
                               hyperparameters=hp, name=name, export=export)
         ends = [sj.MODEL_EXPORTED, sj.MODEL_EXPORT_FAILED, sj.MODEL_PUBLISHED, sj.MODEL_PUBLISH_FAILED]
         async with c.subscribe([sj.progress_subject(job.job_id), sj.TUNING_COMPLETED, sj.TUNING_FAILED,

@@ -158,6 +158,7 @@ class TuningJob(Timestamped):
     attempts: int = 0
     outcome_sent: bool = Field(False, description="the terminal outcome event was published")
     cancel_requested: bool = False
+    traceparent: str | None = Field(None, description="the job's trace (README \"Tracing\"), when tracing was on")
     lease_owner: str | None = Field(None, description="worker running the job; renewed by its heartbeat")
     lease_until: datetime | None = None
     started_at: datetime | None = None

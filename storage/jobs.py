@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 from pymongo import ReturnDocument
 from pymongo.errors import DuplicateKeyError
 
+from core import tracing
 from core.errors import FactMismatchError
 from storage.documents import TuningJob, now
 
@@ -99,6 +100,7 @@ async def record_requested(job_id: str, request: TuningRequested, status: str) -
         "eval_dataset_id": request.eval_dataset_id, "name": request.name,
         "export": request.export.model_dump() if request.export else None,
         "status": status, "created_at": t, "updated_at": t,
+        "traceparent": tracing.traceparent(),  # the trace its request came with: a resumed job goes on in it
     }
     coll = TuningJob.get_pymongo_collection()
     try:

@@ -19,6 +19,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
+from core import tracing
 from core.settings import Settings, get_settings
 from handlers.bridge import errors
 from handlers.bridge.auth import Authenticated, secret
@@ -74,6 +75,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             yield
         finally:
             await app.state.services.stop()
+            tracing.flush()
 
     app = FastAPI(
         title="CodeTune bridge", version=VERSION, lifespan=lifespan,
@@ -85,6 +87,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(BodyLimit, max_bytes=settings.webhook_max_bytes, exempt=(UPLOAD_PATH,))
     app.add_middleware(CORSMiddleware, **cors_options(settings))
     app.add_middleware(OriginGuard, origins=Origins(settings))  # outermost: a refused origin reaches nothing
+    # README "Tracing": FastAPI's own telemetry makes a server span per request, continuing the caller's
+    # `traceparent`, once a tracer provider is configured; what the route publishes carries it on
+    tracing.configure(settings, "codetune-bridge")
     app.include_router(root.router)  # GET / (public) and WS /ws (checks the token itself)
     app.include_router(health.router)
     docs.install(app)  # /docs, /asyncapi and their assets from installed packages (works offline)

@@ -11,6 +11,7 @@ nothing; a second `tuning.completed` for a job already exporting or exported is 
 """
 
 
+from core import tracing
 from events import subjects as sj
 from events.payloads import TuningCompleted
 from events.streams import EXPORT_ON_COMPLETED
@@ -27,5 +28,7 @@ async def on_tuning_completed(
     event: TuningCompleted, msg: MessageDep, store: StoreDep, settings: SettingsDep
 ) -> None:
     parent = incoming(msg)
-    for answer in await export(event, store, settings, redelivered=parent.num_delivered > 1):
+    with tracing.span("export", job_id=event.job_id, mode=event.export.mode if event.export else None):
+        answers = await export(event, store, settings, redelivered=parent.num_delivered > 1)
+    for answer in answers:
         await outputs.emit(answer, parent)

@@ -11,6 +11,7 @@ message whose publish never finished, a crash, may take it over).
 
 from __future__ import annotations
 
+from core import tracing
 from core.errors import CodeTuneError, FactMismatchError, JobNotFoundError
 from core.settings import Settings
 from events.payloads import ErrorInfo, ModelExported, ModelPublished, ModelPublishFailed
@@ -54,8 +55,9 @@ async def publish(event: ModelExported, store: ObjectStore, settings: Settings, 
     adapter_path = await store.fetch(event.adapter_key, cache) if event.adapter_key else None
     client = ollama_ops.make_client(settings.ollama_host)
     try:
-        created = await ollama_ops.create_model(client, event.name, model_path, adapter_path, event.template,
-                                                event.stop, event.system, event.quantize)
+        with tracing.span("ollama create", job_id=event.job_id, model=event.name, ollama_host=settings.ollama_host):
+            created = await ollama_ops.create_model(client, event.name, model_path, adapter_path, event.template,
+                                                    event.stop, event.system, event.quantize)
     except CodeTuneError as e:
         if e.retryable:
             raise  # Ollama unreachable: retried with backoff, then dead-lettered

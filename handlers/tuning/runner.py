@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from core import tracing
 from core.errors import CodeTuneError, TransientError
 from core.settings import Settings
 from events.payloads import (
@@ -171,9 +172,10 @@ class _Hooks:
         then record it on the job and drop all but the newest `KEEP_CHECKPOINTS`."""
         prefix = keys.checkpoint_prefix(self.job.job_id, step)
         state = ckpt_dir / keys.CHECKPOINT_STATE_FILE
-        for path in sorted(p for p in ckpt_dir.rglob("*") if p.is_file() and p != state):
-            await self.ctx.store.put_file(f"{prefix}/{path.relative_to(ckpt_dir).as_posix()}", path)
-        await self.ctx.store.put_file(f"{prefix}/{keys.CHECKPOINT_STATE_FILE}", state)
+        with tracing.span("checkpoint upload", job_id=self.job.job_id, step=step):
+            for path in sorted(p for p in ckpt_dir.rglob("*") if p.is_file() and p != state):
+                await self.ctx.store.put_file(f"{prefix}/{path.relative_to(ckpt_dir).as_posix()}", path)
+            await self.ctx.store.put_file(f"{prefix}/{keys.CHECKPOINT_STATE_FILE}", state)
         try:
             await jobs.set_fields(self.job.job_id, {RUNNING}, checkpoint_key=prefix, checkpoint_step=step)
         except Exception as e:  # the checkpoint is durable: a resume finds it in the bucket (latest_checkpoint)
@@ -247,9 +249,11 @@ async def run(job: TuningJob, model: BaseLLM, dataset: Dataset, ctx: RunContext,
     hooks = _Hooks(loop, job, ctx, hp)
     beat = asyncio.create_task(_heartbeat(job, hooks, ctx))
     try:
-        result = await train_on_worker_thread(base_dir, data_path, dataset.format or "text", hp, work / "out",
-                                              hooks, resume_dir, hooks.prepare,
-                                              (model.repo_id, model.sha or model.revision))
+        # the training thread runs in a copy of this context: its progress and checkpoint uploads are children
+        with tracing.span("training", job_id=job.job_id, resume_step=job.checkpoint_step if resume_dir else None):
+            result = await train_on_worker_thread(base_dir, data_path, dataset.format or "text", hp, work / "out",
+                                                  hooks, resume_dir, hooks.prepare,
+                                                  (model.repo_id, model.sha or model.revision))
         # still heartbeating: scoring a real model takes longer than the message's ack wait
         report = None if result.cancelled else await evaluate_job(job, base_dir, data_path, dataset, hp,
                                                                   result.adapter_dir, ctx.settings, eval_data)
@@ -286,9 +290,11 @@ async def evaluate_job(job: TuningJob, base_dir: Path, data_path: Path, dataset:
     report = EvaluationReport(job_id=job.job_id, base_model=job.base_model, source="none",
                               lint=await job_lint(job.job_id))
     try:
-        ev = await on_training_thread(evaluate, base_dir, adapter_dir, data_path, dataset.format or "text", hp,
-                                     max_rows=settings.eval_max_rows, max_new_tokens=settings.eval_max_new_tokens,
-                                     keep_ids=settings.eval_agree_tokens, eval_data=eval_data)
+        with tracing.span("evaluation", job_id=job.job_id):
+            ev = await on_training_thread(evaluate, base_dir, adapter_dir, data_path, dataset.format or "text", hp,
+                                          max_rows=settings.eval_max_rows,
+                                          max_new_tokens=settings.eval_max_new_tokens,
+                                          keep_ids=settings.eval_agree_tokens, eval_data=eval_data)
     except Exception as e:  # torch/transformers raise many types; the report carries the message
         log.exception("job %s: evaluation failed", job.job_id)
         return report.model_copy(update={"error": f"{type(e).__name__}: {e}"[:2000]})

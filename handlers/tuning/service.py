@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from core import tracing
 from events.payloads import (
     ErrorInfo,
     ModelPullRequested,
@@ -92,15 +93,17 @@ async def resume_waiting(key: str, emit: Emit, failure: ErrorInfo | None = None)
     """An input became ready (or failed): queue (or fail) the jobs that waited for it."""
     count = 0
     for job in await records.waiting_on(key):
-        if failure is not None:
-            if await records.transition(job.job_id, FAILED, only_from={WAITING}, error=failure.model_dump()) is None:
-                continue
-            await answer(job.job_id, TuningFailed(job_id=job.job_id, error=failure), emit, key=job.job_id)
-        else:
-            ready = await records.resolve(job.job_id, key)
-            if ready is None:
-                continue
-            await emit(jobs.request_of(ready), key=job.job_id)
+        with tracing.resumed(job.traceparent, job_id=job.job_id):  # the job's events stay in its trace
+            if failure is not None:
+                if await records.transition(job.job_id, FAILED, only_from={WAITING},
+                                            error=failure.model_dump()) is None:
+                    continue
+                await answer(job.job_id, TuningFailed(job_id=job.job_id, error=failure), emit, key=job.job_id)
+            else:
+                ready = await records.resolve(job.job_id, key)
+                if ready is None:
+                    continue
+                await emit(jobs.request_of(ready), key=job.job_id)
         count += 1
     return count
 
