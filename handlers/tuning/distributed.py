@@ -18,6 +18,7 @@ the job, which resumes from its last durable checkpoint.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import logging
@@ -166,17 +167,28 @@ def _bridge(conn: Connection, procs: list[subprocess.Popen[bytes]], hooks: Train
                 _wait_all(procs, GRACE_S * 6)
                 return msg[1]
             elif kind == "error":
-                _wait_all(procs, GRACE_S)
-                _lost_if_killed(procs)
-                _, name, code, message = msg
-                if code is not None:
-                    raise CodeTuneError(message, code=code)
-                raise RuntimeError(f"{name}: {message}")
+                _failed(procs, msg)
             else:
                 raise RuntimeError(f"unexpected message from rank 0: {str(msg)[:200]}")
         for rank, p in enumerate(procs):
             if p.poll() is not None and p.returncode != 0:
-                _lost(procs, f"rank {rank} exited with {_status(p.returncode)}")
+                _wait_all(procs[:1], GRACE_S)  # rank 0 reports the error too, or is stuck in a collective
+                while conn.poll():
+                    with contextlib.suppress(EOFError, OSError):
+                        if (msg := conn.recv()) and msg[0] == "error":
+                            _failed(procs, msg)
+                _lost_if_killed(procs)
+                raise RuntimeError(f"training rank {rank} failed ({_status(p.returncode)}; its log is the worker's)")
+
+
+def _failed(procs: list[subprocess.Popen[bytes]], msg: tuple[Any, ...]) -> None:
+    """Rank 0 reported an error: raise it (a consequence, when another rank was killed meanwhile)."""
+    _wait_all(procs, GRACE_S)
+    _lost_if_killed(procs)
+    _, name, code, message = msg
+    if code is not None:
+        raise CodeTuneError(message, code=code)
+    raise RuntimeError(f"{name}: {message}")
 
 
 def _status(rc: int | None) -> str:
@@ -195,8 +207,8 @@ def _wait_all(procs: list[subprocess.Popen[bytes]], timeout: float) -> None:
 
 
 def _lost_if_killed(procs: list[subprocess.Popen[bytes]]) -> None:
-    """Rank 0's error is a consequence when another rank was killed (a collective lost its peer)."""
-    for rank, p in enumerate(procs[1:], start=1):
+    """A rank's error is a consequence when another rank was killed (a collective lost its peer)."""
+    for rank, p in enumerate(procs):
         if p.poll() is not None and p.returncode < 0:
             _lost(procs, f"rank {rank} exited with {_status(p.returncode)}")
 
