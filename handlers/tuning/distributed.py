@@ -123,7 +123,8 @@ def train(devices: int, base_dir: Path, dataset_path: Path, fmt: str, hp: Hyperp
 
 
 def _start(n: int, spec_path: Path, rank0_end: socket.socket) -> list[subprocess.Popen[bytes]]:
-    env = {**os.environ, "WORLD_SIZE": str(n), "LOCAL_WORLD_SIZE": str(n), PARENT_ENV: str(os.getpid()),
+    env = {k: v for k, v in os.environ.items() if not _secret(k)}  # the ranks talk to no store
+    env |= {"WORLD_SIZE": str(n), "LOCAL_WORLD_SIZE": str(n), PARENT_ENV: str(os.getpid()),
            "PYTHONPATH": os.pathsep.join(p for p in (str(_root()), os.environ.get("PYTHONPATH")) if p)}
     if sys.platform.startswith("linux"):
         env.setdefault("GLOO_SOCKET_IFNAME", "lo")  # local ranks: gloo's pairs on loopback, not the host's NIC
@@ -139,6 +140,11 @@ def _start(n: int, spec_path: Path, rank0_end: socket.socket) -> list[subprocess
             process_group=procs[0].pid if procs else 0, stdin=subprocess.DEVNULL))
     log.info("started %d training ranks (pids %s)", n, [p.pid for p in procs])
     return procs
+
+
+def _secret(name: str) -> bool:
+    """Credentials in the worker's environment (CODETUNE_*_PASSWORD, CODETUNE_S3_SECRET_KEY, HF_TOKEN, ...)."""
+    return name.upper().endswith(("PASSWORD", "SECRET", "TOKEN", "SECRET_KEY", "ACCESS_KEY"))
 
 
 def _root() -> Path:

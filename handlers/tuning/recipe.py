@@ -556,7 +556,7 @@ def _sum_across_ranks(params: list[torch.Tensor], loss_sum: torch.Tensor) -> tor
     dist.all_reduce(flat)
     offset = 0
     for p in params:
-        p.grad = flat[offset:offset + p.numel()].view_as(p)
+        p.grad = flat[offset:offset + p.numel()].view_as(p).to(p.dtype)  # no copy when it is fp32
         offset += p.numel()
     return flat[-1]
 
