@@ -17,7 +17,7 @@ from tests.conftest import TINY_REPO
 
 pytestmark = [pytest.mark.usefixtures("workers", "tuning_worker"), pytest.mark.slow]
 TERMINAL = [sj.TUNING_COMPLETED, sj.TUNING_FAILED, sj.TUNING_CANCELLED]
-MAX = 200  # a 2-rank tiny-model step takes tens of milliseconds: the kill lands mid-training
+MAX = 120  # a 2-rank tiny-model step takes tens of milliseconds: the kill lands mid-training
 
 
 @pytest.fixture(scope="module")
