@@ -14,6 +14,9 @@ no checkpoints. Only the batching and the loop differ:
 - ours-accum: the same optimizer batch as 2 sequences x 4 accumulation steps: a quarter of the
               activation memory (a packed micro-batch is always batch x 512 tokens, while a padded one
               is only batch x its longest example), and shorter matmuls that suit 2 CPU cores;
+- ours-2ranks: `ours` as a job with `devices: 2` (`handlers.tuning.distributed`: 2 torch.distributed
+              ranks, gloo on CPU / NCCL on CUDA, each with half the threads; the same global batch);
+              wall and CPU include starting the ranks, CPU sums the worker and its ranks;
 - reference:  `Trainer` with `DataCollatorForSeq2Seq` padding each batch of 8 to its longest example.
 
 Each run is its own subprocess so that peak RSS is measured per run (`os.wait4` rusage of that child).
@@ -45,6 +48,7 @@ BATCH, SEQ, LR, SEED = 8, 512, 2e-4, 0
 LABELS = {
     "ours": "ours (packed, batch 8)",
     "ours-accum": "ours (packed, batch 2 x accum 4)",
+    "ours-2ranks": "ours, devices 2 (2 ranks x 4)",
     "reference": "Trainer+peft (padded, batch 8)",
     "trl": "TRL SFTTrainer+peft (packed, b 8)",
 }
@@ -52,20 +56,31 @@ REFERENCES = ("reference", "trl")
 LORA = {"r": 8, "lora_alpha": 16, "lora_dropout": 0.05, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]}
 
 
-def _ours(model_dir: Path, data: Path, out: Path, micro: int = BATCH) -> dict[str, Any]:
-    """Our recipe; `micro` < BATCH keeps the optimizer batch (8 sequences) with gradient accumulation."""
+def _ours(model_dir: Path, data: Path, out: Path, micro: int = BATCH, devices: int = 1) -> dict[str, Any]:
+    """Our recipe; `micro` < BATCH keeps the optimizer batch (8 sequences) with gradient accumulation;
+    `devices` > 1 runs it in that many ranks."""
+    import resource
+
     from events.payloads import Hyperparameters
+    from handlers.tuning import distributed
     from handlers.tuning.recipe import NullHooks, train
 
-    t0, c0 = time.perf_counter(), time.process_time()
+    def cpu() -> float:
+        kids = resource.getrusage(resource.RUSAGE_CHILDREN)  # the ranks, once reaped
+        return time.process_time() + kids.ru_utime + kids.ru_stime
+
+    t0, c0 = time.perf_counter(), cpu()
     hp = Hyperparameters(epochs=1, batch_size=micro, gradient_accumulation_steps=BATCH // micro,
                          max_seq_len=SEQ, learning_rate=LR, packing=True,
                          validation_split=0, save_steps=10**6, eval_steps=10**6, seed=SEED,
                          warmup_ratio=0.03, lr_scheduler="cosine")
-    result = train(model_dir, data, "chat", hp, out, NullHooks())
+    if devices > 1:
+        result = distributed.train(devices, model_dir, data, "chat", hp, out, NullHooks())
+    else:
+        result = train(model_dir, data, "chat", hp, out, NullHooks())
     m = result.metrics
     return {"tokens": m.tokens, "steps": m.steps, "loop_tok_s": m.tokens_per_s,
-            "wall_s": time.perf_counter() - t0, "cpu_s": time.process_time() - c0, "final_loss": m.train_loss}
+            "wall_s": time.perf_counter() - t0, "cpu_s": cpu() - c0, "final_loss": m.train_loss}
 
 
 def _reference(model_dir: Path, data: Path, out: Path) -> dict[str, Any]:
@@ -189,7 +204,8 @@ def _child(kind: str, model_dir: Path, data: Path, out: Path) -> None:
     elif kind == "trl":
         result = _trl(model_dir, data, out)
     else:
-        result = _ours(model_dir, data, out, micro=2 if kind == "ours-accum" else BATCH)
+        result = _ours(model_dir, data, out, micro=2 if kind == "ours-accum" else BATCH,
+                       devices=2 if kind == "ours-2ranks" else 1)
     result |= _gpu_stats(model_dir, result)
     print("RESULT " + json.dumps(result), flush=True)
 
@@ -290,12 +306,17 @@ def main(argv: list[str] | None = None) -> None:
             print(f"{LABELS[kind]:<34}{r['loop_tok_s']:>10.0f}{r['gpu_peak_mb']:>13.0f}{r['tflops']:>9.1f}{mfu:>7}")
     for ref_kind in (k for k in REFERENCES if k in results):
         ref = results[ref_kind]
-        for kind in (k for k in ("ours", "ours-accum") if k in results):
+        for kind in (k for k in ("ours", "ours-accum", "ours-2ranks") if k in results):
             r = results[kind]
             cpu_ratio = (r["tokens"] / r["cpu_s"]) / (ref["tokens"] / ref["cpu_s"])
             print(f"ratio {kind}/{ref_kind}: loop tok/s {r['loop_tok_s'] / ref['loop_tok_s']:.2f}x, "
                   f"tokens per CPU-second {cpu_ratio:.2f}x, peak RSS {r['rss_mb'] / ref['rss_mb']:.2f}x"
                   + (f", peak GPU memory {r['gpu_peak_mb'] / ref['gpu_peak_mb']:.2f}x" if "gpu_peak_mb" in r else ""))
+    if "ours" in results and "ours-2ranks" in results:
+        one, two = results["ours"], results["ours-2ranks"]
+        print(f"ratio ours-2ranks/ours: loop tok/s {two['loop_tok_s'] / one['loop_tok_s']:.2f}x, "
+              f"wall {two['wall_s'] / one['wall_s']:.2f}x, CPU {two['cpu_s'] / one['cpu_s']:.2f}x, "
+              f"last loss {two['final_loss']:.4f} vs {one['final_loss']:.4f}")
 
 
 if __name__ == "__main__":

@@ -111,6 +111,9 @@ class Settings(BaseSettings):
     # answering anyway (it takes milliseconds when intake runs; the answer says whether it was recorded)
     intake_wait_s: float = 5.0
     work_dir: Path | None = None
+    # training processes one tuning job may use on this worker (a job's `devices` is capped at it; on CUDA
+    # also at the GPUs the worker sees). 1: every job trains in the worker's own process.
+    tuning_max_devices: int = Field(1, ge=1, le=64)
     # --- Retention (README "Retention and disk"; `codetune gc` applies it by hand)
     retention_local_scratch: bool = Field(
         True, description="remove a job's local files (scratch, GGUF copies) once its stage's effect is stored")

@@ -285,6 +285,8 @@ class Hyperparameters(BaseModel):
     lr_scheduler: Literal["cosine", "linear", "constant"] = "cosine"
     eval_samples: int = Field(3, ge=0, le=32, description="held-out prompts answered greedily by base and "
                                                           "tuned model in the job's evaluation report")
+    devices: int = Field(1, ge=1, le=64, description="training processes (one per GPU; gloo on CPU) sharing each "
+                                                     "global batch; a worker caps it at CODETUNE_TUNING_MAX_DEVICES")
 
     @model_validator(mode="after")
     def _length(self) -> Hyperparameters:

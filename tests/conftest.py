@@ -135,7 +135,8 @@ def env(stack_home: Path, hub_cache: Path, ollama_host: str) -> Iterator[dict[st
 
     e = stack_env(stack_home)
     e |= {"CODETUNE_HF_CACHE_DIR": str(hub_cache), "CODETUNE_HF_OFFLINE": "true",
-          "CODETUNE_WORK_DIR": str(stack_home / "work"), "CODETUNE_OLLAMA_HOST": ollama_host}
+          "CODETUNE_WORK_DIR": str(stack_home / "work"), "CODETUNE_OLLAMA_HOST": ollama_host,
+          "CODETUNE_TUNING_MAX_DEVICES": "2"}  # a job asking `devices: 2` trains in 2 gloo ranks
     llamacpp = ROOT / ".codetune" / "llama.cpp"
     if not os.environ.get("CODETUNE_LLAMACPP_DIR") and llamacpp.is_dir():
         from handlers.export.llamacpp import LLAMA_CPP_PYTHON_VERSION

@@ -14,6 +14,12 @@ Flow of `train()`:
 4. eval every `eval_steps` (+ once at the end), early stopping on eval loss, checkpoint every
    `save_steps` into `out_dir/checkpoints/step-N/`, final adapter + tokenizer into `out_dir/adapter/`.
 
+Under torch.distributed (`handlers.tuning.distributed` starts the ranks) the same loop runs in every rank:
+each takes every N-th example of each step's window (the global batch and the order stay the job's), the
+LoRA gradients and the loss are summed across ranks before the step (so the update is the one a single
+process makes), eval shards the held-out rows, cancellation is agreed each step, and rank 0 alone reports
+and writes checkpoints (holding every rank's RNG state) and the adapter.
+
 A checkpoint holds the adapter (`save_pretrained`), `optimizer.pt`, `scheduler.pt`, `rng.pt` +
 `trainer_state.json` (step, micro-batch position, epoch, batch index, order seed, tokens, loss history,
 early-stopping state). Resuming from it replays the same data order and RNG streams, so a resumed run ends
@@ -151,17 +157,32 @@ def cpu_budget() -> int:
     return max(1, n)
 
 
+def world() -> tuple[int, int]:
+    """(rank, world size) of this process: (0, 1) unless torch.distributed is initialized."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _local_ranks() -> int:
+    """Ranks sharing this host (torchrun's LOCAL_WORLD_SIZE; all of them when it is not set)."""
+    return int(os.environ.get("LOCAL_WORLD_SIZE") or world()[1])
+
+
 def _setup_threads() -> None:
-    """Never oversubscribe: torch may default to the host's core count inside a 2-CPU container.
+    """Never oversubscribe: torch may default to the host's core count inside a 2-CPU container, and the
+    ranks of a multi-process job share the host's CPUs.
 
     Called in the training thread itself, as OpenMP thread counts are per calling thread.
     """
-    torch.set_num_threads(min(torch.get_num_threads(), cpu_budget()))
+    torch.set_num_threads(max(1, min(torch.get_num_threads(), cpu_budget() // _local_ranks())))
 
 
 def _device() -> tuple[torch.device, torch.dtype]:
     if torch.cuda.is_available():
-        dev = torch.device("cuda")
+        dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if world()[1] > 1 else torch.device("cuda")
         return dev, torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     return torch.device("cpu"), torch.float32
 
@@ -181,6 +202,20 @@ def _rng_state() -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     if torch.cuda.is_available():
         tensors |= {f"cuda{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())}
     return plain, tensors
+
+
+def _rank_rng(meta: dict[str, Any], tensors: dict[str, torch.Tensor], rank: int) -> tuple[
+    dict[str, Any], dict[str, torch.Tensor]
+] | None:
+    """This rank's RNG state in a checkpoint (rank 0's is `rng` / the plain keys; rank r's `rng_ranks[r-1]` /
+    the `rankR:` keys); None when the checkpoint was written by fewer ranks."""
+    if rank == 0:
+        return meta["rng"], {k: v for k, v in tensors.items() if ":" not in k}
+    others = meta.get("rng_ranks") or []
+    if rank > len(others):
+        return None
+    prefix = f"rank{rank}:"
+    return others[rank - 1], {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
 
 
 def _set_rng_state(plain: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
@@ -316,8 +351,21 @@ def find_checkpoint(path: Path) -> Path | None:
 
 
 def _save_checkpoint(out_dir: Path, model: Any, opt: Any, sched: Any, state: _State, plan: _Plan,
-                     best: dict[str, torch.Tensor] | None) -> Path:
-    """Write `checkpoints/step-N` atomically (temp dir + rename): a crash never leaves half a checkpoint."""
+                     best: dict[str, torch.Tensor] | None) -> Path | None:
+    """Write `checkpoints/step-N` atomically (temp dir + rename): a crash never leaves half a checkpoint.
+
+    Under torch.distributed every rank calls this (its RNG state is gathered) and rank 0 alone writes;
+    the other ranks get None."""
+    rank, size = world()
+    plain, tensors = _rng_state()
+    ranks: list[Any] = [(plain, tensors)]
+    if size > 1:
+        import torch.distributed as dist
+
+        ranks = [None] * size if rank == 0 else []
+        dist.gather_object((plain, tensors), ranks if rank == 0 else None, dst=0)
+        if rank != 0:
+            return None
     final = out_dir / "checkpoints" / f"step-{state.step}"
     tmp = final.with_name(f".{final.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -325,7 +373,8 @@ def _save_checkpoint(out_dir: Path, model: Any, opt: Any, sched: Any, state: _St
     model.save_pretrained(tmp)
     torch.save(opt.state_dict(), tmp / "optimizer.pt")
     torch.save(sched.state_dict(), tmp / "scheduler.pt")
-    plain, tensors = _rng_state()
+    for r, (_, more) in enumerate(ranks[1:], start=1):
+        tensors |= {f"rank{r}:{k}": v.cpu() for k, v in more.items()}
     torch.save(tensors, tmp / "rng.pt")
     if best is not None:
         from safetensors.torch import save_file
@@ -335,7 +384,8 @@ def _save_checkpoint(out_dir: Path, model: Any, opt: Any, sched: Any, state: _St
     meta = {
         "step": state.step, "micro_batches": state.micro, "epoch": epoch, "batch_index": batch_index,
         "order_seed": order_seed(plan.seed, epoch), "tokens": state.tokens, "best_eval": state.best_eval,
-        "bad_evals": state.bad_evals, "rng": plain, "plan": asdict(plan),
+        "bad_evals": state.bad_evals, "rng": plain, "plan": asdict(plan), "world_size": size,
+        "rng_ranks": [p for p, _ in ranks[1:]],
         "history": [p.model_dump() for p in state.history],
     }
     (tmp / STATE_FILE).write_text(json.dumps(meta))
@@ -356,7 +406,13 @@ def _load_checkpoint(ckpt: Path, model: Any, opt: Any, sched: Any, plan: _Plan) 
     _load_lora_state(model, load_file(ckpt / "adapter_model.safetensors"))
     opt.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=True))
     sched.load_state_dict(torch.load(ckpt / "scheduler.pt", weights_only=True))
-    _set_rng_state(meta["rng"], torch.load(ckpt / "rng.pt", weights_only=True))
+    rank = world()[0]
+    rng = _rank_rng(meta, torch.load(ckpt / "rng.pt", weights_only=True), rank)
+    if rng is not None:
+        _set_rng_state(*rng)
+    else:  # a checkpoint of fewer ranks: this rank's dropout stream starts afresh (data order is unchanged)
+        log.info("checkpoint %s has no RNG state for rank %d: seeding it", ckpt.name, rank)
+        _seed_all(plan.seed + rank + 1_000_003 * meta["step"])
     best_file = ckpt / "best_adapter.safetensors"
     state = _State(step=meta["step"], micro=meta["micro_batches"], tokens=meta["tokens"],
                    best_eval=meta["best_eval"], bad_evals=meta["bad_evals"],
@@ -403,11 +459,20 @@ def evaluate(model: Any, items: list[D.Example], batch_size: int, pad_id: int, d
     if not items:
         return None
     model.eval()
+    rank, size = world()
     total, count = 0.0, 0
-    for chunk in D.iter_batches(items, batch_size):
+    for i, chunk in enumerate(D.iter_batches(items, batch_size)):
+        if i % size != rank:
+            continue  # another rank's share of the held-out rows
         batch = {k: v.to(device) for k, v in D.to_tensors(chunk, pad_id).items()}
         total += _token_loss_sum(model, batch, autocast).item()
         count += _n_labels(chunk)
+    if size > 1:
+        import torch.distributed as dist
+
+        sums = torch.tensor([total, float(count)], dtype=torch.float64, device=device)
+        dist.all_reduce(sums)
+        total, count = sums[0].item(), int(sums[1].item())
     model.train()
     return total / count if count else None
 
@@ -436,6 +501,8 @@ class _Run:
     session_tokens: int = 0
     resumed_at: int = 0
     trainable: list[torch.Tensor] = field(default_factory=list)
+    rank: int = 0
+    world: int = 1
 
     def info(self, loss: float | None, eval_loss: float | None, lr: float) -> StepInfo:
         s = self.state
@@ -456,14 +523,18 @@ def _optimizer_step(run: _Run, stream: Iterator[list[D.Example]]) -> tuple[float
     lr = run.sched.get_last_lr()[0]
     loss_sum = torch.zeros((), dtype=torch.float32, device=run.device)
     budget = PASS_TOKENS.get(run.device.type, PASS_TOKENS["cpu"])
-    for items in window:
+    mine = window if run.world == 1 else [[ex for items in window for ex in items][run.rank::run.world]]
+    for items in mine:
         for part in _passes(items, budget):
             batch = {k: v.to(run.device, non_blocking=True) for k, v in D.to_tensors(part, run.pad_id).items()}
             loss = _token_loss_sum(run.model, batch, run.autocast) / n_labels
             loss.backward()
             loss_sum += loss.detach()
+    for items in window:  # every rank counts the whole window: tokens are global
         run.session_tokens += D.real_tokens(items)
         run.state.tokens += D.real_tokens(items)
+    if run.world > 1:
+        loss_sum = _sum_across_ranks(run.trainable, loss_sum)
     torch.nn.utils.clip_grad_norm_(run.trainable, MAX_GRAD_NORM)
     run.opt.step()
     run.sched.step()
@@ -472,6 +543,34 @@ def _optimizer_step(run: _Run, stream: Iterator[list[D.Example]]) -> tuple[float
     run.state.micro += run.plan.accum
     run.train_time += time.perf_counter() - t0
     return loss_sum.item(), lr  # the one host sync of a step
+
+
+def _sum_across_ranks(params: list[torch.Tensor], loss_sum: torch.Tensor) -> torch.Tensor:
+    """All-reduce (sum) the LoRA gradients and the loss in one flat buffer: each rank's part is already
+    divided by the window's global label count, so the sum is the single-process gradient. A rank whose
+    shard was empty contributes zeros. Returns the global loss."""
+    import torch.distributed as dist
+
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([*(g.reshape(-1) for g in grads), loss_sum.reshape(1).to(grads[0].dtype)])
+    dist.all_reduce(flat)
+    offset = 0
+    for p in params:
+        p.grad = flat[offset:offset + p.numel()].view_as(p).to(p.dtype)  # no copy when it is fp32
+        offset += p.numel()
+    return flat[-1]
+
+
+def _agreed_stop(run: _Run) -> bool:
+    """The hooks' cancellation (rank 0 holds the real hooks), agreed by every rank at the same step."""
+    stop = run.hooks.should_stop()
+    if run.world == 1:
+        return stop
+    import torch.distributed as dist
+
+    flag = torch.tensor([float(stop)], device=run.device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return bool(flag.item())
 
 
 def _eval_and_maybe_stop(run: _Run, lr: float) -> bool:
@@ -497,7 +596,7 @@ def _loop(run: _Run, train_set: list[D.Example]) -> tuple[bool, bool]:
     stream = _micro_batches(train_set, run.plan, s.micro)
     lr = run.sched.get_last_lr()[0]
     while s.step < run.plan.max_steps:
-        if run.hooks.should_stop():
+        if _agreed_stop(run):
             log.info("cancelled before step %d", s.step + 1)
             return True, False
         loss, lr = _optimizer_step(run, stream)
@@ -506,7 +605,8 @@ def _loop(run: _Run, train_set: list[D.Example]) -> tuple[bool, bool]:
         stop = bool(run.val) and s.step % hp.eval_steps == 0 and _eval_and_maybe_stop(run, lr)
         if s.step % hp.save_steps == 0 or stop:
             ckpt = _save_checkpoint(run.out_dir, run.model, run.opt, run.sched, s, run.plan, run.best)
-            run.hooks.on_checkpoint(ckpt, s.step)
+            if ckpt is not None:  # rank 0
+                run.hooks.on_checkpoint(ckpt, s.step)
         if stop:
             log.info("early stop at step %d: eval loss did not improve for %d evals", s.step, s.bad_evals)
             return False, True
@@ -558,9 +658,12 @@ def train(
     model = _load_model(Path(base_dir), hp, device, dtype)
     opt, sched = _optimizer(model, hp, plan)
     autocast = torch.autocast("cuda", dtype=dtype) if device.type == "cuda" else contextlib.nullcontext()
+    rank, size = world()
     run = _Run(model=model, opt=opt, sched=sched, plan=plan, hp=hp, hooks=hooks, out_dir=out_dir,
                device=device, autocast=autocast, pad_id=pad_id, val=val, state=_State(),
-               trainable=[p for p in model.parameters() if p.requires_grad])
+               trainable=[p for p in model.parameters() if p.requires_grad], rank=rank, world=size)
+    if size > 1:
+        _same_start(run.trainable, hp.seed, rank)
 
     ckpt = find_checkpoint(Path(resume_dir)) if resume_dir is not None else None
     if resume_dir is not None and ckpt is None:
@@ -574,9 +677,21 @@ def train(
     cancelled, stopped_early = _loop(run, train_set)
     if run.best is not None:
         _load_lora_state(model, run.best)  # early stopping tracked a best adapter: ship that one
-    adapter_dir = _save_adapter(model, tokenizer, Path(base_dir), out_dir / "adapter", base)
+    adapter_dir = out_dir / "adapter"
+    if rank == 0:
+        _save_adapter(model, tokenizer, Path(base_dir), adapter_dir, base)
     metrics = _metrics(run, ckpt is not None, time.perf_counter() - started)
     return TrainResult(adapter_dir, metrics, list(run.state.history), cancelled, stopped_early)
+
+
+def _same_start(params: list[torch.Tensor], seed: int, rank: int) -> None:
+    """Every rank starts from rank 0's LoRA weights; then each rank draws its own dropout stream."""
+    import torch.distributed as dist
+
+    with torch.no_grad():
+        for p in params:
+            dist.broadcast(p.data, src=0)
+    _seed_all(seed + rank)
 
 
 def _metrics(run: _Run, resumed: bool, duration: float) -> TrainMetrics:

@@ -42,6 +42,7 @@ from events.payloads import (
 )
 from handlers.report import job_lint
 from handlers.report import save as save_report
+from handlers.tuning.distributed import RanksLost, devices_for
 from handlers.tuning.lint import Estimator, estimate_summary, lint_summary, prepare_with_lint
 from storage import jobs, keys, retention
 from storage.documents import BaseLLM, Dataset, TuningJob, now
@@ -84,10 +85,14 @@ async def on_training_thread(fn: Any, *args: Any, **kwargs: Any) -> Any:
         await loop.run_in_executor(_TRAIN_THREAD, release_memory)
 
 
-async def train_on_worker_thread(*args: Any) -> Any:
-    """`recipe.train(*args)` on the training thread."""
+async def train_on_worker_thread(*args: Any, devices: int = 1) -> Any:
+    """`recipe.train(*args)` on the training thread; over `devices` ranks when more than one."""
     from handlers.tuning import recipe  # torch is imported only by processes that train
 
+    if devices > 1:
+        from handlers.tuning import distributed
+
+        return await on_training_thread(distributed.train, devices, *args)
     return await on_training_thread(recipe.train, *args)
 
 
@@ -248,15 +253,18 @@ async def run(job: TuningJob, model: BaseLLM, dataset: Dataset, ctx: RunContext,
     loop = asyncio.get_running_loop()
     hooks = _Hooks(loop, job, ctx, hp)
     beat = asyncio.create_task(_heartbeat(job, hooks, ctx))
+    devices = devices_for(hp, ctx.settings.tuning_max_devices)
     try:
         # the training thread runs in a copy of this context: its progress and checkpoint uploads are children
         with tracing.span("training", job_id=job.job_id, resume_step=job.checkpoint_step if resume_dir else None):
             result = await train_on_worker_thread(base_dir, data_path, dataset.format or "text", hp, work / "out",
                                                   hooks, resume_dir, hooks.prepare,
-                                                  (model.repo_id, model.sha or model.revision))
+                                                  (model.repo_id, model.sha or model.revision), devices=devices)
         # still heartbeating: scoring a real model takes longer than the message's ack wait
         report = None if result.cancelled else await evaluate_job(job, base_dir, data_path, dataset, hp,
                                                                   result.adapter_dir, ctx.settings, eval_data)
+    except RanksLost as e:  # a training rank died: retried, and the next delivery resumes from the checkpoint
+        raise TransientError(str(e)) from e
     except CodeTuneError as e:
         return await _failed(job, ErrorInfo(code=e.code, message=e.message))
     except Exception as e:
