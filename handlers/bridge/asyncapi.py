@@ -32,7 +32,7 @@ def generate() -> dict[str, Any]:
 
 
 def render(spec: dict[str, Any]) -> str:
-    return json.dumps(spec, indent=2, ensure_ascii=False) + "\n"
+    return json.dumps(spec, indent=2, ensure_ascii=False, sort_keys=True) + "\n"  # stable: no churn from set order
 
 
 def drifted(path: Path = SPEC_PATH) -> bool:
