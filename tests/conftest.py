@@ -188,10 +188,12 @@ async def client(settings) -> AsyncIterator:
 
 @pytest.fixture(scope="session")
 async def workers(settings, db, client) -> AsyncIterator[object]:
-    """The light stages running in-process on the real stack (tuning runs in worker processes)."""
+    """The light stages running in-process on the real stack (tuning runs in worker processes); their
+    Prometheus metrics on a free port (`app.context.get("metrics").url`)."""
     from handlers.app import build_app
 
-    app = build_app(["datasets", "intake", "models", "export", "serving"], settings, access_log_level=logging.INFO)
+    app = build_app(["datasets", "intake", "models", "export", "serving"], settings.model_copy(
+        update={"metrics_port": 0}), access_log_level=logging.INFO)
     await app.start()
     yield app
     await app.stop()
@@ -221,6 +223,11 @@ class WorkerProcess:
             time.sleep(0.1)
         return self
 
+    @property
+    def metrics_url(self) -> str:
+        """Its Prometheus endpoint (when started with `CODETUNE_METRICS_PORT`)."""
+        return f"http://127.0.0.1:{self.env['CODETUNE_METRICS_PORT']}/metrics"
+
     def kill9(self) -> None:
         assert self.proc is not None
         self.proc.send_signal(signal.SIGKILL)
@@ -238,6 +245,7 @@ class WorkerProcess:
 
 @pytest.fixture(scope="session")
 def tuning_worker(env: dict[str, str], stack_home: Path, workers: object) -> Iterator[WorkerProcess]:
-    w = WorkerProcess(env, ["tuning"], stack_home / "tuning-worker.log").start()
+    w = WorkerProcess({**env, "CODETUNE_METRICS_PORT": str(free_port())}, ["tuning"],
+                      stack_home / "tuning-worker.log").start()
     yield w
     w.stop()

@@ -4,6 +4,7 @@ Routers and their guards:
 - `root` (`GET /`), `health` (liveness/readiness) and `docs` (/docs, /openapi.json, /asyncapi,
   /asyncapi.json and their assets, served offline): public; `WS /ws` (in `root`) checks the bearer token
   on its handshake;
+- `GET /metrics` (metrics.py, Prometheus): public, like `/healthz`;
 - `webhooks` (`POST /events/{subject}`): HMAC signature (or the bearer token when no webhook secret);
 - the seed's `/api/v1/...` routes: bearer token.
 Browser origins: CORS with `CODETUNE_CORS_ORIGINS` and an Origin guard (`origins.py`).
@@ -20,7 +21,7 @@ from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
 from core.settings import Settings, get_settings
-from handlers.bridge import errors
+from handlers.bridge import errors, metrics
 from handlers.bridge.auth import Authenticated, secret
 from handlers.bridge.limits import BodyLimit
 from handlers.bridge.origins import OriginGuard, Origins, cors_options
@@ -85,6 +86,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(BodyLimit, max_bytes=settings.webhook_max_bytes, exempt=(UPLOAD_PATH,))
     app.add_middleware(CORSMiddleware, **cors_options(settings))
     app.add_middleware(OriginGuard, origins=Origins(settings))  # outermost: a refused origin reaches nothing
+    metrics.install(app)  # GET /metrics (public, like /healthz) and request latency (times even refusals)
     app.include_router(root.router)  # GET / (public) and WS /ws (checks the token itself)
     app.include_router(health.router)
     docs.install(app)  # /docs, /asyncapi and their assets from installed packages (works offline)
