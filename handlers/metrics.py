@@ -8,7 +8,7 @@ product's own metrics are defined here, once, and observed where their rule live
 - checkpoint upload time: the tuning stage's checkpoint upload (same file);
 - export time: the export stage (handlers/export/service.py);
 - dead letters by subject: the one place letters are filed (handlers/common.py `dead_letter`);
-- bridge request latency by route and status: the bridge's ASGI middleware below;
+- bridge request latency by route and status: the bridge's ASGI middleware (handlers/bridge/metrics.py);
 - jobs by status: a gauge the bridge computes from MongoDB on each scrape. Jobs are state in MongoDB,
   moved by several stages on any number of hosts; counting the query's answer is right however many
   workers run (a per-worker counter of transitions could not say how many jobs are queued now).
@@ -31,8 +31,7 @@ from typing import TYPE_CHECKING, Any
 from faststream.nats.prometheus import NatsPrometheusMiddleware
 from faststream.nats.prometheus.provider import NatsMetricsSettingsProvider, settings_provider_factory
 from faststream.prometheus import ConsumeAttrs, PrometheusMiddleware
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.exposition import start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 from events import subjects as s
 

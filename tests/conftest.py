@@ -135,7 +135,8 @@ def env(stack_home: Path, hub_cache: Path, ollama_host: str) -> Iterator[dict[st
 
     e = stack_env(stack_home)
     e |= {"CODETUNE_HF_CACHE_DIR": str(hub_cache), "CODETUNE_HF_OFFLINE": "true",
-          "CODETUNE_WORK_DIR": str(stack_home / "work"), "CODETUNE_OLLAMA_HOST": ollama_host}
+          "CODETUNE_WORK_DIR": str(stack_home / "work"), "CODETUNE_OLLAMA_HOST": ollama_host,
+          "CODETUNE_METRICS_PORT": "0"}  # every worker serves Prometheus metrics, each on a free port
     llamacpp = ROOT / ".codetune" / "llama.cpp"
     if not os.environ.get("CODETUNE_LLAMACPP_DIR") and llamacpp.is_dir():
         from handlers.export.llamacpp import LLAMA_CPP_PYTHON_VERSION
@@ -192,8 +193,7 @@ async def workers(settings, db, client) -> AsyncIterator[object]:
     Prometheus metrics on a free port (`app.context.get("metrics").url`)."""
     from handlers.app import build_app
 
-    app = build_app(["datasets", "intake", "models", "export", "serving"], settings.model_copy(
-        update={"metrics_port": 0}), access_log_level=logging.INFO)
+    app = build_app(["datasets", "intake", "models", "export", "serving"], settings, access_log_level=logging.INFO)
     await app.start()
     yield app
     await app.stop()

