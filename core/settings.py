@@ -92,6 +92,11 @@ class Settings(BaseSettings):
     # the Ollama model `POST /api/v1/assistant/chat` talks to when the request names none
     assistant_model: str | None = None
 
+    # --- Metrics (README "Metrics"): a worker serves Prometheus metrics on this port (unset: none; 0: any
+    # free port, logged); the bridge serves GET /metrics on its own port
+    metrics_port: int | None = Field(None, ge=0, le=65535)
+    metrics_host: str = "127.0.0.1"
+
     # --- Local stack (loopback only)
     home: Path = Path(".codetune")
     stack_nats_port: int = 4222

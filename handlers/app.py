@@ -35,6 +35,7 @@ from core.settings import Settings, get_settings
 from events.client import connect_options, provision_as_admin
 from handlers.common import Services, StructuredTraceContext
 from handlers.idle import IdleTracker
+from handlers.metrics import WorkerMetrics
 from storage.objects import ObjectStore
 
 # Stage name → module exposing `router`. Imported lazily: a datasets worker never imports torch.
@@ -103,6 +104,7 @@ def build_app(
     app = FastStream(broker, specification=AsyncAPI(
         broker, title="CodeTune", version="0.1.0",
         description="Fine-tune open LLMs on your data and serve them with Ollama."))
+    WorkerMetrics(settings, app_name=f"codetune-{worker_role(names)}").install(app, broker)  # README "Metrics"
 
     @app.on_startup
     async def _startup() -> None:

@@ -47,6 +47,7 @@ from events import subjects as s
 from events.envelope import EventMeta, body_text, ce_headers, derived_id, new_event_id, unwrap
 from events.payloads import DeadLetter, ErrorInfo, Payload
 from events.streams import CONSUMERS, DEFAULT_RETRY, EVENTS, STREAMS, Consumer, RetryPolicy
+from handlers.metrics import DEAD_LETTERS, subject_label
 from storage.objects import ObjectStore
 
 log = logging.getLogger("codetune")
@@ -385,6 +386,7 @@ async def dead_letter(msg: NatsMessage, reason: ErrorInfo, store: ObjectStore | 
     )
     dlq_id = derived_id(f"{md.stream}-{md.sequence.stream}", "dlq")
     filed = await outputs.publish(letter, dlq_id, s.dead_letter_subject(raw.subject))
+    DEAD_LETTERS.labels(subject=subject_label(raw.subject)).inc()
     # the failure names its letter (a redelivered duplicate is acked with the first letter's sequence)
     failure = await _failure_payload(raw.subject, body, reason.model_copy(update={"dead_letter_seq": filed.seq}))
     if failure is not None:

@@ -170,6 +170,9 @@ def worker(
     exit_when_idle: float | None = typer.Option(
         None, "--exit-when-idle", metavar="SECONDS", min=0.1,
         help="drain and exit (code 0) after SECONDS with no message in flight or received (scale to zero)"),
+    metrics_port: int | None = typer.Option(
+        None, "--metrics-port", metavar="PORT", min=0, max=65535,
+        help="serve Prometheus metrics on PORT (0: any free port, logged; default CODETUNE_METRICS_PORT)"),
 ) -> None:
     """Run stage handlers in this process. Start several to scale out: they share durable consumers."""
     import logging
@@ -179,7 +182,10 @@ def worker(
     # a service logs at INFO whatever the CLI's console level (force: replaces the quiet default's handler)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s", force=True)
     logging.getLogger("nats").setLevel(logging.NOTSET)
-    application = build_app(stages or None, access_log_level=logging.INFO if access_log else logging.DEBUG,
+    settings = get_settings()
+    if metrics_port is not None:
+        settings = settings.model_copy(update={"metrics_port": metrics_port})
+    application = build_app(stages or None, settings, access_log_level=logging.INFO if access_log else logging.DEBUG,
                             exit_when_idle=exit_when_idle)
     asyncio.run(application.run())
 

@@ -281,3 +281,13 @@ async def job_stats() -> dict[str, Any]:
         elif raw.get("max_steps"):
             progress += min(1.0, (raw.get("step") or 0) / raw["max_steps"])
     return {"total_tasks": total, "average_progress": progress / total if total else 0.0}
+
+
+STATUSES = (VALIDATING, QUEUED, WAITING, RUNNING, SUCCEEDED, FAILED, CANCELLED)
+
+
+async def status_counts() -> dict[str, int]:
+    """How many jobs are in each status now (every status, 0 included): one indexed count per status."""
+    coll = TuningJob.get_pymongo_collection()
+    counts = await asyncio.gather(*(coll.count_documents({"status": status}) for status in STATUSES))
+    return dict(zip(STATUSES, counts, strict=True))

@@ -136,7 +136,8 @@ def env(stack_home: Path, hub_cache: Path, ollama_host: str) -> Iterator[dict[st
     e = stack_env(stack_home)
     e |= {"CODETUNE_HF_CACHE_DIR": str(hub_cache), "CODETUNE_HF_OFFLINE": "true",
           "CODETUNE_WORK_DIR": str(stack_home / "work"), "CODETUNE_OLLAMA_HOST": ollama_host,
-          "CODETUNE_TUNING_MAX_DEVICES": "2"}  # a job asking `devices: 2` trains in 2 gloo ranks
+          "CODETUNE_TUNING_MAX_DEVICES": "2",  # a job asking `devices: 2` trains in 2 gloo ranks
+          "CODETUNE_METRICS_PORT": "0"}  # every worker serves Prometheus metrics, each on a free port
     llamacpp = ROOT / ".codetune" / "llama.cpp"
     if not os.environ.get("CODETUNE_LLAMACPP_DIR") and llamacpp.is_dir():
         from handlers.export.llamacpp import LLAMA_CPP_PYTHON_VERSION
@@ -189,7 +190,8 @@ async def client(settings) -> AsyncIterator:
 
 @pytest.fixture(scope="session")
 async def workers(settings, db, client) -> AsyncIterator[object]:
-    """The light stages running in-process on the real stack (tuning runs in worker processes)."""
+    """The light stages running in-process on the real stack (tuning runs in worker processes); their
+    Prometheus metrics on a free port (`app.context.get("metrics").url`)."""
     from handlers.app import build_app
 
     app = build_app(["datasets", "intake", "models", "export", "serving", "ollama"], settings,
@@ -223,6 +225,11 @@ class WorkerProcess:
             time.sleep(0.1)
         return self
 
+    @property
+    def metrics_url(self) -> str:
+        """Its Prometheus endpoint (when started with `CODETUNE_METRICS_PORT`)."""
+        return f"http://127.0.0.1:{self.env['CODETUNE_METRICS_PORT']}/metrics"
+
     def kill9(self) -> None:
         assert self.proc is not None
         self.proc.send_signal(signal.SIGKILL)
@@ -240,6 +247,7 @@ class WorkerProcess:
 
 @pytest.fixture(scope="session")
 def tuning_worker(env: dict[str, str], stack_home: Path, workers: object) -> Iterator[WorkerProcess]:
-    w = WorkerProcess(env, ["tuning"], stack_home / "tuning-worker.log").start()
+    w = WorkerProcess({**env, "CODETUNE_METRICS_PORT": str(free_port())}, ["tuning"],
+                      stack_home / "tuning-worker.log").start()
     yield w
     w.stop()

@@ -4,6 +4,7 @@ Routers and their guards:
 - `root` (`GET /`), `health` (liveness/readiness) and `docs` (/docs, /openapi.json, /asyncapi,
   /asyncapi.json and their assets, served offline): public; `WS /ws` (in `root`) checks the bearer token
   on its handshake;
+- `GET /metrics` (metrics.py, Prometheus): public, like `/healthz`;
 - `webhooks` (`POST /events/{subject}`): HMAC signature (or the bearer token when no webhook secret);
 - the seed's `/api/v1/...` routes: bearer token.
 Browser origins: CORS with `CODETUNE_CORS_ORIGINS` and an Origin guard (`origins.py`).
@@ -21,7 +22,7 @@ from fastapi.middleware.cors import CORSMiddleware
 
 from core import tracing
 from core.settings import Settings, get_settings
-from handlers.bridge import errors
+from handlers.bridge import errors, metrics
 from handlers.bridge.auth import Authenticated, secret
 from handlers.bridge.limits import BodyLimit
 from handlers.bridge.origins import OriginGuard, Origins, cors_options
@@ -90,6 +91,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     # README "Tracing": FastAPI's own telemetry makes a server span per request, continuing the caller's
     # `traceparent`, once a tracer provider is configured; what the route publishes carries it on
     tracing.configure(settings, "codetune-bridge")
+    metrics.install(app)  # GET /metrics (public, like /healthz) and request latency (times even refusals)
     app.include_router(root.router)  # GET / (public) and WS /ws (checks the token itself)
     app.include_router(health.router)
     docs.install(app)  # /docs, /asyncapi and their assets from installed packages (works offline)

@@ -34,6 +34,7 @@ from events.payloads import (
     TuningCompleted,
 )
 from handlers.export.gate import decide
+from handlers.metrics import EXPORT_SECONDS
 from handlers.report import of_job as report_of
 from handlers.report import save as save_report
 from storage import keys
@@ -79,19 +80,32 @@ async def export(event: TuningCompleted, store: ObjectStore, settings: Settings,
                  ) -> list[Payload]:
     """Export the job's model, check the GGUF and apply the quality gate; returns the events to emit, in
     order (`model.evaluated`, then `model.exported` or `model.export.failed`); none when there is nothing
-    to do (no export asked, or already exported)."""
-    from handlers.export import gguf
-    from handlers.export.llamacpp import ensure_converters
-    from handlers.ollama_format.chat_format import ollama_template
-    from handlers.ollama_format.modelfile import render_modelfile
-
+    to do (no export asked, or already exported); the export's time goes to `codetune_export_seconds`."""
     if event.export is None:
         check_completed(await TuningJob.find_one(TuningJob.job_id == event.job_id), event)
         return []
     job = await claim_export(event, redelivered=redelivered)
     if job is None:
         return []
+    started, outcome = time.perf_counter(), "error"  # error: raised (retried or dead-lettered)
+    try:
+        answers = await _export_claimed(job, event, store, settings)
+        outcome = "exported" if isinstance(answers[-1], ModelExported) else "failed"
+        return answers
+    finally:
+        EXPORT_SECONDS.labels(mode=event.export.mode, outcome=outcome).observe(time.perf_counter() - started)
+
+
+async def _export_claimed(job: TuningJob, event: TuningCompleted, store: ObjectStore, settings: Settings
+                          ) -> list[Payload]:
+    """`export` of a job claimed for it (stage `exporting`)."""
+    from handlers.export import gguf
+    from handlers.export.llamacpp import ensure_converters
+    from handlers.ollama_format.chat_format import ollama_template
+    from handlers.ollama_format.modelfile import render_modelfile
+
     opts = event.export
+    assert opts is not None
     model = await BaseLLM.find_one(BaseLLM.repo_id == event.base_model, BaseLLM.sha == event.sha)
     if model is None or not model.prefix:
         return [await _failed(event, ExportError(f"base model {event.base_model}@{event.sha} is not in the bucket"))]

@@ -79,6 +79,8 @@ class StepInfo:
     tokens: int
     tokens_per_s: float
     eta_s: float | None
+    step_s: float = 0.0  # the last optimizer step's time (handlers/metrics.py)
+    step_tokens: int = 0  # the real tokens of the last optimizer step
 
 
 class TrainHooks(Protocol):
@@ -499,6 +501,7 @@ class _Run:
     best: dict[str, torch.Tensor] | None = None
     train_time: float = 0.0  # seconds inside optimizer steps this session (no eval, no checkpoint I/O)
     session_tokens: int = 0
+    last_step: tuple[float, int] = (0.0, 0)  # (seconds, tokens) of the last optimizer step
     resumed_at: int = 0
     trainable: list[torch.Tensor] = field(default_factory=list)
     rank: int = 0
@@ -512,12 +515,14 @@ class _Run:
             loss=loss, eval_loss=eval_loss, learning_rate=lr, tokens=s.tokens,
             tokens_per_s=self.session_tokens / self.train_time if self.train_time else 0.0,
             eta_s=per_step * (self.plan.max_steps - s.step) if s.step > self.resumed_at else None,
+            step_s=self.last_step[0], step_tokens=self.last_step[1],
         )
 
 
 def _optimizer_step(run: _Run, stream: Iterator[list[D.Example]]) -> tuple[float, float]:
     """One optimizer step over `accum` micro-batches; returns (mean token loss, learning rate used)."""
     t0 = time.perf_counter()
+    tokens_before = run.session_tokens
     window = [next(stream) for _ in range(run.plan.accum)]
     n_labels = max(1, sum(_n_labels(items) for items in window))
     lr = run.sched.get_last_lr()[0]
@@ -541,7 +546,9 @@ def _optimizer_step(run: _Run, stream: Iterator[list[D.Example]]) -> tuple[float
     run.opt.zero_grad(set_to_none=True)
     run.state.step += 1
     run.state.micro += run.plan.accum
-    run.train_time += time.perf_counter() - t0
+    took = time.perf_counter() - t0
+    run.train_time += took
+    run.last_step = (took, run.session_tokens - tokens_before)
     return loss_sum.item(), lr  # the one host sync of a step
 
 

@@ -40,6 +40,7 @@ from events.payloads import (
     TuningFailed,
     TuningProgress,
 )
+from handlers import metrics
 from handlers.report import job_lint
 from handlers.report import save as save_report
 from handlers.tuning.distributed import RanksLost, devices_for
@@ -139,6 +140,8 @@ class _Hooks:
         return asyncio.run_coroutine_threadsafe(coro, self.loop)
 
     def on_step(self, info: Any) -> None:
+        if info.eval_loss is None:  # an optimizer step (an eval repeats the step's info)
+            metrics.observe_step(info.step_s, info.step_tokens, info.tokens_per_s)
         estimate = self.estimator.observe(info) if self.estimator else None
         if estimate is not None:
             log.info("job %s: %s", self.job.job_id, estimate_summary(estimate))
@@ -177,7 +180,8 @@ class _Hooks:
         then record it on the job and drop all but the newest `KEEP_CHECKPOINTS`."""
         prefix = keys.checkpoint_prefix(self.job.job_id, step)
         state = ckpt_dir / keys.CHECKPOINT_STATE_FILE
-        with tracing.span("checkpoint upload", job_id=self.job.job_id, step=step):
+        with tracing.span("checkpoint upload", job_id=self.job.job_id, step=step), \
+                metrics.CHECKPOINT_UPLOAD_SECONDS.time():  # observed when the upload succeeded or failed
             for path in sorted(p for p in ckpt_dir.rglob("*") if p.is_file() and p != state):
                 await self.ctx.store.put_file(f"{prefix}/{path.relative_to(ckpt_dir).as_posix()}", path)
             await self.ctx.store.put_file(f"{prefix}/{keys.CHECKPOINT_STATE_FILE}", state)

@@ -14,7 +14,7 @@ OURS = {"core", "events", "storage", "handlers", "infra", "tests", "bench"}
 
 # handlers/: the pipeline stages, and what sits beside them
 STAGES = {"datasets", "intake", "models", "tuning", "export", "serving", "ollama"}
-SHARED = {"common", "report", "ollama_format", "ollama_ops"}  # shared handler modules any stage may import
+SHARED = {"common", "report", "ollama_format", "ollama_ops", "metrics"}  # shared handler modules any stage may import
 COMPOSERS = {"app", "bridge", "contract"}  # compose stages (process, HTTP front, contract table)
 
 # Sibling-stage imports allowed, each with the work that removes it; an entry that no longer occurs fails the
