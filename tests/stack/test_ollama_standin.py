@@ -17,7 +17,7 @@ from pathlib import Path
 import httpx
 import ollama
 import pytest
-from test_export import TinyArtifacts, tiny_artifacts
+from artifacts import TinyArtifacts, tiny_artifacts  # tests/artifacts.py
 
 from handlers import ollama_ops as ops
 from handlers.ollama_format.chat_format import ollama_template
