@@ -48,7 +48,7 @@ import torch
 from core.errors import HyperparameterError, InvalidInputError
 from events.payloads import Hyperparameters, LossPoint, TrainMetrics
 from handlers.tuning import data as D
-from handlers.tuning import packed
+from handlers.tuning import dropout, packed
 from handlers.tuning.loss import token_loss_sum
 from storage.keys import CHECKPOINT_STATE_FILE as STATE_FILE
 from storage.local import TOKENIZER_FILES
@@ -257,6 +257,8 @@ def _load_model(base_dir: Path, hp: Hyperparameters, device: torch.device, dtype
     with warnings.catch_warnings():  # peft 0.21 probes transformers 5's deprecated `is_gradient_checkpointing`
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
         peft_model = get_peft_model(model, lora)
+    if not cuda:
+        dropout.install(peft_model)  # the same LoRA dropout without torch's slow CPU Bernoulli sampler
     return peft_model.to(device)  # peft keeps LoRA weights in fp32 (autocast handles bf16)
 
 
