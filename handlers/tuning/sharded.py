@@ -17,11 +17,14 @@ adapter.
 
 from __future__ import annotations
 
-from typing import Any
+import sys
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 import torch.distributed as dist
-from torch.distributed.tensor import DTensor, distribute_tensor
+
+if TYPE_CHECKING:
+    from torch.distributed.tensor import DTensor
 
 
 def shard(model: Any, device_type: str, dtype: torch.dtype) -> None:
@@ -51,18 +54,20 @@ def shard(model: Any, device_type: str, dtype: torch.dtype) -> None:
         unit.set_force_sum_reduction_for_comms(True)  # SUM, not PREMUL_SUM (which gloo lacks)
 
 
+def is_shard(t: Any) -> bool:
+    """A sharded (FSDP) tensor: FSDP reduces its gradient itself. (No import: a process that never loaded
+    torch.distributed.tensor, half a second of imports, has no DTensor.)"""
+    module = sys.modules.get("torch.distributed.tensor")
+    return module is not None and isinstance(t, module.DTensor)
+
+
 def is_sharded(model: Any) -> bool:
-    return any(isinstance(p, DTensor) for p in model.parameters())
-
-
-def is_shard(t: torch.Tensor) -> bool:
-    """A sharded (FSDP) tensor: FSDP reduces its gradient itself."""
-    return isinstance(t, DTensor)
+    return any(is_shard(p) for p in model.parameters())
 
 
 def full(t: torch.Tensor) -> torch.Tensor:
     """A whole tensor from a sharded one (a collective); a plain tensor as it is."""
-    return t.full_tensor() if isinstance(t, DTensor) else t
+    return cast("DTensor", t).full_tensor() if is_shard(t) else t
 
 
 def full_trainable(model: Any) -> dict[str, torch.Tensor]:
@@ -83,6 +88,8 @@ def load_trainable(model: Any, state: dict[str, torch.Tensor]) -> list[str]:
 
 def _like(value: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
     """`value` (whole) as `p` holds it: this rank's shard of it when `p` is sharded."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
     if isinstance(p, DTensor):
         return distribute_tensor(value.to(p.device, p.dtype), p.device_mesh, p.placements, src_data_rank=None)
     return value.to(p.device, p.dtype)
@@ -98,6 +105,8 @@ def full_optimizer_state(opt: torch.optim.Optimizer) -> dict[str, Any]:
 
 def shard_optimizer_state(opt: torch.optim.Optimizer) -> None:
     """After `opt.load_state_dict(whole state)`: turn each sharded parameter's state into its shards."""
+    from torch.distributed.tensor import DTensor
+
     for group in opt.param_groups:
         for p in group["params"]:
             if not isinstance(p, DTensor):
@@ -110,6 +119,8 @@ def shard_optimizer_state(opt: torch.optim.Optimizer) -> None:
 
 def clip_grad_norm(params: list[torch.Tensor], max_norm: float) -> None:
     """`torch.nn.utils.clip_grad_norm_` over sharded and whole gradients alike (the global L2 norm)."""
+    from torch.distributed.tensor import DTensor
+
     grads = [p.grad for p in params if p.grad is not None]
     if not grads:
         return
