@@ -17,6 +17,7 @@ no checkpoints. Only the batching and the loop differ:
 - ours-2ranks: `ours` as a job with `devices: 2` (`handlers.tuning.distributed`: 2 torch.distributed
               ranks, gloo on CPU / NCCL on CUDA, each with half the threads; the same global batch);
               wall and CPU include starting the ranks, CPU sums the worker and its ranks;
+- ours-2ranks-fsdp: `ours-2ranks` with `parallel: fsdp` (the base sharded across the 2 ranks, FSDP2);
 - reference:  `Trainer` with `DataCollatorForSeq2Seq` padding each batch of 8 to its longest example.
 
 Each run is its own subprocess so that peak RSS is measured per run (`os.wait4` rusage of that child).
@@ -49,6 +50,7 @@ LABELS = {
     "ours": "ours (packed, batch 8)",
     "ours-accum": "ours (packed, batch 2 x accum 4)",
     "ours-2ranks": "ours, devices 2 (2 ranks x 4)",
+    "ours-2ranks-fsdp": "ours, devices 2, fsdp",
     "reference": "Trainer+peft (padded, batch 8)",
     "trl": "TRL SFTTrainer+peft (packed, b 8)",
 }
@@ -56,7 +58,8 @@ REFERENCES = ("reference", "trl")
 LORA = {"r": 8, "lora_alpha": 16, "lora_dropout": 0.05, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]}
 
 
-def _ours(model_dir: Path, data: Path, out: Path, micro: int = BATCH, devices: int = 1) -> dict[str, Any]:
+def _ours(model_dir: Path, data: Path, out: Path, micro: int = BATCH, devices: int = 1,
+         parallel: str = "ddp") -> dict[str, Any]:
     """Our recipe; `micro` < BATCH keeps the optimizer batch (8 sequences) with gradient accumulation;
     `devices` > 1 runs it in that many ranks."""
     import resource
@@ -73,7 +76,7 @@ def _ours(model_dir: Path, data: Path, out: Path, micro: int = BATCH, devices: i
     hp = Hyperparameters(epochs=1, batch_size=micro, gradient_accumulation_steps=BATCH // micro,
                          max_seq_len=SEQ, learning_rate=LR, packing=True,
                          validation_split=0, save_steps=10**6, eval_steps=10**6, seed=SEED,
-                         warmup_ratio=0.03, lr_scheduler="cosine")
+                         warmup_ratio=0.03, lr_scheduler="cosine", devices=devices, parallel=parallel)
     if devices > 1:
         result = distributed.train(devices, model_dir, data, "chat", hp, out, NullHooks())
     else:
@@ -205,7 +208,8 @@ def _child(kind: str, model_dir: Path, data: Path, out: Path) -> None:
         result = _trl(model_dir, data, out)
     else:
         result = _ours(model_dir, data, out, micro=2 if kind == "ours-accum" else BATCH,
-                       devices=2 if kind == "ours-2ranks" else 1)
+                       devices=2 if kind.startswith("ours-2ranks") else 1,
+                       parallel="fsdp" if kind == "ours-2ranks-fsdp" else "ddp")
     result |= _gpu_stats(model_dir, result)
     print("RESULT " + json.dumps(result), flush=True)
 
@@ -306,7 +310,7 @@ def main(argv: list[str] | None = None) -> None:
             print(f"{LABELS[kind]:<34}{r['loop_tok_s']:>10.0f}{r['gpu_peak_mb']:>13.0f}{r['tflops']:>9.1f}{mfu:>7}")
     for ref_kind in (k for k in REFERENCES if k in results):
         ref = results[ref_kind]
-        for kind in (k for k in ("ours", "ours-accum", "ours-2ranks") if k in results):
+        for kind in (k for k in ("ours", "ours-accum", "ours-2ranks", "ours-2ranks-fsdp") if k in results):
             r = results[kind]
             cpu_ratio = (r["tokens"] / r["cpu_s"]) / (ref["tokens"] / ref["cpu_s"])
             print(f"ratio {kind}/{ref_kind}: loop tok/s {r['loop_tok_s'] / ref['loop_tok_s']:.2f}x, "

@@ -287,11 +287,16 @@ class Hyperparameters(BaseModel):
                                                           "tuned model in the job's evaluation report")
     devices: int = Field(1, ge=1, le=64, description="training processes (one per GPU; gloo on CPU) sharing each "
                                                      "global batch; a worker caps it at CODETUNE_TUNING_MAX_DEVICES")
+    parallel: Literal["ddp", "fsdp"] = Field("ddp", description="with devices > 1: ddp replicates the model in "
+                                             "every process; fsdp shards the frozen base across them (FSDP2), "
+                                             "for a base larger than one GPU")
 
     @model_validator(mode="after")
     def _length(self) -> Hyperparameters:
         if self.epochs is None and self.max_steps is None:
             self.epochs = 1
+        if self.parallel == "fsdp" and self.devices < 2:
+            raise ValueError("parallel 'fsdp' shards the model across processes: it needs devices >= 2")
         return self
 
 

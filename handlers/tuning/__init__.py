@@ -7,6 +7,7 @@
   a worker thread and gets progress, checkpoints and cancellation through `TrainHooks`.
 - `distributed.py`: a job's `devices: N` — the same `train()` in N torch.distributed ranks (child
   processes), rank 0 bridged to the handler's `TrainHooks`; kill-safe (process group, PR_SET_PDEATHSIG).
+- `sharded.py`: `parallel: fsdp` — FSDP2 sharding of the base across those ranks, checkpoints gathered whole.
 
 Both import torch/transformers only inside functions or their own module, so importing this package is
 light; router wiring lives with the handler.

@@ -18,7 +18,9 @@ Under torch.distributed (`handlers.tuning.distributed` starts the ranks) the sam
 each takes every N-th example of each step's window (the global batch and the order stay the job's), the
 LoRA gradients and the loss are summed across ranks before the step (so the update is the one a single
 process makes), eval shards the held-out rows, cancellation is agreed each step, and rank 0 alone reports
-and writes checkpoints (holding every rank's RNG state) and the adapter.
+and writes checkpoints (holding every rank's RNG state) and the adapter. With `parallel: fsdp` the frozen
+base is sharded across the ranks too (`sharded`: FSDP2 reduces the LoRA gradients itself; checkpoints keep
+the same format, gathered whole).
 
 A checkpoint holds the adapter (`save_pretrained`), `optimizer.pt`, `scheduler.pt`, `rng.pt` +
 `trainer_state.json` (step, micro-batch position, epoch, batch index, order seed, tokens, loss history,
@@ -48,7 +50,7 @@ import torch
 from core.errors import HyperparameterError, InvalidInputError
 from events.payloads import Hyperparameters, LossPoint, TrainMetrics
 from handlers.tuning import data as D
-from handlers.tuning import dropout, packed
+from handlers.tuning import dropout, packed, sharded
 from handlers.tuning.loss import token_loss_sum
 from storage.keys import CHECKPOINT_STATE_FILE as STATE_FILE
 from storage.local import TOKENIZER_FILES
@@ -234,16 +236,20 @@ def _set_rng_state(plain: dict[str, Any], tensors: dict[str, torch.Tensor]) -> N
 # --------------------------------------------------------------------------- model and optimizer
 
 
-def _load_model(base_dir: Path, hp: Hyperparameters, device: torch.device, dtype: torch.dtype) -> Any:
+def _load_model(base_dir: Path, hp: Hyperparameters, device: torch.device, dtype: torch.dtype,
+                on_host: bool = False) -> Any:
+    """`on_host`: stay in host memory (FSDP moves each rank's shards to its GPU), in the GPU's dtype."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
     cuda = device.type == "cuda"
+    if on_host:
+        device = torch.device("cpu")
     model = AutoModelForCausalLM.from_pretrained(
         base_dir,
         dtype=dtype if cuda else torch.float32,
         attn_implementation=packed.register(),  # SDPA, example by example in packed rows
-        device_map={"": device.index or 0} if cuda else None,  # load straight to the GPU, not via host RAM
+        device_map={"": device.index or 0} if device.type == "cuda" else None,  # straight to the GPU
     )
     model.config.use_cache = False
     lora = LoraConfig(
@@ -274,14 +280,24 @@ def _optimizer(model: Any, hp: Hyperparameters, plan: _Plan) -> tuple[torch.opti
 
 
 def _lora_state(model: Any) -> dict[str, torch.Tensor]:
+    """The adapter's weights (peft's saved names), on the CPU; a collective under FSDP."""
     from peft import get_peft_model_state_dict
 
-    return {k: v.detach().to("cpu", copy=True) for k, v in get_peft_model_state_dict(model).items()}
+    whole = sharded.full_trainable(model) if sharded.is_sharded(model) else None
+    return {k: v.detach().to("cpu", copy=True) for k, v in get_peft_model_state_dict(model, whole).items()}
 
 
 def _load_lora_state(model: Any, state: dict[str, torch.Tensor]) -> None:
     from peft import set_peft_model_state_dict
 
+    if sharded.is_sharded(model):  # peft's names without the adapter's: the rule peft saves by
+        suffix = f".{model.active_adapter}"
+        names = {n.replace(suffix, ""): n for n, p in model.named_parameters() if p.requires_grad}
+        unknown = [k for k in state if k not in names]
+        missing = sharded.load_trainable(model, {names[k]: v for k, v in state.items() if k in names})
+        if unknown or missing:
+            raise InvalidInputError(f"checkpoint adapter does not match the model: {(unknown + missing)[:3]}")
+        return
     result: Any = set_peft_model_state_dict(model, state)  # peft annotates `namedtuple`: torch's _IncompatibleKeys
     bad = [k for k in (*result.unexpected_keys, *result.missing_keys) if "lora_" in k]
     if bad:
@@ -363,6 +379,9 @@ def _save_checkpoint(out_dir: Path, model: Any, opt: Any, sched: Any, state: _St
     rank, size = world()
     plain, tensors = _rng_state()
     ranks: list[Any] = [(plain, tensors)]
+    fsdp = sharded.is_sharded(model)
+    adapter = sharded.full_trainable(model) if fsdp else None  # collectives: before rank 0 goes on alone
+    opt_state = sharded.full_optimizer_state(opt) if fsdp else opt.state_dict()
     if size > 1:
         import torch.distributed as dist
 
@@ -374,8 +393,8 @@ def _save_checkpoint(out_dir: Path, model: Any, opt: Any, sched: Any, state: _St
     tmp = final.with_name(f".{final.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    model.save_pretrained(tmp)
-    torch.save(opt.state_dict(), tmp / "optimizer.pt")
+    model.save_pretrained(tmp, state_dict=adapter)
+    torch.save(opt_state, tmp / "optimizer.pt")
     torch.save(sched.state_dict(), tmp / "scheduler.pt")
     for r, (_, more) in enumerate(ranks[1:], start=1):
         tensors |= {f"rank{r}:{k}": v.cpu() for k, v in more.items()}
@@ -409,6 +428,8 @@ def _load_checkpoint(ckpt: Path, model: Any, opt: Any, sched: Any, plan: _Plan) 
         raise InvalidInputError(f"checkpoint {ckpt.name} was made for another run (checkpoint, now): {diff}")
     _load_lora_state(model, load_file(ckpt / "adapter_model.safetensors"))
     opt.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=True))
+    if sharded.is_sharded(model):
+        sharded.shard_optimizer_state(opt)
     sched.load_state_dict(torch.load(ckpt / "scheduler.pt", weights_only=True))
     rank = world()[0]
     rng = _rank_rng(meta, torch.load(ckpt / "rng.pt", weights_only=True), rank)
@@ -425,12 +446,13 @@ def _load_checkpoint(ckpt: Path, model: Any, opt: Any, sched: Any, plan: _Plan) 
 
 
 def _save_adapter(model: Any, tokenizer: Any, base_dir: Path, adapter_dir: Path,
-                  base: tuple[str, str] | None = None) -> Path:
+                  base: tuple[str, str] | None = None, whole: dict[str, torch.Tensor] | None = None) -> Path:
     """Adapter + the base's tokenizer files: the directory alone says how to prompt the tune.
 
     `base` = (hub repo id, revision) the base was pulled from: `adapter_config.json` and the model card
     name it instead of the worker's local folder, so `AutoPeftModelForCausalLM.from_pretrained(adapter)`
-    resolves the base anywhere and no local path is published."""
+    resolves the base anywhere and no local path is published. `whole`: the gathered weights of a sharded
+    model (`sharded.full_trainable`)."""
     shutil.rmtree(adapter_dir, ignore_errors=True)
     if base is not None:
         repo_id, revision = base
@@ -442,9 +464,9 @@ def _save_adapter(model: Any, tokenizer: Any, base_dir: Path, adapter_dir: Path,
         # peft's "auto" would ask the hub whether the vocabulary changed; this recipe never resizes it,
         # so only LoRA on an embedding needs the embeddings saved (the rule "auto" applies otherwise)
         embeddings = any(getattr(m, "lora_embedding_A", None) for m in model.modules())
-        model.save_pretrained(adapter_dir, save_embedding_layers=embeddings)
+        model.save_pretrained(adapter_dir, save_embedding_layers=embeddings, state_dict=whole)
     else:
-        model.save_pretrained(adapter_dir)
+        model.save_pretrained(adapter_dir, state_dict=whole)
     tokenizer.save_pretrained(adapter_dir)  # carries a defaulted chat template, if one was set
     for name in TOKENIZER_FILES:
         src = Path(base_dir) / name
@@ -465,12 +487,16 @@ def evaluate(model: Any, items: list[D.Example], batch_size: int, pad_id: int, d
     model.eval()
     rank, size = world()
     total, count = 0.0, 0
-    for i, chunk in enumerate(D.iter_batches(items, batch_size)):
-        if i % size != rank:
-            continue  # another rank's share of the held-out rows
+    chunks = list(D.iter_batches(items, batch_size))
+    mine = chunks[rank::size]  # this rank's share of the held-out rows
+    rounds = -(-len(chunks) // size) if sharded.is_sharded(model) else len(mine)  # FSDP: same passes
+    for i in range(rounds):
+        chunk = mine[i] if i < len(mine) else chunks[0]
         batch = {k: v.to(device) for k, v in D.to_tensors(chunk, pad_id).items()}
-        total += _token_loss_sum(model, batch, autocast).item()
-        count += _n_labels(chunk)
+        loss = _token_loss_sum(model, batch, autocast).item()
+        if i < len(mine):  # else a pass only to join the others' all-gathers
+            total += loss
+            count += _n_labels(chunk)
     if size > 1:
         import torch.distributed as dist
 
@@ -508,6 +534,7 @@ class _Run:
     trainable: list[torch.Tensor] = field(default_factory=list)
     rank: int = 0
     world: int = 1
+    sharded: bool = False  # FSDP (`parallel: fsdp` over > 1 rank)
 
     def info(self, loss: float | None, eval_loss: float | None, lr: float) -> StepInfo:
         s = self.state
@@ -531,18 +558,24 @@ def _optimizer_step(run: _Run, stream: Iterator[list[D.Example]]) -> tuple[float
     loss_sum = torch.zeros((), dtype=torch.float32, device=run.device)
     budget = PASS_TOKENS.get(run.device.type, PASS_TOKENS["cpu"])
     mine = window if run.world == 1 else [[ex for items in window for ex in items][run.rank::run.world]]
-    for items in mine:
-        for part in _passes(items, budget):
-            batch = {k: v.to(run.device, non_blocking=True) for k, v in D.to_tensors(part, run.pad_id).items()}
-            loss = _token_loss_sum(run.model, batch, run.autocast) / n_labels
-            loss.backward()
-            loss_sum += loss.detach()
+    parts = [part for items in mine for part in _passes(items, budget)]
+    real = len(parts)
+    if run.sharded:  # every rank runs as many passes (each all-gathers); extra ones weigh nothing
+        parts += [[window[0][0]]] * (_max_across_ranks(real, run.device) - real)
+    for i, part in enumerate(parts):
+        batch = {k: v.to(run.device, non_blocking=True) for k, v in D.to_tensors(part, run.pad_id).items()}
+        loss = _token_loss_sum(run.model, batch, run.autocast) / n_labels * (1.0 if i < real else 0.0)
+        loss.backward()
+        loss_sum += loss.detach()
     for items in window:  # every rank counts the whole window: tokens are global
         run.session_tokens += D.real_tokens(items)
         run.state.tokens += D.real_tokens(items)
     if run.world > 1:
         loss_sum = _sum_across_ranks(run.trainable, loss_sum)
-    torch.nn.utils.clip_grad_norm_(run.trainable, MAX_GRAD_NORM)
+    if run.sharded:
+        sharded.clip_grad_norm(run.trainable, MAX_GRAD_NORM)
+    else:
+        torch.nn.utils.clip_grad_norm_(run.trainable, MAX_GRAD_NORM)
     run.opt.step()
     run.sched.step()
     run.opt.zero_grad(set_to_none=True)
@@ -557,17 +590,28 @@ def _optimizer_step(run: _Run, stream: Iterator[list[D.Example]]) -> tuple[float
 def _sum_across_ranks(params: list[torch.Tensor], loss_sum: torch.Tensor) -> torch.Tensor:
     """All-reduce (sum) the LoRA gradients and the loss in one flat buffer: each rank's part is already
     divided by the window's global label count, so the sum is the single-process gradient. A rank whose
-    shard was empty contributes zeros. Returns the global loss."""
+    shard was empty contributes zeros. Returns the global loss. Sharded (FSDP) parameters are left out:
+    FSDP has summed their gradients already."""
     import torch.distributed as dist
 
+    params = [p for p in params if not sharded.is_shard(p)]
     grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-    flat = torch.cat([*(g.reshape(-1) for g in grads), loss_sum.reshape(1).to(grads[0].dtype)])
+    dtype = grads[0].dtype if grads else torch.float32
+    flat = torch.cat([*(g.reshape(-1) for g in grads), loss_sum.reshape(1).to(dtype)])
     dist.all_reduce(flat)
     offset = 0
     for p in params:
         p.grad = flat[offset:offset + p.numel()].view_as(p).to(p.dtype)  # no copy when it is fp32
         offset += p.numel()
     return flat[-1]
+
+
+def _max_across_ranks(n: int, device: torch.device) -> int:
+    import torch.distributed as dist
+
+    t = torch.tensor([n], dtype=torch.int64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return int(t.item())
 
 
 def _agreed_stop(run: _Run) -> bool:
@@ -664,15 +708,19 @@ def train(
                                             hp.validation_split, hp.seed, hp.packing)
     _check(hp, val)
     plan = _make_plan(hp, len(train_set))
-    model = _load_model(Path(base_dir), hp, device, dtype)
+    rank, size = world()
+    fsdp = hp.parallel == "fsdp" and size > 1
+    model = _load_model(Path(base_dir), hp, device, dtype, on_host=fsdp)
+    if size > 1:
+        _same_start([p for p in model.parameters() if p.requires_grad], hp.seed, rank, device)
+    if fsdp:
+        sharded.shard(model, device.type, dtype)
     opt, sched = _optimizer(model, hp, plan)
     autocast = torch.autocast("cuda", dtype=dtype) if device.type == "cuda" else contextlib.nullcontext()
-    rank, size = world()
     run = _Run(model=model, opt=opt, sched=sched, plan=plan, hp=hp, hooks=hooks, out_dir=out_dir,
                device=device, autocast=autocast, pad_id=pad_id, val=val, state=_State(),
-               trainable=[p for p in model.parameters() if p.requires_grad], rank=rank, world=size)
-    if size > 1:
-        _same_start(run.trainable, hp.seed, rank)
+               trainable=[p for p in model.parameters() if p.requires_grad], rank=rank, world=size,
+               sharded=fsdp)
 
     ckpt = find_checkpoint(Path(resume_dir)) if resume_dir is not None else None
     if resume_dir is not None and ckpt is None:
@@ -687,19 +735,24 @@ def train(
     if run.best is not None:
         _load_lora_state(model, run.best)  # early stopping tracked a best adapter: ship that one
     adapter_dir = out_dir / "adapter"
+    whole = sharded.full_trainable(model) if fsdp else None  # a collective: every rank
     if rank == 0:
-        _save_adapter(model, tokenizer, Path(base_dir), adapter_dir, base)
+        _save_adapter(model, tokenizer, Path(base_dir), adapter_dir, base, whole)
     metrics = _metrics(run, ckpt is not None, time.perf_counter() - started)
     return TrainResult(adapter_dir, metrics, list(run.state.history), cancelled, stopped_early)
 
 
-def _same_start(params: list[torch.Tensor], seed: int, rank: int) -> None:
-    """Every rank starts from rank 0's LoRA weights; then each rank draws its own dropout stream."""
+def _same_start(params: list[torch.Tensor], seed: int, rank: int, device: torch.device) -> None:
+    """Every rank starts from rank 0's LoRA weights; then each rank draws its own dropout stream. (Through
+    `device`: NCCL sends only GPU tensors, and FSDP's model is still in host memory here.)"""
     import torch.distributed as dist
 
     with torch.no_grad():
         for p in params:
-            dist.broadcast(p.data, src=0)
+            buf = p.data.to(device)
+            dist.broadcast(buf, src=0)
+            if buf is not p.data:
+                p.data.copy_(buf)
     _seed_all(seed + rank)
 
 
