@@ -1,6 +1,6 @@
 """Metrics units (README "Metrics"): bounded subject labels, FastStream's middleware with them, a worker's
 /metrics server on a free port, the bridge's latency by route template. The scrape after a real pipeline
-run is tests/stack/test_metrics.py."""
+run is tests/stack/test_metrics_stack.py."""
 
 from __future__ import annotations
 

@@ -64,3 +64,11 @@ def test_demo_from_an_editable_install_finds_the_dev_kit(tmp_path: Path) -> None
                          capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr
     assert run.stdout.splitlines() == ["None", str(ROOT / "devkit" / "tinymodel.py")]
+
+
+def test_test_modules_have_unique_names() -> None:
+    """tests/ has no packages (pytest's rootdir imports): two test files of one name in tests/unit and
+    tests/stack make the whole run fail to collect, though each folder alone passes."""
+    root = Path(__file__).resolve().parents[1]
+    names = [p.name for p in root.rglob("test_*.py")]
+    assert sorted(n for n in set(names) if names.count(n) > 1) == []

@@ -1,6 +1,6 @@
 """Tracing's setup (core/tracing.py): off costs nothing, console prints spans with the job's id, and what
 arrives on the bus becomes an attribute only when it is a short printable id. The whole chain of a job on the
-real stack is tests/stack/test_tracing.py. Subprocesses: a tracer provider is global to its process."""
+real stack is tests/stack/test_tracing_stack.py. Subprocesses: a tracer provider is global to its process."""
 
 from __future__ import annotations
 
