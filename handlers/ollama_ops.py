@@ -1,6 +1,6 @@
 """Ollama operations over the official `ollama.AsyncClient`: publish GGUF models, list, pull, show, chat.
 
-Plain async functions; the caller owns the client (`make_client(settings.ollama_host)`). Every Ollama
+Plain async functions; the caller passes the client (`client_for(settings.ollama_host)`). Every Ollama
 failure becomes a `CodeTuneError` carrying Ollama's own message:
 
 - 404 (unknown model)                         → `OllamaModelNotFoundError` (a `NotFoundError`)
@@ -22,6 +22,7 @@ import logging
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+from weakref import WeakKeyDictionary
 
 from core.errors import (
     CodeTuneError,
@@ -49,6 +50,19 @@ def make_client(host: str, *, timeout_s: float | None = DEFAULT_TIMEOUT_S) -> ol
     import ollama
 
     return ollama.AsyncClient(host=host, timeout=timeout_s)
+
+
+# one client per event loop and host, reused by every request and publish (a new client builds a TLS
+# context: ~30 ms); per loop because an httpx client is bound to the loop it first ran on
+_clients: WeakKeyDictionary[asyncio.AbstractEventLoop, dict[str, ollama.AsyncClient]] = WeakKeyDictionary()
+
+
+def client_for(host: str) -> ollama.AsyncClient:
+    """The shared `ollama.AsyncClient` for `host` on the running event loop."""
+    mine = _clients.setdefault(asyncio.get_running_loop(), {})
+    if host not in mine:
+        mine[host] = make_client(host)
+    return mine[host]
 
 
 # --------------------------------------------------------------------------- publish

@@ -8,9 +8,7 @@ workers share the requests. Every request gets an `OllamaReply` (a bad one an er
 handlers.common.ErrorReplies); the stage publishes nothing but these replies.
 """
 
-import asyncio
 from typing import Any
-from weakref import WeakKeyDictionary
 
 from core.settings import Settings
 from events import subjects as sj
@@ -27,15 +25,10 @@ from handlers.ollama.service import create_from_modelfile
 
 router = request_router()
 QUEUE = "ollama"
-# one client per event loop and host, reused by every request (a new client builds a TLS context: ~30 ms)
-_clients: WeakKeyDictionary[asyncio.AbstractEventLoop, dict[str, Any]] = WeakKeyDictionary()
 
 
 def _client(settings: Settings) -> Any:
-    mine = _clients.setdefault(asyncio.get_running_loop(), {})
-    if settings.ollama_host not in mine:
-        mine[settings.ollama_host] = ollama_ops.make_client(settings.ollama_host)
-    return mine[settings.ollama_host]
+    return ollama_ops.client_for(settings.ollama_host)
 
 
 @router.subscriber(sj.OLLAMA_MODELS, queue=QUEUE, title="ollama:ollama.models")

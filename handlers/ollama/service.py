@@ -23,7 +23,7 @@ async def create_from_modelfile(req: OllamaCreateRequest, store: ObjectStore, se
     from handlers.ollama_format.modelfile import parse_modelfile
 
     mf = parse_modelfile(req.modelfile)
-    client = ollama_ops.make_client(settings.ollama_host)
+    client = ollama_ops.client_for(settings.ollama_host)
     cache = settings.scratch_dir / "gguf"
     gguf_key = req.gguf_key or (mf.from_ if mf.from_.endswith(".gguf") else None)
     if gguf_key is None:  # FROM an existing Ollama model: only the Modelfile's settings change

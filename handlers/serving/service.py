@@ -53,7 +53,7 @@ async def publish(event: ModelExported, store: ObjectStore, settings: Settings, 
     cache = settings.scratch_dir / "gguf"
     model_path = await store.fetch(event.model_key, cache)
     adapter_path = await store.fetch(event.adapter_key, cache) if event.adapter_key else None
-    client = ollama_ops.make_client(settings.ollama_host)
+    client = ollama_ops.client_for(settings.ollama_host)
     try:
         with tracing.span("ollama create", job_id=event.job_id, model=event.name, ollama_host=settings.ollama_host):
             created = await ollama_ops.create_model(client, event.name, model_path, adapter_path, event.template,
