@@ -8,11 +8,11 @@ import uuid
 from pathlib import Path
 
 import pytest
+from resume import assert_resumed_once, past_a_checkpoint  # tests/resume.py
 
 from events import subjects as sj
 from events.payloads import TuningRequested
 from infra.flows import upload_dataset
-from storage.documents import TuningJob
 from tests.conftest import TINY_REPO
 
 pytestmark = [pytest.mark.usefixtures("workers", "tuning_worker"), pytest.mark.slow]
@@ -61,13 +61,7 @@ async def test_kill_9_of_a_two_rank_worker_leaves_no_rank_and_the_job_resumes_on
                                            "eval_steps": 100, "save_steps": 10, "max_seq_len": 128, "devices": 2})
     async with client.subscribe([*TERMINAL, sj.progress_subject(req.job_id)]) as q:
         await client.publish(req)
-        doc = None
-        for _ in range(900):
-            doc = await TuningJob.find_one(TuningJob.job_id == req.job_id)
-            if doc and doc.checkpoint_step and doc.step > doc.checkpoint_step:
-                break
-            await asyncio.sleep(0.1)
-        assert doc is not None and doc.checkpoint_step and doc.status == "running"
+        doc = await past_a_checkpoint(req.job_id, 900)
         ckpt_step = doc.checkpoint_step
         ranks = ranks_of(tuning_worker.proc.pid)
         assert len(ranks) == 2, "the job does not train in 2 ranks"
@@ -83,11 +77,5 @@ async def test_kill_9_of_a_two_rank_worker_leaves_no_rank_and_the_job_resumes_on
         subject, done = await client.wait_for(q, lambda s, d: s in TERMINAL and d["job_id"] == req.job_id, 240)
         await asyncio.sleep(1)
         repeats = [d for s, d in list(q._queue) if s in TERMINAL]
-    assert subject == sj.TUNING_COMPLETED and not repeats, "completed more than once"
-    assert done.metrics.resumed_from_step is not None and done.metrics.resumed_from_step >= ckpt_step
-    assert done.metrics.steps == MAX
-    steps = [p.step for p in done.loss_history if p.loss is not None]
-    assert steps == sorted(set(steps)) and steps[0] == 1 and steps[-1] == MAX  # history continues, no restart
-    doc = await TuningJob.find_one(TuningJob.job_id == req.job_id)
-    assert doc.attempts == 2 and doc.status == "succeeded"
+    await assert_resumed_once(subject, done, repeats, req.job_id, ckpt_step, MAX)
     assert ranks_of(tuning_worker.proc.pid) == []  # the second attempt's ranks are gone too

@@ -6,10 +6,10 @@ the trainer now lists the job's checkpoint prefix and takes the newest complete 
 
 from __future__ import annotations
 
-import asyncio
 import uuid
 
 import pytest
+from resume import past_a_checkpoint  # tests/resume.py
 
 from events import subjects as sj
 from events.payloads import TuningRequested
@@ -49,13 +49,7 @@ async def test_a_checkpoint_whose_record_was_never_written_is_resumed_from(
                                            "eval_steps": 100, "save_steps": 10, "lora_r": 8, "max_seq_len": 128})
     async with client.subscribe([*TERMINAL, sj.progress_subject(req.job_id)]) as q:
         await client.publish(req)
-        doc = None
-        for _ in range(600):
-            doc = await TuningJob.find_one(TuningJob.job_id == req.job_id)
-            if doc and doc.checkpoint_step and doc.step > doc.checkpoint_step:
-                break
-            await asyncio.sleep(0.1)
-        assert doc is not None and doc.checkpoint_step and doc.status == "running"
+        doc = await past_a_checkpoint(req.job_id, 600)
         tuning_worker.kill9()  # no ack, no goodbye
         in_bucket = await latest_checkpoint(store, req.job_id)
         assert in_bucket is not None and in_bucket[1] >= doc.checkpoint_step

@@ -7,6 +7,7 @@ import uuid
 from pathlib import Path
 
 import pytest
+from resume import assert_resumed_once, past_a_checkpoint  # tests/resume.py
 
 from events import subjects as sj
 from events.payloads import ModelPullRequested, TuningCancelRequested, TuningRequested
@@ -146,22 +147,10 @@ async def test_kill_9_mid_training_resumes_from_the_checkpoint_and_completes_onc
     req = job(dataset_id, max_steps=MAX, save_steps=10, eval_steps=100)
     async with client.subscribe([*TERMINAL, sj.progress_subject(req.job_id)]) as q:
         await client.publish(req)
-        for _ in range(600):
-            doc = await TuningJob.find_one(TuningJob.job_id == req.job_id)
-            if doc and doc.checkpoint_step and doc.step > doc.checkpoint_step:
-                break
-            await asyncio.sleep(0.1)
-        ckpt_step = doc.checkpoint_step
-        assert ckpt_step and doc.status == "running"
+        ckpt_step = (await past_a_checkpoint(req.job_id, 600)).checkpoint_step
         tuning_worker.kill9()  # no ack, no goodbye
         tuning_worker.start()  # JetStream redelivers after ack_wait; this worker resumes
         subject, done = await client.wait_for(q, lambda s, d: s in TERMINAL and d["job_id"] == req.job_id, 240)
         await asyncio.sleep(2)
         repeats = [d for s, d in list(q._queue) if s in TERMINAL]
-    assert subject == sj.TUNING_COMPLETED and not repeats, "completed more than once"
-    assert done.metrics.resumed_from_step is not None and done.metrics.resumed_from_step >= ckpt_step
-    assert done.metrics.steps == MAX
-    steps = [p.step for p in done.loss_history if p.loss is not None]
-    assert steps == sorted(set(steps)) and steps[0] == 1 and steps[-1] == MAX  # history continues, no restart
-    doc = await TuningJob.find_one(TuningJob.job_id == req.job_id)
-    assert doc.attempts == 2 and doc.status == "succeeded"
+    await assert_resumed_once(subject, done, repeats, req.job_id, ckpt_step, MAX)
