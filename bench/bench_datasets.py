@@ -18,9 +18,10 @@ temporary folder on free loopback ports (`tests.conftest.stack_env`), provisions
     - faststream: a stage handler as the stages have it: a `handlers.common.pipeline_router()` subscriber
       with `jetstream_subscriber()`'s arguments (PullSub(batch_size, timeout=1), AckPolicy.MANUAL with
       FailurePolicy acking after the handler, the CloudEvents decoder) on the bench stream; the handler
-      takes a pydantic body, `msg: MessageDep` and `services: ServicesDep` (context values resolved by an
-      `async def use`, handlers.common.Injected) and calls `incoming(msg)`, on a `NatsBroker` configured as
-      `build_app` does (access lines at DEBUG, dropped at the worker's INFO).
+      takes a pydantic body, `msg: MessageDep` and `services: ServicesDep` and calls `incoming(msg)`, wrapped
+      by `handlers.common.handler` on a `NatsBroker` configured as `build_app` does (`apply_types=False`: no
+      fast_depends per message, the body validated and the context values looked up by `handler`; access
+      lines at DEBUG, dropped at the worker's INFO).
       faststream-before: the handler as the stages had it: FastStream's `NatsMessage` and a `Context()`
       client parameter, whose sync `use` fast_depends runs through `anyio.to_thread.run_sync` (a worker-thread
       round trip per parameter per message), and access lines at INFO (written to a file here).
@@ -76,6 +77,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from pydantic import BaseModel
+
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
@@ -103,6 +106,17 @@ def _consumer(tag: str) -> Any:
 # ====================================================================== hop workers (child processes)
 
 
+from handlers.common import MessageDep, ServicesDep  # noqa: E402  # the hop handler's hints, resolved at module level
+
+
+class HopEvent(BaseModel):
+    """A hop's body (module level: `handlers.common.handler` resolves its handler's type hints)."""
+
+    i: int
+    t0: int
+    pad: str = ""
+
+
 async def _serve_until_term(ctl: Path) -> None:
     """Report READY in the control file (stdout belongs to the framework's logs), run until SIGTERM."""
     stop = asyncio.Event()
@@ -112,8 +126,9 @@ async def _serve_until_term(ctl: Path) -> None:
 
 
 async def _faststream_worker(tag: str, batch: int, ctl: Path, variant: str = "") -> None:
-    """variant "": a stage handler as the stages have it (handlers.common: the message and the services as
-    two context parameters resolved in the loop, `incoming(msg)`; build_app's access lines at DEBUG);
+    """variant "": a stage handler as the stages have it (handlers.common.handler on a broker with
+    apply_types=False: the message and the services looked up, `incoming(msg)`; build_app's access lines at
+    DEBUG);
     "before": as the stages had it before (FastStream's `NatsMessage` and the publishing client as sync Context
     parameters, access lines at INFO); "noctx": no context parameter at all, access log off (the floor)."""
     import logging
@@ -121,14 +136,12 @@ async def _faststream_worker(tag: str, batch: int, ctl: Path, variant: str = "")
 
     from faststream import Context, FastStream
     from faststream.nats import JStream, NatsBroker, NatsMessage
-    from pydantic import BaseModel
 
     from core.settings import Settings
     from events.client import CodeTuneClient, connect_options
     from handlers.common import (
-        MessageDep,
         Services,
-        ServicesDep,
+        handler,
         incoming,
         jetstream_subscriber,
         pipeline_router,
@@ -138,11 +151,6 @@ async def _faststream_worker(tag: str, batch: int, ctl: Path, variant: str = "")
     settings = Settings(_env_file=None)
     consumer = _consumer(tag)
     out_subject = f"{OUT}.{tag}"
-
-    class HopEvent(BaseModel):
-        i: int
-        t0: int
-        pad: str = ""
 
     router = pipeline_router()
     kw = jetstream_subscriber(consumer, batch_size=batch)
@@ -161,8 +169,14 @@ async def _faststream_worker(tag: str, batch: int, ctl: Path, variant: str = "")
         async def hop_before(event: HopEvent, msg: NatsMessage, client: SyncClientDep) -> None:
             incoming(msg)
             await client.publish_raw(out_subject, msg.body)
+    elif variant == "di":
+        @router.subscriber(**kw, title=f"bench:{tag}")
+        async def hop_di(event: HopEvent, msg: MessageDep, services: ServicesDep) -> None:
+            incoming(msg)
+            await clients[0].publish_raw(out_subject, msg.body)
     else:
         @router.subscriber(**kw, title=f"bench:{tag}")
+        @handler
         async def hop(event: HopEvent, msg: MessageDep, services: ServicesDep) -> None:
             incoming(msg)
             await clients[0].publish_raw(out_subject, msg.body)
@@ -178,6 +192,8 @@ async def _faststream_worker(tag: str, batch: int, ctl: Path, variant: str = "")
         opts["logger"] = None  # no access log at all
     # as build_app (the default access_log_level: DEBUG) and as the worker before (INFO)
     level = logging.INFO if variant == "before" else logging.DEBUG
+    if not variant:  # as build_app: no per-message injection, the stage's `handler` resolves its parameters
+        opts["apply_types"] = False
     broker = NatsBroker(servers, graceful_timeout=30.0, log_level=level, **opts)
     broker.include_router(router)
     app = FastStream(broker)

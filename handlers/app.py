@@ -97,8 +97,10 @@ def build_app(
     idle = IdleTracker(exit_when_idle) if exit_when_idle else None
     given: dict[str, Any] = {"logger": logger} if logger is not None else {}  # else FastStream's default
     middlewares: list[Any] = [*traced(settings, worker_role(names)), *([idle.middleware] if idle else [])]
+    # apply_types=False: FastStream calls each handler with the decoded body alone, the stages' `handler`
+    # validates it and looks their context values up (handlers.common.handler; no per-message injection)
     broker = NatsBroker(servers, graceful_timeout=30.0, log_level=access_log_level, max_reconnect_attempts=-1,
-                        security=security, middlewares=middlewares, **given, **opts)
+                        apply_types=False, security=security, middlewares=middlewares, **given, **opts)
     for name in names:
         broker.include_router(importlib.import_module(STAGES[name]).router)
     app = FastStream(broker, specification=AsyncAPI(

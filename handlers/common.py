@@ -26,9 +26,12 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import inspect
 import json
 import logging
+import typing
 from collections.abc import Awaitable, Callable, Iterable, Mapping
+from contextvars import ContextVar
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Annotated, Any
@@ -273,6 +276,7 @@ def unreachable(exc: BaseException) -> bool:
 class FailurePolicy(BaseMiddleware):
     # override: FastStream types `msg` as StreamMessage[Any]; a NATS subscriber always passes a NatsMessage
     async def consume_scope(self, call_next: Any, msg: NatsMessage) -> Any:  # type: ignore[override]
+        token = _DELIVERY.set((msg, self.context))  # what `handler` hands the stage's function
         try:
             result = await call_next(msg)
         except BaseException as exc:
@@ -280,6 +284,8 @@ class FailurePolicy(BaseMiddleware):
                 raise
             await self._on_error(msg, exc)
             return None
+        finally:
+            _DELIVERY.reset(token)
         if not msg.committed:
             await msg.ack()
         return result
@@ -420,12 +426,15 @@ class ErrorReplies(BaseMiddleware):
 
     # override: FastStream types `msg` as StreamMessage[Any]; a NATS subscriber always passes a NatsMessage
     async def consume_scope(self, call_next: Any, msg: NatsMessage) -> Any:  # type: ignore[override]
+        token = _DELIVERY.set((msg, self.context))  # what `handler` hands the stage's function
         try:
             return await call_next(msg)
         except Exception as exc:
             if not isinstance(exc, (CodeTuneError, ValidationError)):
                 log.exception("request on %s failed", msg.raw_message.subject)
             return {"ok": False, "error": reason(exc).model_dump()}
+        finally:
+            _DELIVERY.reset(token)
 
 
 def request_router(prefix: str = "") -> NatsRouter:
@@ -466,6 +475,49 @@ MessageDep = Annotated[NatsMessage, Injected("message")]
 ServicesDep = Annotated[Services, Injected("services")]
 SettingsDep = Annotated[Settings, Injected("settings")]
 StoreDep = Annotated[ObjectStore, Injected("store")]
+
+
+# The message being handled and its broker's context, set by the routers' policy middleware (FailurePolicy,
+# ErrorReplies) around each call: a context variable, so each concurrently handled message sees its own.
+_DELIVERY: ContextVar[tuple[NatsMessage, Any]] = ContextVar("codetune_delivery")  # (message, ContextRepo)
+
+
+def handler(fn: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
+    """A stage handler as FastStream calls it with the broker's `apply_types=False` (handlers.app): with the
+    decoded body alone, no dependency injection per message (fast_depends' resolution cost a hop ~250 us of
+    CPU on 2 cores; bench/bench_datasets.py, the hop rows).
+
+    `fn` keeps its typed signature: its first parameter is the payload, validated here with its pydantic
+    model (a ValidationError is the failure policy's "malformed": dead-lettered, never retried); the others
+    are `MessageDep` (or a plain `NatsMessage`) and the `Injected` context values (`ServicesDep`,
+    `SettingsDep`, `StoreDep`), looked up in the broker's context. FastStream still sees the payload's
+    type (the AsyncAPI document), and a broker with `apply_types=True` (FastStream's TestNatsBroker in the
+    unit tests) hands the validated model, which passes through."""
+    hints = typing.get_type_hints(fn, include_extras=True)
+    first, *rest = inspect.signature(fn).parameters.values()
+    model = hints[first.name]
+    keys: dict[str, str | None] = {}  # parameter → context key (None: the message itself)
+    for param in rest:
+        hint = hints[param.name]
+        field = next((m for m in getattr(hint, "__metadata__", ()) if isinstance(m, Context)), None)
+        if field is None and hint is not NatsMessage:
+            raise TypeError(f"{fn.__qualname__}: parameter {param.name!r} is neither the message nor an Injected "
+                            "context value")
+        keys[param.name] = None if field is None or field.name == "message" else field.name
+
+    async def call(event: Any) -> Any:
+        if not isinstance(event, model):
+            event = model.model_validate(event)
+        msg, context = _DELIVERY.get()
+        return await fn(event, **{name: msg if key is None else context.get(key) for name, key in keys.items()})
+
+    # what FastStream documents and fast_depends (when on) validates: the payload parameter alone
+    call.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
+        [first.replace(annotation=model)], return_annotation=hints.get("return", inspect.Signature.empty))
+    call.__annotations__ = {first.name: model, "return": hints.get("return")}
+    for attr in ("__name__", "__qualname__", "__doc__", "__module__"):  # not functools.wraps: no __wrapped__
+        setattr(call, attr, getattr(fn, attr))
+    return call
 
 
 def jetstream_subscriber(consumer: Consumer, *, batch_size: int = 1, max_workers: int = 1) -> dict[str, Any]:

@@ -10,7 +10,7 @@ Concurrency: a validation mostly waits (S3 get, MongoDB write, publish), so each
 from events import subjects as sj
 from events.payloads import DatasetUploaded
 from events.streams import DATASETS_UPLOADED
-from handlers.common import MessageDep, Outputs, ServicesDep, incoming, jetstream_subscriber, pipeline_router
+from handlers.common import MessageDep, Outputs, ServicesDep, handler, incoming, jetstream_subscriber, pipeline_router
 from handlers.datasets.service import validate_upload
 
 MAX_WORKERS = 16
@@ -21,6 +21,7 @@ outputs = Outputs(router, "datasets", sj.DATASET_VALIDATED, sj.DATASET_FAILED, l
 
 @router.subscriber(**jetstream_subscriber(DATASETS_UPLOADED, batch_size=MAX_WORKERS, max_workers=MAX_WORKERS),
                    title="datasets:dataset.uploaded")
+@handler
 async def on_dataset_uploaded(event: DatasetUploaded, msg: MessageDep, services: ServicesDep) -> None:
     answer = await validate_upload(event, services.store, services.settings.dataset_max_line_errors)
     await outputs.emit(answer, incoming(msg))

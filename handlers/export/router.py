@@ -15,7 +15,16 @@ from core import tracing
 from events import subjects as sj
 from events.payloads import TuningCompleted
 from events.streams import EXPORT_ON_COMPLETED
-from handlers.common import MessageDep, Outputs, SettingsDep, StoreDep, incoming, jetstream_subscriber, pipeline_router
+from handlers.common import (
+    MessageDep,
+    Outputs,
+    SettingsDep,
+    StoreDep,
+    handler,
+    incoming,
+    jetstream_subscriber,
+    pipeline_router,
+)
 from handlers.export.service import export
 
 router = pipeline_router()
@@ -24,6 +33,7 @@ outputs = Outputs(router, "export", sj.MODEL_EVALUATED, sj.MODEL_EXPORTED, sj.MO
 
 
 @router.subscriber(**jetstream_subscriber(EXPORT_ON_COMPLETED), title="export:tuning.completed")
+@handler
 async def on_tuning_completed(
     event: TuningCompleted, msg: MessageDep, store: StoreDep, settings: SettingsDep
 ) -> None:

@@ -9,7 +9,7 @@ from faststream.nats import NatsMessage
 
 from events.payloads import TuningRequested
 from events.streams import INTAKE_REQUESTED
-from handlers.common import Outputs, incoming, jetstream_subscriber, pipeline_router
+from handlers.common import Outputs, handler, incoming, jetstream_subscriber, pipeline_router
 from handlers.intake.service import record_queued
 
 router = pipeline_router()
@@ -19,5 +19,6 @@ outputs = Outputs(router, "intake", letters=[INTAKE_REQUESTED])
 
 @router.subscriber(**jetstream_subscriber(INTAKE_REQUESTED), title="intake:tuning.requested",
                    description="records it `queued` at once")
+@handler
 async def on_tuning_requested(event: TuningRequested, msg: NatsMessage) -> None:
     await record_queued(event, incoming(msg).id)

@@ -14,7 +14,16 @@ import contextlib
 from events import subjects as sj
 from events.payloads import ModelPullRequested, ModelPushRequested
 from events.streams import MODELS_PULL, MODELS_PUSH
-from handlers.common import MessageDep, Outputs, SettingsDep, StoreDep, incoming, jetstream_subscriber, pipeline_router
+from handlers.common import (
+    MessageDep,
+    Outputs,
+    SettingsDep,
+    StoreDep,
+    handler,
+    incoming,
+    jetstream_subscriber,
+    pipeline_router,
+)
 from handlers.models.service import pull, push
 
 router = pipeline_router()
@@ -23,6 +32,7 @@ outputs = Outputs(router, "models", sj.MODEL_PULLED, sj.MODEL_PULL_FAILED, sj.MO
 
 
 @router.subscriber(**jetstream_subscriber(MODELS_PULL), title="models:model.pull.requested")
+@handler
 async def on_pull_requested(
     event: ModelPullRequested, msg: MessageDep, store: StoreDep, settings: SettingsDep
 ) -> None:
@@ -31,6 +41,7 @@ async def on_pull_requested(
 
 
 @router.subscriber(**jetstream_subscriber(MODELS_PUSH), title="models:model.push.requested")
+@handler
 async def on_push_requested(
     event: ModelPushRequested, msg: MessageDep, store: StoreDep, settings: SettingsDep
 ) -> None:

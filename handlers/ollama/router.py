@@ -20,7 +20,7 @@ from events.payloads import (
     OllamaReply,
 )
 from handlers import ollama_ops
-from handlers.common import SettingsDep, StoreDep, request_router
+from handlers.common import SettingsDep, StoreDep, handler, request_router
 from handlers.ollama.service import create_from_modelfile
 
 router = request_router()
@@ -32,27 +32,32 @@ def _client(settings: Settings) -> Any:
 
 
 @router.subscriber(sj.OLLAMA_MODELS, queue=QUEUE, title="ollama:ollama.models")
+@handler
 async def list_models(event: OllamaListRequest, settings: SettingsDep) -> OllamaReply:
     return OllamaReply(result=await ollama_ops.list_models(_client(settings)))
 
 
 @router.subscriber(sj.OLLAMA_PULL, queue=QUEUE, title="ollama:ollama.pull")
+@handler
 async def pull_model(event: OllamaModelRef, settings: SettingsDep) -> OllamaReply:
     return OllamaReply(result=await ollama_ops.pull_model(_client(settings), event.model))
 
 
 @router.subscriber(sj.OLLAMA_SHOW, queue=QUEUE, title="ollama:ollama.show")
+@handler
 async def show_model(event: OllamaModelRef, settings: SettingsDep) -> OllamaReply:
     return OllamaReply(result=await ollama_ops.show_model(_client(settings), event.model))
 
 
 @router.subscriber(sj.OLLAMA_DELETE, queue=QUEUE, title="ollama:ollama.delete")
+@handler
 async def delete_model(event: OllamaModelRef, settings: SettingsDep) -> OllamaReply:
     await ollama_ops.delete_model(_client(settings), event.model)
     return OllamaReply(result={"deleted": event.model})
 
 
 @router.subscriber(sj.OLLAMA_CHAT, queue=QUEUE, title="ollama:ollama.chat")
+@handler
 async def chat(event: OllamaChatRequest, settings: SettingsDep) -> OllamaReply:
     messages = [m.model_dump() for m in event.messages]
     reply = await ollama_ops.chat(_client(settings), event.model, messages, options=event.options)
@@ -60,5 +65,6 @@ async def chat(event: OllamaChatRequest, settings: SettingsDep) -> OllamaReply:
 
 
 @router.subscriber(sj.OLLAMA_CREATE, queue=QUEUE, title="ollama:ollama.create")
+@handler
 async def create(event: OllamaCreateRequest, store: StoreDep, settings: SettingsDep) -> OllamaReply:
     return OllamaReply(result=await create_from_modelfile(event, store, settings))

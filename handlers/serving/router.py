@@ -18,6 +18,7 @@ from handlers.common import (
     Outputs,
     SettingsDep,
     StoreDep,
+    handler,
     incoming,
     jetstream_subscriber,
     pipeline_router,
@@ -29,6 +30,7 @@ outputs = Outputs(router, "serving", sj.MODEL_PUBLISHED, sj.MODEL_PUBLISH_FAILED
 
 
 @router.subscriber(**jetstream_subscriber(SERVING_ON_EXPORTED), title="serving:model.exported")
+@handler
 async def on_model_exported(
     event: ModelExported, msg: MessageDep, store: StoreDep, settings: SettingsDep
 ) -> None:

@@ -27,7 +27,16 @@ from events.streams import (
     TUNING_ON_MODEL_FAILED,
     TUNING_REQUESTED,
 )
-from handlers.common import MessageDep, Outputs, SettingsDep, StoreDep, incoming, jetstream_subscriber, pipeline_router
+from handlers.common import (
+    MessageDep,
+    Outputs,
+    SettingsDep,
+    StoreDep,
+    handler,
+    incoming,
+    jetstream_subscriber,
+    pipeline_router,
+)
 from handlers.tuning import jobs
 from handlers.tuning.runner import RunContext
 from handlers.tuning.service import handle_request, request_cancel, resume_waiting
@@ -45,6 +54,7 @@ outputs = Outputs(
 
 @router.subscriber(**jetstream_subscriber(TUNING_REQUESTED), title="tuning:tuning.requested",
                    description="trains it")
+@handler
 async def on_tuning_requested(
     event: TuningRequested, msg: MessageDep, store: StoreDep, settings: SettingsDep
 ) -> None:
@@ -60,18 +70,21 @@ async def on_tuning_requested(
 
 
 @router.subscriber(**jetstream_subscriber(TUNING_CANCEL), title="tuning:tuning.cancel.requested")
+@handler
 async def on_cancel(event: TuningCancelRequested, msg: MessageDep) -> None:
     await request_cancel(event.job_id, outputs.answering(incoming(msg)))
 
 
 @router.subscriber(**jetstream_subscriber(TUNING_ON_MODEL), title="tuning:model.pulled",
                    description="waiting jobs")
+@handler
 async def on_model_pulled(event: ModelPulled, msg: MessageDep) -> None:
     await resume_waiting(jobs.model_key(event.repo_id, event.revision), outputs.answering(incoming(msg)))
 
 
 @router.subscriber(**jetstream_subscriber(TUNING_ON_MODEL_FAILED), title="tuning:model.pull.failed",
                    description="waiting jobs")
+@handler
 async def on_model_failed(event: ModelPullFailed, msg: MessageDep) -> None:
     await resume_waiting(jobs.model_key(event.repo_id, event.revision), outputs.answering(incoming(msg)),
                          failure=event.error)
@@ -79,12 +92,14 @@ async def on_model_failed(event: ModelPullFailed, msg: MessageDep) -> None:
 
 @router.subscriber(**jetstream_subscriber(TUNING_ON_DATASET), title="tuning:dataset.validated",
                    description="waiting jobs")
+@handler
 async def on_dataset_validated(event: DatasetValidated, msg: MessageDep) -> None:
     await resume_waiting(jobs.dataset_key(event.dataset_id), outputs.answering(incoming(msg)))
 
 
 @router.subscriber(**jetstream_subscriber(TUNING_ON_DATASET_FAILED), title="tuning:dataset.failed",
                    description="waiting jobs")
+@handler
 async def on_dataset_failed(event: DatasetFailed, msg: MessageDep) -> None:
     failure = ErrorInfo(code="invalid_dataset", message=f"dataset {event.dataset_id}: {event.error.message}")
     await resume_waiting(jobs.dataset_key(event.dataset_id), outputs.answering(incoming(msg)), failure=failure)
