@@ -42,6 +42,7 @@ import contextlib
 import json
 import os
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -99,7 +100,9 @@ def bridge_process(env: dict[str, str], log: Path) -> Iterator[tuple[str, psutil
             time.sleep(0.1)
         yield url, psutil.Process(proc.pid)
     finally:
-        proc.terminate()
+        # SIGINT when profiling: uvicorn re-raises the signal it caught once it has shut down, and cProfile
+        # writes its file on the KeyboardInterrupt that SIGINT becomes (SIGTERM would end it unwritten)
+        proc.send_signal(signal.SIGINT if prof else signal.SIGTERM)
         try:
             proc.wait(15)
         except subprocess.TimeoutExpired:

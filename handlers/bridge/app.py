@@ -91,11 +91,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     # README "Tracing": FastAPI's own telemetry makes a server span per request, continuing the caller's
     # `traceparent`, once a tracer provider is configured; what the route publishes carries it on
     tracing.configure(settings, "codetune-bridge")
+    # the webhook route first: the hot path is matched before every other route (FastAPI tries them in order)
+    app.include_router(webhooks.router)
     metrics.install(app)  # GET /metrics (public, like /healthz) and request latency (times even refusals)
     app.include_router(root.router)  # GET / (public) and WS /ws (checks the token itself)
     app.include_router(health.router)
     docs.install(app)  # /docs, /asyncapi and their assets from installed packages (works offline)
-    app.include_router(webhooks.router)
     for router in API_ROUTERS:
         app.include_router(router, dependencies=[Authenticated])
     return app
